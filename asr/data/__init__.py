@@ -1,0 +1,1 @@
+"""Data: LibriSpeech layout reader, JSONL manifests, datasets, batch sampling, synthetic corpora."""

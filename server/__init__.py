@@ -1,0 +1,1 @@
+"""The gRPC service over the `asr` library (built on `asr.recognizer.Recognizer`)."""
