@@ -64,7 +64,9 @@ def load_audio(source: AudioSource, *, name: str | None = None) -> torch.Tensor:
     return _finish(samples, int(rate), label)
 
 
-def decode_pcm16(data: bytes, sample_rate: int, *, channels: int = 1, name: str | None = None) -> torch.Tensor:
+def decode_pcm16(
+    data: bytes, sample_rate: int, *, channels: int = 1, name: str | None = None
+) -> torch.Tensor:
     """Decode raw little-endian signed 16-bit PCM (interleaved if `channels` > 1).
 
     Returns mono float32 at `SAMPLE_RATE`, shape (N,).
