@@ -1,0 +1,222 @@
+"""Acoustic features: log-mel filterbanks, global CMVN, SpecAugment, speed perturbation.
+
+Framing follows Kaldi's `snip_edges` convention: frame t covers samples [t * hop, t * hop + win).
+No padding at either edge means a frame depends only on its own samples, so features computed
+chunk by chunk from a stream equal the features of the whole signal (`StreamingFeatures`), which
+is what lets the streaming server and offline decoding agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchaudio.transforms as AT
+
+from asr.audio import SAMPLE_RATE, resample
+
+SPEED_FACTORS = (0.9, 1.0, 1.1)  # Ko et al. 2015: the standard 3-way speed perturbation
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Log-mel filterbank settings. Stored in every bundle so inference matches training."""
+
+    num_mel_bins: int = 80
+    window_ms: float = 25.0
+    hop_ms: float = 10.0
+    f_min: float = 20.0
+    f_max: float = 7600.0  # just under Nyquist: the top band of resampled audio is often empty
+    dither: float = 1.0 / 32768  # one 16-bit quantisation step; applied in training only
+    log_floor: float = 1e-10  # keeps log() finite on digital silence
+
+    @property
+    def win_length(self) -> int:
+        return round(SAMPLE_RATE * self.window_ms / 1000)
+
+    @property
+    def hop_length(self) -> int:
+        return round(SAMPLE_RATE * self.hop_ms / 1000)
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames produced for `num_samples` samples (0 when shorter than one window)."""
+        if num_samples < self.win_length:
+            return 0
+        return 1 + (num_samples - self.win_length) // self.hop_length
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
+        return cls(**data)
+
+
+@lru_cache(maxsize=8)
+def _mel_transform(config: FeatureConfig) -> AT.MelSpectrogram:
+    return AT.MelSpectrogram(
+        sample_rate=SAMPLE_RATE,
+        n_fft=config.win_length,
+        win_length=config.win_length,
+        hop_length=config.hop_length,
+        f_min=config.f_min,
+        f_max=config.f_max,
+        n_mels=config.num_mel_bins,
+        center=False,  # snip_edges framing: see the module docstring
+        power=2.0,
+        norm="slaney",
+        mel_scale="slaney",
+    )
+
+
+def log_mel(
+    wave: torch.Tensor,
+    config: FeatureConfig,
+    *,
+    train: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Log-mel features of (N,) or (B, N) audio at 16 kHz -> (T, F) or (B, T, F).
+
+    `train=True` adds dither (tiny noise that keeps digital silence from producing identical
+    frames with log-floor values, which would otherwise dominate CMVN statistics).
+    """
+    if wave.shape[-1] < config.win_length:
+        return wave.new_zeros((*wave.shape[:-1], 0, config.num_mel_bins))
+    if train and config.dither > 0:
+        noise = torch.randn(wave.shape, generator=generator, dtype=wave.dtype)
+        wave = wave + config.dither * noise.to(wave.device)
+    mel = _mel_transform(config).to(wave.device)(wave)  # (..., F, T)
+    return mel.clamp(min=config.log_floor).log().transpose(-1, -2)  # (..., T, F)
+
+
+class StreamingFeatures:
+    """Computes `log_mel` incrementally: the concatenation of all `accept` outputs equals
+    `log_mel` of the concatenated audio (inference mode, no dither)."""
+
+    def __init__(self, config: FeatureConfig) -> None:
+        self.config = config
+        self._buffer = torch.zeros(0)
+        self.frames_emitted = 0
+
+    def accept(self, samples: torch.Tensor) -> torch.Tensor:
+        """Feed (N,) samples; returns the (T', F) frames that became complete."""
+        self._buffer = torch.cat([self._buffer, samples.to(torch.float32)])
+        frames = self.config.num_frames(self._buffer.numel())
+        if frames == 0:
+            return torch.zeros(0, self.config.num_mel_bins)
+        used = (frames - 1) * self.config.hop_length + self.config.win_length
+        feats = log_mel(self._buffer[:used], self.config)
+        # Keep the samples that later frames still need (windows overlap by win - hop).
+        self._buffer = self._buffer[frames * self.config.hop_length :]
+        self.frames_emitted += frames
+        return feats
+
+
+@dataclass(frozen=True)
+class CMVN:
+    """Global cepstral mean and variance normalisation statistics over a training set."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    frames: int
+
+    def apply(self, feats: torch.Tensor) -> torch.Tensor:
+        """Normalise (..., F) features to zero mean and unit variance per dimension."""
+        mean = torch.tensor(self.mean, dtype=feats.dtype, device=feats.device)
+        std = torch.tensor(self.std, dtype=feats.dtype, device=feats.device)
+        return (feats - mean) / std
+
+    def save(self, path: str | Path) -> None:
+        data = {"dim": len(self.mean), "frames": self.frames, "mean": self.mean, "std": self.std}
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CMVN:
+        try:
+            data = json.loads(Path(path).read_text())
+            mean, std = tuple(map(float, data["mean"])), tuple(map(float, data["std"]))
+            frames = int(data["frames"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a CMVN statistics file ({err})") from err
+        if len(mean) != len(std) or min(std, default=0.0) <= 0:
+            raise ValueError(f"{path}: mean/std have different sizes or a non-positive std")
+        return cls(mean=mean, std=std, frames=frames)
+
+
+class CMVNAccumulator:
+    """Accumulates per-dimension sums in float64 (float32 loses precision over 1e9 frames)."""
+
+    def __init__(self, dim: int) -> None:
+        self.sum = torch.zeros(dim, dtype=torch.float64)
+        self.sum_sq = torch.zeros(dim, dtype=torch.float64)
+        self.frames = 0
+
+    def add(self, feats: torch.Tensor) -> None:
+        """Add (T, F) frames."""
+        f = feats.to(torch.float64)
+        self.sum += f.sum(dim=0)
+        self.sum_sq += (f * f).sum(dim=0)
+        self.frames += f.shape[0]
+
+    def result(self, min_std: float = 1e-3) -> CMVN:
+        if self.frames == 0:
+            raise ValueError("no frames accumulated: cannot compute CMVN statistics")
+        mean = self.sum / self.frames
+        var = (self.sum_sq / self.frames - mean * mean).clamp(min=0.0)
+        std = var.sqrt().clamp(min=min_std)  # a constant dimension must not divide by zero
+        return CMVN(mean=tuple(mean.tolist()), std=tuple(std.tolist()), frames=self.frames)
+
+
+@dataclass(frozen=True)
+class SpecAugmentConfig:
+    """SpecAugment (Park et al. 2019). Defaults follow its LibriSpeech 'LD' policy, with time
+    masks capped at a fraction of the utterance so short utterances are not blanked out."""
+
+    freq_masks: int = 2
+    freq_width: int = 27  # F: max bins per frequency mask
+    time_masks: int = 2
+    time_width: int = 100  # T: max frames per time mask
+    time_ratio: float = 0.2  # p: a time mask covers at most this fraction of the utterance
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpecAugmentConfig:
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def spec_augment(
+    feats: torch.Tensor, config: SpecAugmentConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Mask random frequency bands and time spans of (T, F) features with zeros (the CMVN mean)."""
+    out = feats.clone()
+    num_frames, num_bins = out.shape
+
+    def _randint(high: int) -> int:
+        return int(torch.randint(0, max(high, 1), (1,), generator=generator))
+
+    for _ in range(config.freq_masks):
+        width = _randint(min(config.freq_width, num_bins) + 1)
+        start = _randint(num_bins - width + 1)
+        out[:, start : start + width] = 0.0
+    max_time = min(config.time_width, math.floor(config.time_ratio * num_frames))
+    for _ in range(config.time_masks):
+        width = _randint(max_time + 1)
+        start = _randint(num_frames - width + 1)
+        out[start : start + width, :] = 0.0
+    return out
+
+
+def speed_perturb(wave: torch.Tensor, factor: float) -> torch.Tensor:
+    """Play (N,) 16 kHz audio `factor` times faster (tempo and pitch change together).
+
+    Reinterpreting the samples as recorded at `factor * 16 kHz` and resampling back to 16 kHz
+    gives about N / factor samples; 0.9/1.1 reduce to small integer ratios, so this is cheap.
+    """
+    if factor == 1.0:
+        return wave
+    return resample(wave, round(SAMPLE_RATE * factor))

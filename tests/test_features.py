@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchaudio.compliance.kaldi as kaldi
+
+from asr.audio import SAMPLE_RATE, load_audio
+from asr.features import (
+    CMVN,
+    CMVNAccumulator,
+    FeatureConfig,
+    SpecAugmentConfig,
+    StreamingFeatures,
+    log_mel,
+    spec_augment,
+    speed_perturb,
+)
+
+CONFIG = FeatureConfig()
+
+
+@pytest.fixture(scope="module")
+def speech(real_flac: Path) -> torch.Tensor:
+    return load_audio(real_flac)
+
+
+def test_shapes_follow_snip_edges_framing(speech: torch.Tensor) -> None:
+    feats = log_mel(speech, CONFIG)
+    assert feats.shape == (1 + (speech.numel() - 400) // 160, 80)
+    assert CONFIG.num_frames(speech.numel()) == feats.shape[0]
+    assert torch.isfinite(feats).all()
+    assert log_mel(speech[:399], CONFIG).shape == (0, 80)
+    assert CONFIG.num_frames(400) == 1 and CONFIG.num_frames(560) == 2
+
+
+def test_matches_kaldi_fbank_framing_and_tracks_its_values(speech: torch.Tensor) -> None:
+    # Same frames as Kaldi (snip_edges); values differ by window/mel conventions but must be
+    # strongly correlated per frame, which catches framing or transposition mistakes.
+    ours = log_mel(speech, CONFIG)
+    ref = kaldi.fbank(speech[None] * 32768, num_mel_bins=80, dither=0.0, energy_floor=1e-10)
+    assert ours.shape == ref.shape
+    frame_energy = torch.corrcoef(torch.stack([ours.mean(1), ref.mean(1)]))[0, 1]
+    assert frame_energy > 0.98
+
+
+def test_batched_equals_single(speech: torch.Tensor) -> None:
+    a, b = speech[:16000], speech[16000:32000]
+    batch = log_mel(torch.stack([a, b]), CONFIG)
+    assert torch.allclose(batch[0], log_mel(a, CONFIG), atol=1e-4)
+    assert torch.allclose(batch[1], log_mel(b, CONFIG), atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_ms", [20, 30, 100, 160, 250, 1000])
+def test_streaming_equals_offline(speech: torch.Tensor, chunk_ms: int) -> None:
+    chunk = SAMPLE_RATE * chunk_ms // 1000
+    stream = StreamingFeatures(CONFIG)
+    parts = [stream.accept(speech[i : i + chunk]) for i in range(0, speech.numel(), chunk)]
+    streamed = torch.cat(parts)
+    offline = log_mel(speech, CONFIG)
+    assert streamed.shape == offline.shape
+    assert (streamed - offline).abs().max() < 1e-4
+    assert stream.frames_emitted == offline.shape[0]
+
+
+def test_streaming_with_random_chunk_sizes(speech: torch.Tensor) -> None:
+    gen = torch.Generator().manual_seed(3)
+    stream, parts, pos = StreamingFeatures(CONFIG), [], 0
+    while pos < speech.numel():
+        size = int(torch.randint(1, 16000, (1,), generator=gen))  # 1 sample to 1 s
+        parts.append(stream.accept(speech[pos : pos + size]))
+        pos += size
+    assert (torch.cat(parts) - log_mel(speech, CONFIG)).abs().max() < 1e-4
+
+
+def test_dither_only_in_training() -> None:
+    silence = torch.zeros(16000)
+    inference = log_mel(silence, CONFIG)
+    assert torch.equal(inference, torch.full_like(inference, float(torch.log(torch.tensor(1e-10)))))
+    trained = log_mel(silence, CONFIG, train=True, generator=torch.Generator().manual_seed(0))
+    assert trained.std() > 0.1  # dither lifts silence off the floor
+    again = log_mel(silence, CONFIG, train=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(trained, again)
+
+
+def test_cmvn_normalises_and_round_trips(speech: torch.Tensor, tmp_path: Path) -> None:
+    acc = CMVNAccumulator(80)
+    for part in (speech[:50000], speech[50000:]):
+        acc.add(log_mel(part, CONFIG))
+    cmvn = acc.result()
+    feats = torch.cat([log_mel(speech[:50000], CONFIG), log_mel(speech[50000:], CONFIG)])
+    assert cmvn.frames == feats.shape[0] and len(cmvn.mean) == 80
+    assert torch.allclose(torch.tensor(cmvn.mean), feats.double().mean(0).float(), atol=1e-4)
+    normed = cmvn.apply(feats)
+    assert normed.mean(0).abs().max() < 1e-3
+    assert (normed.std(0, unbiased=False) - 1).abs().max() < 1e-3
+    cmvn.save(tmp_path / "cmvn.json")
+    assert CMVN.load(tmp_path / "cmvn.json") == cmvn
+
+
+def test_cmvn_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no frames"):
+        CMVNAccumulator(80).result()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"mean": [0.0], "std": [0.0], "frames": 1}')
+    with pytest.raises(ValueError, match="non-positive std"):
+        CMVN.load(bad)
+    bad.write_text("not json")
+    with pytest.raises(ValueError, match=r"bad\.json"):
+        CMVN.load(bad)
+
+
+def test_spec_augment_masks_within_limits() -> None:
+    feats = torch.randn(500, 80) + 10.0  # offset so masked (zeroed) cells are unambiguous
+    config = SpecAugmentConfig(freq_masks=2, freq_width=27, time_masks=2, time_width=40)
+    for seed in range(20):
+        out = spec_augment(feats, config, generator=torch.Generator().manual_seed(seed))
+        zero_bins = (out == 0).all(dim=0).sum()
+        zero_frames = (out == 0).all(dim=1).sum()
+        assert zero_bins <= 2 * 27 and zero_frames <= 2 * 40
+        assert torch.equal(out[out != 0], feats[out != 0])
+    assert not torch.equal(
+        spec_augment(feats, config, torch.Generator().manual_seed(1)),
+        spec_augment(feats, config, torch.Generator().manual_seed(2)),
+    )
+    assert (feats != 0).all()  # input untouched
+
+
+def test_spec_augment_time_ratio_protects_short_utterances() -> None:
+    feats = torch.ones(20, 80)
+    config = SpecAugmentConfig(freq_masks=0, time_masks=5, time_width=100, time_ratio=0.1)
+    for seed in range(10):
+        out = spec_augment(feats, config, torch.Generator().manual_seed(seed))
+        assert (out == 0).all(dim=1).sum() <= 5 * 2
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.0, 1.1])
+def test_speed_perturb_changes_length(speech: torch.Tensor, factor: float) -> None:
+    out = speed_perturb(speech, factor)
+    assert abs(out.numel() - speech.numel() / factor) <= 2
