@@ -12,7 +12,7 @@ import unicodedata
 
 _DISALLOWED = re.compile(r"[^A-Z' ]+")
 _SPACES = re.compile(r"\s+")
-_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "`": "'"})
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
 
 
 def normalize_text(text: str) -> str:
