@@ -1,0 +1,56 @@
+# One verb per target. `make check` is the test command in the README and what CI runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SYSTEM_PACKAGES := libsndfile1 sox espeak-ng flite
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps lint format typecheck test test-slow check bench clean
+
+setup: $(VENV)/.installed  ## system packages, virtualenv, the package with dev extras
+
+system-deps: .stamps/system
+
+.stamps/system:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		command -v apt-get >/dev/null || { echo "install these first:$$missing"; exit 1; }; \
+		echo "installing system packages:$$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@mkdir -p .stamps && touch $@
+
+$(VENV)/.installed: .stamps/system pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: setup
+	$(BIN)/mypy
+
+test: setup  ## the default suite (slow tests excluded)
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+check: lint typecheck test  ## what the README's test command and CI run
+
+bench: setup
+	$(BIN)/python bench/features.py
+
+clean:
+	rm -rf .stamps $(VENV) .mypy_cache .ruff_cache .pytest_cache
