@@ -1,0 +1,1 @@
+"""Decoders over narrow model interfaces: CTC greedy/prefix beam search, attention beam search."""

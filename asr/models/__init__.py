@@ -1,0 +1,79 @@
+"""Acoustic models and the registry that rebuilds any of them from (kind, config dict).
+
+A checkpoint or bundle stores `{"type": kind, "config": config.to_dict()}`; `build_model`
+turns that back into a model, so nothing needs training flags repeated to load it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from asr.decoding.ctc import ctc_greedy
+from asr.models.bilstm_ctc import PRESETS as CTC_PRESETS
+from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCConfig, bilstm_ctc
+from asr.models.las import LAS, LASConfig, las
+from asr.models.las import PRESETS as LAS_PRESETS
+
+
+def _ctc_greedy(model: nn.Module, feats: torch.Tensor, lens: torch.Tensor) -> list[list[int]]:
+    assert isinstance(model, BiLSTMCTC)
+    return ctc_greedy(*model.log_probs(feats, lens))
+
+
+def _las_greedy(model: nn.Module, feats: torch.Tensor, lens: torch.Tensor) -> list[list[int]]:
+    assert isinstance(model, LAS)
+    return model.greedy_decode(feats, lens)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to configure, build and greedily decode one kind of model."""
+
+    config_cls: Any  # a frozen config dataclass with to_dict()/from_dict()
+    build: Callable[[Any], nn.Module]
+    presets: Mapping[str, Any]
+    greedy: Callable[[nn.Module, torch.Tensor, torch.Tensor], list[list[int]]]
+
+
+MODELS: dict[str, ModelSpec] = {
+    "ctc": ModelSpec(BiLSTMCTCConfig, bilstm_ctc, CTC_PRESETS, _ctc_greedy),
+    "las": ModelSpec(LASConfig, las, LAS_PRESETS, _las_greedy),
+}
+
+
+def _spec(kind: str) -> ModelSpec:
+    if kind not in MODELS:
+        raise ValueError(f"unknown model type {kind!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[kind]
+
+
+def model_config(kind: str, preset: str, **overrides: Any) -> Any:
+    """A preset's config with fields replaced (e.g. vocab_size from the tokenizer)."""
+    spec = _spec(kind)
+    if preset not in spec.presets:
+        raise ValueError(
+            f"unknown {kind} preset {preset!r}; choose one of {', '.join(spec.presets)}"
+        )
+    return replace(spec.presets[preset], **overrides)
+
+
+def build_model(kind: str, config: Mapping[str, Any]) -> nn.Module:
+    """Rebuild a model from its kind and `config.to_dict()` output."""
+    spec = _spec(kind)
+    return spec.build(spec.config_cls.from_dict(dict(config)))
+
+
+def greedy_decode(
+    kind: str, model: nn.Module, feats: torch.Tensor, lens: torch.Tensor
+) -> list[list[int]]:
+    """Greedy token ids per utterance, for validation during training."""
+    return _spec(kind).greedy(model, feats, lens)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

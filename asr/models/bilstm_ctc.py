@@ -1,0 +1,398 @@
+"""BiLSTM-CTC acoustic model with an optional latency-controlled (LC-BLSTM) mode.
+
+x4 subsampling (conv2d or frame stacking), then N bidirectional LSTM/GRU layers, each optionally
+followed by a linear projection of its concatenated output (ESPnet "BLSTMP"), then a CTC head
+(blank = 0). As in DeepSpeech2 and ESPnet's BLSTMP encoders.
+
+Each layer owns two unidirectional RNNs, one per direction, so the same parameters serve two
+ways of running the stack; `chunk_size` in the config picks one:
+
+- offline (`chunk_size == 0`): each direction sees the whole utterance.
+- latency-controlled (`chunk_size = Nc > 0`, `right_context = Nr`; Zhang et al. 2016, "Highway
+  long short-term memory RNNs for distant speech recognition"; Chen & Huo 2016): the subsampled
+  utterance is cut into blocks of Nc chunk frames plus the Nr frames that follow them. The whole
+  stack runs over one block at a time; the forward direction carries its state from block to
+  block (the state after the chunk frames, not after the context frames), the backward direction
+  starts afresh at the block's last frame. Only the chunk frames' outputs are kept, so the
+  look-ahead is Nr frames whatever the depth, and the cost per stream is linear in its length.
+  `BiLSTMCTCStream` runs the same `lc_block` on audio as it arrives.
+
+Training in LC mode makes streaming accuracy match what was trained; a model trained in one
+mode runs in the other by building it with `dataclasses.replace(config, chunk_size=...)` and
+loading the same state dict (the parameters do not depend on the mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asr.models.base import ModelOutput
+from asr.models.subsampling import Subsampling, SubsamplingKind, SubsamplingStream
+
+RNNType = Literal["lstm", "gru"]
+BLANK_ID = 0  # asr.tokenizer.BLANK_ID; the model depends on the id, not on the tokenizer
+
+
+@dataclass(frozen=True)
+class BiLSTMCTCConfig:
+    """Everything needed to rebuild a `BiLSTMCTC`; stored in bundles and checkpoints.
+
+    Frame counts (`chunk_size`, `right_context`) are in subsampled frames (40 ms at a 10 ms hop).
+    """
+
+    input_dim: int = 80  # feature bins
+    vocab_size: int = 256  # CTC outputs, blank (id 0) included
+    subsampling: SubsamplingKind = "conv2d"
+    subsampling_channels: int = 32  # conv2d only
+    hidden_size: int = 320  # per direction
+    num_layers: int = 4
+    projection_size: int = 0  # 0: none; else Linear(2H -> P) after every layer
+    rnn_type: RNNType = "lstm"
+    dropout: float = 0.0  # between recurrent layers
+    chunk_size: int = 0  # Nc; 0 = offline, full-sequence BiLSTM
+    right_context: int = 0  # Nr; LC mode only
+
+    def __post_init__(self) -> None:
+        minimums = {
+            "input_dim": 1,
+            "vocab_size": 2,  # blank and at least one token
+            "subsampling_channels": 1,
+            "hidden_size": 1,
+            "num_layers": 1,
+            "projection_size": 0,
+            "chunk_size": 0,
+            "right_context": 0,
+        }
+        for name, low in minimums.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.subsampling not in ("conv2d", "stack"):
+            raise ValueError(f"subsampling must be 'conv2d' or 'stack', got {self.subsampling!r}")
+        if self.rnn_type not in ("lstm", "gru"):
+            raise ValueError(f"rnn_type must be 'lstm' or 'gru', got {self.rnn_type!r}")
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.right_context and not self.chunk_size:
+            raise ValueError(
+                f"right_context={self.right_context} needs chunk_size > 0 (LC mode); "
+                "offline mode already sees the whole utterance"
+            )
+
+    @property
+    def layer_dim(self) -> int:
+        """Width of each recurrent layer's input and output (and of the subsampling output)."""
+        return self.projection_size or 2 * self.hidden_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BiLSTMCTCConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown BiLSTMCTCConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+# Sizes follow published BiLSTM-CTC/BLSTMP encoders. Every preset trains in LC mode because the
+# streaming server runs LC mode and a model does best in the mode it was trained in; for an
+# offline model use `replace(preset, chunk_size=0, right_context=0)`. At 40 ms per frame,
+# cpu-small's Nc=16 / Nr=8 is 640 ms chunks with 320 ms look-ahead; the LibriSpeech presets
+# take 960 ms / 480 ms, trading latency for context (and fewer, larger blocks on a GPU).
+PRESETS: dict[str, BiLSTMCTCConfig] = {
+    # Small enough to train on 2 CPU cores: tests, demos and small synthetic corpora.
+    "cpu-small": BiLSTMCTCConfig(
+        vocab_size=256,
+        subsampling_channels=16,
+        hidden_size=192,
+        num_layers=3,
+        projection_size=256,
+        dropout=0.1,
+        chunk_size=16,
+        right_context=8,
+    ),
+    # Between EESEN's 4-5 layers x 320 per direction (Miao et al. 2015) and the 960 h model;
+    # heavier dropout because 100 h overfits. Not tuned here.
+    "librispeech-100h": BiLSTMCTCConfig(
+        vocab_size=256,
+        hidden_size=512,
+        num_layers=5,
+        projection_size=512,
+        dropout=0.3,
+        chunk_size=24,
+        right_context=12,
+    ),
+    # ESPnet's LibriSpeech 960 h BLSTM encoder: 5 layers x 1024 units per direction, dropout 0.2
+    # (egs/librispeech/asr1/RESULTS.md, "vggblstm_e5 unit1024 proj1024"); projection 512 rather
+    # than 1024 takes the model from ~96M to ~69M parameters. Not tuned here.
+    "librispeech-960h": BiLSTMCTCConfig(
+        vocab_size=1024,
+        hidden_size=1024,
+        num_layers=5,
+        projection_size=512,
+        dropout=0.2,
+        chunk_size=24,
+        right_context=12,
+    ),
+}
+
+
+class _BiRNNLayer(nn.Module):
+    """One bidirectional layer as two unidirectional RNNs (so each can run separately)."""
+
+    fwd: nn.LSTM | nn.GRU
+    bwd: nn.LSTM | nn.GRU
+
+    def __init__(self, config: BiLSTMCTCConfig) -> None:
+        super().__init__()
+        rnn: type[nn.LSTM | nn.GRU] = nn.LSTM if config.rnn_type == "lstm" else nn.GRU
+        self.fwd = rnn(config.layer_dim, config.hidden_size, batch_first=True)
+        self.bwd = rnn(config.layer_dim, config.hidden_size, batch_first=True)
+        self.proj: nn.Module = (
+            nn.Linear(2 * config.hidden_size, config.projection_size)
+            if config.projection_size
+            else nn.Identity()
+        )
+
+
+def _run_rnn(
+    rnn: nn.LSTM | nn.GRU, x: torch.Tensor, state: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (B, W, D), state: (S, B, H) or None (zeros) -> output (B, W, H), final state (S, B, H).
+
+    S = 2 for an LSTM (h, c) and 1 for a GRU (h); one tensor shape for both keeps the carried
+    LC state a single (L, S, B, H) tensor.
+    """
+    if isinstance(rnn, nn.LSTM):
+        hx = None if state is None else (state[0:1], state[1:2])
+        out, (h, c) = rnn(x, hx)
+        return out, torch.cat([h, c])
+    out, h = rnn(x, state)
+    return out, h
+
+
+class BiLSTMCTC(nn.Module):
+    """Subsampling -> bidirectional LSTM/GRU stack (offline or LC) -> CTC head."""
+
+    def __init__(self, config: BiLSTMCTCConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.subsampling = Subsampling(
+            config.subsampling, config.input_dim, config.layer_dim, config.subsampling_channels
+        )
+        self.layers = nn.ModuleList(_BiRNNLayer(config) for _ in range(config.num_layers))
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.layer_dim, config.vocab_size)
+
+    @property
+    def _stack(self) -> list[_BiRNNLayer]:
+        """The recurrent layers, bottom first (typed, unlike iterating the ModuleList)."""
+        return cast(list[_BiRNNLayer], list(self.layers))
+
+    def forward(
+        self,
+        feats: torch.Tensor,
+        feat_lens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        target_lens: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """feats (B, T, F), feat_lens (B,), targets (B, U) padded with -1, target_lens (B,)."""
+        enc, enc_lens = self.encode(feats, feat_lens)
+        log_probs = self.output(enc)  # (B, T', V)
+        if targets is None or target_lens is None:
+            return ModelOutput(loss=None, log_probs=log_probs, out_lens=enc_lens)
+        loss, infeasible = _ctc_loss(log_probs, enc_lens, targets, target_lens)
+        metrics = {"ctc_loss": loss.item(), "ctc_infeasible": float(infeasible)}
+        return ModelOutput(loss=loss, log_probs=log_probs, out_lens=enc_lens, metrics=metrics)
+
+    def log_probs(
+        self, feats: torch.Tensor, feat_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats (B, T, F), feat_lens (B,) -> CTC log-probs (B, T', V) float32, lengths (B,)."""
+        enc, enc_lens = self.encode(feats, feat_lens)
+        return self.output(enc), enc_lens
+
+    def output(self, enc: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, T', D) -> float32 CTC log-probs (B, T', V)."""
+        # float32 before the softmax: under AMP, fp16 log-probs lose the small differences
+        # between competing tokens and make the CTC recursions inaccurate.
+        return self.head(enc).float().log_softmax(dim=-1)
+
+    def encode(
+        self, feats: torch.Tensor, feat_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats (B, T, F), feat_lens (B,) -> enc (B, T', D), enc_lens (B,); T' = max(enc_lens)."""
+        x, lens = self.subsampling(feats, feat_lens)  # (B, T', D), (B,)
+        frames = int(lens.max()) if lens.numel() else 0
+        x = x[:, :frames]  # drop frames that are padding for every sequence
+        if frames == 0:
+            return x.new_zeros(x.shape[0], 0, self.config.layer_dim), lens
+        if not self.config.chunk_size:
+            # Offline is the special case of one block spanning the utterance without context.
+            enc, _ = self._run_block(x, lens, None, chunk=frames)
+            return enc, lens
+        chunk, context = self.config.chunk_size, self.config.right_context
+        outputs = []
+        states: torch.Tensor | None = None
+        for start in range(0, frames, chunk):
+            block = x[:, start : start + chunk + context]  # (B, W, D), W <= Nc + Nr
+            valid = (lens - start).clamp(min=0, max=block.shape[1])  # (B,)
+            enc, states = self.lc_block(block, valid, states)  # (B, min(W, Nc), D_out)
+            outputs.append(enc)
+        return torch.cat(outputs, dim=1), lens
+
+    def lc_block(
+        self, block: torch.Tensor, valid: torch.Tensor, states: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the whole recurrent stack over one LC block (whole-utterance LC and streaming).
+
+        block: (B, W, D) subsampled frames: up to Nc chunk frames, then up to Nr right-context
+        frames (fewer only at the end of an utterance). valid: (B,) valid frames of each
+        sequence in this block (0 once the sequence has ended). states: (L, S, B, H)
+        forward-direction states carried from the previous block, None at the start.
+        Returns the top layer's outputs for the chunk frames (B, min(W, Nc), D_out) and the
+        forward states after the chunk frames (L, S, B, H).
+        """
+        if not self.config.chunk_size:
+            raise ValueError("lc_block needs an LC model: build it with chunk_size > 0")
+        return self._run_block(block, valid, states, self.config.chunk_size)
+
+    def _run_block(
+        self, x: torch.Tensor, valid: torch.Tensor, states: torch.Tensor | None, chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`lc_block` with an explicit chunk size: x (B, W, D) -> (B, min(W, chunk), D_out).
+
+        Positions beyond `valid` hold garbage but never leak into valid ones: the forward
+        direction is causal and padding only follows valid frames; the backward direction runs
+        on each sequence reversed within its valid length, so there too padding comes after the
+        valid frames. A sequence's carried state is stale once it ended mid-block, but from
+        then on it has no valid frames. This is exact without packed sequences, which matters
+        on the CPU: PyTorch's CPU LSTM backward on a PackedSequence is ~5x slower than on a
+        padded batch (measured on cpu-small), a price the few padded frames left by the
+        length-bucketing sampler do not justify.
+        """
+        width = x.shape[1]
+        t = torch.arange(width, device=x.device)
+        valid = valid.to(x.device)[:, None]  # (B, 1)
+        reverse = torch.where(t < valid, valid - 1 - t, t)[:, :, None]  # (B, W, 1); an involution
+        new_states = []
+        for i, layer in enumerate(self._stack):
+            state = None if states is None else states[i]  # (S, B, H)
+            fwd, state = _run_rnn(layer.fwd, x[:, :chunk], state)  # (B, min(W, Nc), H)
+            new_states.append(state)
+            if width > chunk:  # right context: continue from the chunk's state, do not carry it
+                fwd_context, _ = _run_rnn(layer.fwd, x[:, chunk:], state)
+                fwd = torch.cat([fwd, fwd_context], dim=1)  # (B, W, H)
+            x_rev = x.gather(1, reverse.expand(-1, -1, x.shape[2]))  # (B, W, D)
+            bwd, _ = _run_rnn(layer.bwd, x_rev, None)  # (B, W, H) in reversed time
+            bwd = bwd.gather(1, reverse.expand(-1, -1, bwd.shape[2]))  # back to forward time
+            x = layer.proj(torch.cat([fwd, bwd], dim=-1))  # (B, W, D_out)
+            if i < len(self.layers) - 1:
+                x = self.dropout(x)
+        return x[:, :chunk], torch.stack(new_states)
+
+
+def _ctc_loss(
+    log_probs: torch.Tensor,
+    lens: torch.Tensor,
+    targets: torch.Tensor,
+    target_lens: torch.Tensor,
+) -> tuple[torch.Tensor, int]:
+    """Summed CTC loss / batch size and the number of infeasible utterances.
+
+    An utterance is infeasible when it has fewer frames than its target needs (one per
+    token plus a blank between repeated tokens); CTC gives it infinite loss, which
+    `zero_infinity` turns into 0 (with zero gradient) so one bad utterance cannot make a
+    whole batch NaN. It is counted from the lengths rather than from the loss values so
+    the count needs no second loss evaluation.
+    """
+    batch, units = targets.shape
+    in_target = torch.arange(units, device=targets.device) < target_lens[:, None]  # (B, U)
+    repeats = (targets[:, 1:] == targets[:, :-1]) & in_target[:, 1:]  # (B, U - 1)
+    needed = target_lens.to(lens.device) + repeats.sum(dim=1).to(lens.device)
+    infeasible = int((lens < needed).sum())
+    if log_probs.shape[1] == 0:  # no frames at all: ctc_loss refuses empty input
+        return log_probs.sum() * 0.0, infeasible
+    losses = F.ctc_loss(
+        log_probs.transpose(0, 1),  # (T', B, V)
+        targets.clamp(min=0),  # the -1 padding is never read, but must be a valid index
+        lens,
+        target_lens,
+        blank=BLANK_ID,
+        reduction="none",
+        zero_infinity=True,
+    )
+    return losses.sum() / batch, infeasible
+
+
+def bilstm_ctc(config: BiLSTMCTCConfig) -> BiLSTMCTC:
+    """Build a BiLSTM-CTC model; `bilstm_ctc(PRESETS["librispeech-100h"])` for a preset."""
+    return BiLSTMCTC(config)
+
+
+class BiLSTMCTCStream:
+    """Streaming LC inference for one utterance: feature chunks in, CTC log-probs out.
+
+    Feature frames go through `SubsamplingStream`; every time Nc + Nr subsampled frames are
+    buffered, `lc_block` runs and Nc frames of log-probs come out (the last Nr stay buffered as
+    the next block's start). `flush` ends the input and processes what is left exactly as the
+    whole-utterance LC forward processes its last blocks, so the concatenation of all outputs
+    equals `model.log_probs` on the whole utterance, up to float rounding (~1e-7: the
+    subsampling's matrix products run over fewer frames at a time). Needs `chunk_size > 0`;
+    put the model in eval mode first (dropout).
+    """
+
+    def __init__(self, model: BiLSTMCTC) -> None:
+        if not model.config.chunk_size:
+            raise ValueError("streaming needs an LC model: build it with chunk_size > 0")
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the current utterance; the next `accept` starts a new one."""
+        self.frames_emitted = 0  # log-prob frames returned so far (40 ms each at a 10 ms hop)
+        self._subsampling = SubsamplingStream(self.model.subsampling)
+        self._pending: torch.Tensor | None = None  # (1, n, D) subsampled, not yet emitted
+        self._states: torch.Tensor | None = None  # (L, S, 1, H)
+
+    @torch.no_grad()
+    def accept(self, feats: torch.Tensor) -> torch.Tensor:
+        """feats (1, T, F) new feature frames -> (1, T'', V) newly final log-probs (T'' >= 0)."""
+        new = self._subsampling.accept(feats)  # (1, n, D)
+        pending = new if self._pending is None else torch.cat([self._pending, new], dim=1)
+        return self._run(pending, self.model.config.chunk_size + self.model.config.right_context)
+
+    @torch.no_grad()
+    def flush(self) -> torch.Tensor:
+        """End of input: (1, T'', V) log-probs of the frames still buffered, then `reset`.
+
+        Feature frames too few to complete a subsampling window are dropped, as offline.
+        """
+        out = self._run(self._pending, 1) if self._pending is not None else self._empty()
+        self.reset()
+        return out
+
+    def _empty(self) -> torch.Tensor:
+        return torch.zeros(1, 0, self.model.config.vocab_size, device=self.model.head.weight.device)
+
+    def _run(self, pending: torch.Tensor, min_width: int) -> torch.Tensor:
+        """Run blocks while at least `min_width` frames are buffered; keep the rest."""
+        chunk, context = self.model.config.chunk_size, self.model.config.right_context
+        outputs = [self._empty()]
+        while pending.shape[1] >= min_width:
+            block = pending[:, : chunk + context]
+            valid = torch.tensor([block.shape[1]])
+            enc, self._states = self.model.lc_block(block, valid, self._states)
+            outputs.append(self.model.output(enc))
+            pending = pending[:, chunk:]
+        self._pending = pending
+        out = torch.cat(outputs, dim=1)
+        self.frames_emitted += out.shape[1]
+        return out

@@ -1,0 +1,486 @@
+"""Listen, Attend and Spell (Chan et al. 2016) with location-aware attention and joint CTC.
+
+Listener: BiLSTM layers with x8 time reduction, either three pyramidal layers over the features
+(the paper's pBLSTM) or a x4 strided conv followed by BiLSTMs with one pyramidal x2 step (cheaper:
+only the conv sees the 10 ms frame rate). Speller: an LSTM stack with input feeding and
+location-aware attention (Chorowski et al. 2015). An optional CTC head on the listener output
+(Kim et al. 2017) speeds up alignment learning and gives the beam search a second score.
+
+Tokens: blank = 0 is CTC's only; sos and eos share id 2. `forward` takes targets without either
+and adds them itself: decoder input [sos, y_1..y_U], decoder output [y_1..y_U, eos].
+
+The interface the attention beam search uses (and nothing else):
+
+    enc = model.encode(feats, feat_lens)          # EncoderOutput, rows = utterances
+    enc = enc.repeat_interleave(beam)             # rows = utterance-major hypotheses
+    state = model.init_state(enc)                 # DecoderState for N = B * beam rows
+    log_probs, state = model.step(enc, state, tokens)  # tokens (N,): previous token, sos first
+    state = state.select(indices)                 # reorder/gather rows after re-ranking
+
+`step` reproduces the teacher-forced forward pass exactly (in eval mode): feeding sos, y_1, ...
+gives at position u the log-probs the training loss scores for y_{u+1} (or eos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asr.models.base import ModelOutput
+from asr.models.layers import LocationAwareAttention, PyramidalBiLSTM, lengths_to_mask
+from asr.models.subsampling import Subsampling
+from asr.tokenizer import BLANK_ID, SOS_EOS_ID
+
+ListenerKind = Literal["pyramid", "conv-pyramid"]
+_MIN_LISTENER_LAYERS: dict[str, int] = {"pyramid": 3, "conv-pyramid": 2}
+
+
+@dataclass(frozen=True)
+class LASConfig:
+    """Everything needed to rebuild a `LAS` model; stored in checkpoints and bundles.
+
+    listener: "pyramid": `listener_layers - 3` plain BiLSTM layers, then 3 pyramidal ones (each
+        concatenates frame pairs). "conv-pyramid": x4 conv subsampling, then `listener_layers`
+        BiLSTM layers, the second of which first concatenates frame pairs. Both reduce time x8.
+    listener_hidden: cells per direction; the listener outputs 2 * listener_hidden.
+    location_channels, location_kernel: filters over the previous attention weights (odd width).
+    label_smoothing: mass spread uniformly over the vocabulary in the attention loss.
+    scheduled_sampling: per-step probability of feeding back the model's own argmax instead of
+        the reference token during training (0 = teacher forcing). A trainer that ramps it up
+        sets `LAS.scheduled_sampling`.
+    ctc_weight: loss = (1 - w) * attention + w * CTC; 0 removes the CTC head, 1 trains CTC only
+        (the speller then gets no gradient: DDP needs find_unused_parameters).
+    """
+
+    vocab_size: int  # including the reserved ids 0-2 (blank, unk, sos/eos)
+    input_dim: int = 80
+    listener: ListenerKind = "conv-pyramid"
+    listener_hidden: int = 256
+    listener_layers: int = 3
+    dropout: float = 0.1
+    attention_dim: int = 256
+    location_channels: int = 10
+    location_kernel: int = 31
+    speller_hidden: int = 320
+    speller_layers: int = 1
+    embedding_dim: int = 128
+    label_smoothing: float = 0.1
+    scheduled_sampling: float = 0.0
+    ctc_weight: float = 0.3
+
+    def __post_init__(self) -> None:
+        def fail(name: str, rule: str) -> None:
+            raise ValueError(f"LASConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if self.vocab_size <= SOS_EOS_ID + 1:
+            fail("vocab_size", f"> {SOS_EOS_ID + 1} (ids 0-{SOS_EOS_ID} are reserved)")
+        if self.listener not in get_args(ListenerKind):
+            fail("listener", f"one of {get_args(ListenerKind)}")
+        for name in (
+            "input_dim",
+            "listener_hidden",
+            "attention_dim",
+            "location_channels",
+            "speller_hidden",
+            "speller_layers",
+            "embedding_dim",
+        ):
+            if getattr(self, name) < 1:
+                fail(name, ">= 1")
+        if self.listener == "conv-pyramid" and self.input_dim < 7:
+            fail("input_dim", ">= 7 for the conv listener (two 3x3 stride-2 convs)")
+        min_layers = _MIN_LISTENER_LAYERS[self.listener]
+        if self.listener_layers < min_layers:
+            fail("listener_layers", f">= {min_layers} for listener {self.listener!r}")
+        if self.location_kernel < 1 or self.location_kernel % 2 == 0:
+            fail("location_kernel", "odd and >= 1 (a centred filter)")
+        for name in ("dropout", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(name, "in [0, 1)")
+        for name in ("scheduled_sampling", "ctc_weight"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                fail(name, "in [0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LASConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LASConfig fields: {', '.join(unknown)}")
+        return cls(**data)
+
+
+# Presets fill numbers only; set vocab_size from the tokenizer with `dataclasses.replace`.
+PRESETS: dict[str, LASConfig] = {
+    # Park et al. 2019 LAS-4-1024 sizes (conv front end, 4 x 1024 BiLSTM, 2 x 1024 speller),
+    # with ESPnet's joint CTC/attention and 5k subwords.
+    "librispeech-960h": LASConfig(
+        vocab_size=5000,
+        listener="conv-pyramid",
+        listener_hidden=1024,
+        listener_layers=4,
+        dropout=0.2,
+        attention_dim=1024,
+        location_channels=10,
+        location_kernel=51,
+        speller_hidden=1024,
+        speller_layers=2,
+        embedding_dim=512,
+    ),
+    # A quarter of the width for a tenth of the data; more dropout since 100 h overfits.
+    "librispeech-100h": LASConfig(
+        vocab_size=1000,
+        listener="conv-pyramid",
+        listener_hidden=512,
+        listener_layers=4,
+        dropout=0.3,
+        attention_dim=512,
+        location_channels=10,
+        location_kernel=31,
+        speller_hidden=512,
+        speller_layers=2,
+        embedding_dim=256,
+    ),
+    # Small enough to train on 1-2 h of audio on a laptop CPU within an hour.
+    "cpu-small": LASConfig(
+        vocab_size=256,
+        listener="conv-pyramid",
+        listener_hidden=192,
+        listener_layers=3,
+        dropout=0.1,
+        attention_dim=128,
+        location_channels=10,
+        location_kernel=31,
+        speller_hidden=256,
+        speller_layers=1,
+        embedding_dim=64,
+    ),
+}
+
+
+@dataclass
+class EncoderOutput:
+    """Listener output for a batch, plus what every decoder step reuses."""
+
+    memory: torch.Tensor  # (B, T', D) listener output h
+    lengths: torch.Tensor  # (B,) valid frames of memory
+    ctc_log_probs: torch.Tensor | None  # (B, T', V) float32; None without a CTC head
+    keys: torch.Tensor  # (B, T', A) attention keys V h + b, computed once per utterance
+    mask: torch.Tensor  # (B, T') bool, True on valid frames
+
+    def repeat_interleave(self, beam: int) -> EncoderOutput:
+        """Each row `beam` times in a row: (B, ...) -> (B * beam, ...), row b * beam + k."""
+        return EncoderOutput(
+            memory=self.memory.repeat_interleave(beam, dim=0),
+            lengths=self.lengths.repeat_interleave(beam, dim=0),
+            ctc_log_probs=None
+            if self.ctc_log_probs is None
+            else self.ctc_log_probs.repeat_interleave(beam, dim=0),
+            keys=self.keys.repeat_interleave(beam, dim=0),
+            mask=self.mask.repeat_interleave(beam, dim=0),
+        )
+
+
+@dataclass
+class DecoderState:
+    """Speller state after consuming some prefix, one row per hypothesis."""
+
+    hidden: torch.Tensor  # (L, N, H) LSTM h
+    cell: torch.Tensor  # (L, N, H) LSTM c
+    context: torch.Tensor  # (N, D) last attention context, fed back as input (input feeding)
+    attention: torch.Tensor  # (N, T') last attention weights (location features; alignments)
+
+    def select(self, indices: torch.Tensor) -> DecoderState:
+        """Rows `indices` (N',) of this state, in that order -> a state with N' rows."""
+        return DecoderState(
+            hidden=self.hidden.index_select(1, indices),
+            cell=self.cell.index_select(1, indices),
+            context=self.context.index_select(0, indices),
+            attention=self.attention.index_select(0, indices),
+        )
+
+
+def add_sos_eos(
+    targets: torch.Tensor, target_lens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """targets (B, U) padded with anything beyond target_lens (B,) -> decoder input and output.
+
+    Returns ys_in (B, U' + 1) = [sos, y_1..y_n, eos...] (padding filled with eos, a valid
+    embedding index whose outputs are ignored) and ys_out (B, U' + 1) = [y_1..y_n, eos, -1...],
+    with U' = max(target_lens).
+    """
+    width = int(target_lens.max())
+    targets = targets[:, :width]
+    valid = lengths_to_mask(target_lens, width)  # (B, U')
+    sos = targets.new_full((targets.shape[0], 1), SOS_EOS_ID)
+    ys_in = torch.cat([sos, targets.masked_fill(~valid, SOS_EOS_ID)], dim=1)
+    ys_out = torch.cat([targets.masked_fill(~valid, -1), torch.full_like(sos, -1)], dim=1)
+    ys_out.scatter_(1, target_lens.unsqueeze(1).long(), SOS_EOS_ID)
+    return ys_in, ys_out
+
+
+class Listener(nn.Module):
+    """(B, T, F) features -> (B, T', 2 * listener_hidden), zero beyond each row's length.
+
+    "pyramid" maps n -> n // 8 frames, "conv-pyramid" n -> ((n - 7) // 4 + 1) // 2 (the conv
+    needs 7 frames per output), for the lengths and for the padded T alike. A trailing odd
+    frame before a pyramidal layer is dropped (see `stack_frame_pairs`).
+    """
+
+    def __init__(self, config: LASConfig) -> None:
+        super().__init__()
+        layers = config.listener_layers
+        self.subsampling: Subsampling | None
+        if config.listener == "pyramid":
+            self.subsampling = None
+            rnn_input = config.input_dim
+            reduce = [False] * (layers - 3) + [True] * 3
+        else:
+            self.subsampling = Subsampling("conv2d", config.input_dim, config.listener_hidden)
+            rnn_input = config.listener_hidden
+            # The first BiLSTM runs at 40 ms so the pyramid step merges learnt features
+            # rather than raw conv outputs (which would just be a wider conv stride).
+            reduce = [False, True] + [False] * (layers - 2)
+        self.rnn = PyramidalBiLSTM(rnn_input, config.listener_hidden, reduce, config.dropout)
+        self.output_dim = self.rnn.output_dim
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        if self.subsampling is not None:
+            lengths = self.subsampling.output_lengths(lengths)
+        return self.rnn.output_lengths(lengths)
+
+    def forward(
+        self, feats: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats: (B, T, F), lengths: (B,) -> (B, T', D), (B,)."""
+        out_lens = self.output_lengths(lengths)
+        if bool((out_lens < 1).any()):
+            shortest = int(lengths.min())
+            raise ValueError(
+                f"utterance of {shortest} feature frames is too short for the listener "
+                "(it leaves no frame after the x8 time reduction)"
+            )
+        if self.subsampling is not None:
+            feats, lengths = self.subsampling(feats, lengths)  # (B, T/4, H)
+        return self.rnn(feats, lengths)
+
+
+class Speller(nn.Module):
+    """Attention decoder: s_t = LSTM([emb(y_{t-1}); c_{t-1}], s_{t-1}), c_t = Attend(s_t, h),
+    P(y_t) = softmax(MLP([s_t; c_t])) (Chan et al. 2016, eqs. 4-6)."""
+
+    def __init__(self, config: LASConfig, memory_dim: int) -> None:
+        super().__init__()
+        hidden = config.speller_hidden
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
+        self.rnn = nn.LSTM(
+            config.embedding_dim + memory_dim,
+            hidden,
+            config.speller_layers,
+            dropout=config.dropout if config.speller_layers > 1 else 0.0,
+        )
+        self.attention = LocationAwareAttention(
+            hidden,
+            memory_dim,
+            config.attention_dim,
+            config.location_channels,
+            config.location_kernel,
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Sequential(
+            nn.Linear(hidden + memory_dim, hidden),
+            nn.Tanh(),
+            nn.Dropout(config.dropout),
+            nn.Linear(hidden, config.vocab_size),
+        )
+
+    def init_state(self, enc: EncoderOutput) -> DecoderState:
+        layers, hidden = self.rnn.num_layers, self.rnn.hidden_size
+        batch, _, dim = enc.memory.shape
+        zeros = enc.memory.new_zeros(layers, batch, hidden)
+        # Uniform previous weights (as ESPnet) give the location conv a neutral first input.
+        uniform = enc.mask.to(enc.memory.dtype) / enc.lengths.unsqueeze(1).to(enc.memory.dtype)
+        return DecoderState(zeros, zeros.clone(), enc.memory.new_zeros(batch, dim), uniform)
+
+    def advance(
+        self, enc: EncoderOutput, state: DecoderState, embedded: torch.Tensor
+    ) -> tuple[torch.Tensor, DecoderState]:
+        """One decoder step. embedded: (N, E) emb(y_{t-1}) -> ([s_t; c_t] (N, H + D), state)."""
+        x = torch.cat([embedded, state.context], dim=1).unsqueeze(0)  # (1, N, E + D)
+        out, (hidden, cell) = self.rnn(x, (state.hidden, state.cell))
+        query = self.dropout(out[0])  # (N, H)
+        context, weights = self.attention(query, enc.memory, enc.keys, enc.mask, state.attention)
+        return torch.cat([query, context], dim=1), DecoderState(hidden, cell, context, weights)
+
+
+class LAS(nn.Module):
+    """Listen, Attend and Spell; see the module docstring for the decoding interface."""
+
+    def __init__(self, config: LASConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.listener = Listener(config)
+        self.speller = Speller(config, self.listener.output_dim)
+        self.ctc: nn.Linear | None = (
+            nn.Linear(self.listener.output_dim, config.vocab_size)
+            if config.ctc_weight > 0
+            else None
+        )
+        self.scheduled_sampling = config.scheduled_sampling
+
+    def encode(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> EncoderOutput:
+        """feats: (B, T, F), feat_lens: (B,) -> listener output and attention keys."""
+        memory, lengths = self.listener(feats, feat_lens)  # (B, T', D), (B,)
+        lengths = lengths.to(memory.device)  # callers may keep feat_lens on the CPU
+        ctc_log_probs = None
+        if self.ctc is not None:
+            ctc_log_probs = self.ctc(memory).float().log_softmax(dim=-1)  # (B, T', V)
+        return EncoderOutput(
+            memory=memory,
+            lengths=lengths,
+            ctc_log_probs=ctc_log_probs,
+            keys=self.speller.attention.keys(memory),
+            mask=lengths_to_mask(lengths, memory.shape[1]),
+        )
+
+    def init_state(self, enc: EncoderOutput) -> DecoderState:
+        """State before the first `step` (which takes sos): zero LSTM state and context."""
+        return self.speller.init_state(enc)
+
+    def step(
+        self, enc: EncoderOutput, state: DecoderState, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, DecoderState]:
+        """tokens: (N,) previous tokens (sos first) -> log-probs of the next (N, V) float32.
+
+        `enc` and `state` must have N rows (use `repeat_interleave` / `select` for beams).
+        """
+        features, state = self.speller.advance(enc, state, self.speller.embedding(tokens))
+        return self.speller.output(features).float().log_softmax(dim=-1), state
+
+    def teacher_forced_logits(self, enc: EncoderOutput, ys_in: torch.Tensor) -> torch.Tensor:
+        """ys_in: (B, S) decoder inputs from `add_sos_eos` -> logits (B, S, V).
+
+        In training mode with `scheduled_sampling` > 0, each row feeds back its own previous
+        argmax instead of ys_in[:, t] with that probability, step by step.
+        """
+        batch = ys_in.shape[0]
+        embedded = self.speller.embedding(ys_in)  # (B, S, E), one lookup for the whole batch
+        sampling = self.training and self.scheduled_sampling > 0
+        state = self.init_state(enc)
+        features: list[torch.Tensor] = []  # (B, H + D) per step
+        # unbind: one backward op for all steps (indexing would zero-fill (B, S, E) per step)
+        for t, inputs in enumerate(embedded.unbind(1)):
+            if sampling and t > 0:
+                with torch.no_grad():
+                    predicted = self.speller.output(features[-1]).argmax(dim=-1)  # (B,)
+                use_own = torch.rand(batch, device=ys_in.device) < self.scheduled_sampling
+                inputs = torch.where(
+                    use_own.unsqueeze(1), self.speller.embedding(predicted), inputs
+                )
+            out, state = self.speller.advance(enc, state, inputs)
+            features.append(out)
+        # The output MLP runs once over all steps: one large matmul instead of S small ones.
+        return self.speller.output(torch.stack(features, dim=1))  # (B, S, V)
+
+    def forward(
+        self,
+        feats: torch.Tensor,
+        feat_lens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        target_lens: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """feats: (B, T, F), feat_lens: (B,), targets: (B, U) padded with -1, target_lens: (B,).
+
+        Both loss terms are summed over an utterance and averaged over the batch (as ESPnet):
+        the attention cross-entropy over its U + 1 outputs (eos included; label smoothing), the
+        CTC loss over its alignment. Long utterances therefore weigh more, as they would if the
+        batch were one long utterance, and the two terms stay on the same scale.
+        """
+        if (targets is None) != (target_lens is None):
+            raise ValueError("pass targets and target_lens together, or neither")
+        enc = self.encode(feats, feat_lens)
+        if targets is None or target_lens is None:
+            return ModelOutput(loss=None, log_probs=enc.ctc_log_probs, out_lens=enc.lengths)
+        batch = feats.shape[0]
+        weight = self.config.ctc_weight
+        metrics: dict[str, float] = {}
+        loss = feats.new_zeros((), dtype=torch.float32)
+        if enc.ctc_log_probs is not None:
+            width = int(target_lens.max())
+            ctc_loss = (
+                F.ctc_loss(
+                    enc.ctc_log_probs.transpose(0, 1),  # (T', B, V)
+                    targets[:, :width].clamp(min=0),
+                    enc.lengths,
+                    target_lens,
+                    blank=BLANK_ID,
+                    reduction="sum",
+                    zero_infinity=True,  # an utterance too short for its transcript adds 0
+                )
+                / batch
+            )
+            loss = loss + weight * ctc_loss
+            metrics["ctc_loss"] = float(ctc_loss.detach())
+        if weight < 1.0:
+            ys_in, ys_out = add_sos_eos(targets, target_lens)
+            logits = self.teacher_forced_logits(enc, ys_in).float()  # (B, U + 1, V)
+            att_loss = (
+                F.cross_entropy(
+                    logits.flatten(0, 1),
+                    ys_out.flatten(),
+                    ignore_index=-1,
+                    label_smoothing=self.config.label_smoothing,
+                    reduction="sum",
+                )
+                / batch
+            )
+            loss = loss + (1.0 - weight) * att_loss
+            valid = ys_out >= 0
+            correct = (logits.detach().argmax(dim=-1) == ys_out) & valid
+            metrics["att_loss"] = float(att_loss.detach())
+            metrics["att_acc"] = float(correct.sum()) / max(int(valid.sum()), 1)
+        return ModelOutput(
+            loss=loss, log_probs=enc.ctc_log_probs, out_lens=enc.lengths, metrics=metrics
+        )
+
+    @torch.no_grad()
+    def greedy_decode(
+        self, feats: torch.Tensor, feat_lens: torch.Tensor, max_len_ratio: float = 2.0
+    ) -> list[list[int]]:
+        """Batched argmax decoding through `step`; call `eval()` first.
+
+        Each hypothesis ends at eos (not included) or after ceil(max_len_ratio * T'_b) tokens,
+        T'_b its encoder frames (80 ms each: 2.0 leaves room for ~25 characters per second).
+        """
+        enc = self.encode(feats, feat_lens)
+        max_lens = (enc.lengths.double() * max_len_ratio).ceil().long().clamp(min=1)  # (B,)
+        state = self.init_state(enc)
+        tokens = enc.lengths.new_full(enc.lengths.shape, SOS_EOS_ID)  # (B,)
+        finished = torch.zeros_like(tokens, dtype=torch.bool)
+        outputs: list[torch.Tensor] = []
+        for t in range(int(max_lens.max())):
+            log_probs, state = self.step(enc, state, tokens)
+            tokens = log_probs.argmax(dim=-1)
+            outputs.append(tokens)
+            finished |= (tokens == SOS_EOS_ID) | (max_lens <= t + 1)
+            if bool(finished.all()):
+                break
+        rows = torch.stack(outputs, dim=1).tolist()  # (B, steps)
+        hyps = []
+        for row, limit in zip(rows, max_lens.tolist(), strict=True):
+            row = row[:limit]
+            hyps.append(row[: row.index(SOS_EOS_ID)] if SOS_EOS_ID in row else row)
+        return hyps
+
+
+def las(config: LASConfig) -> LAS:
+    """Build a LAS model from its config (e.g. `las(replace(PRESETS[name], vocab_size=V))`)."""
+    return LAS(config)

@@ -1,0 +1,80 @@
+"""x4 time subsampling in front of recurrent encoders: a 2-layer strided conv, or frame stacking.
+
+Neither pads in time, so output frame t depends only on input frames
+[t * stride, t * stride + receptive_field): a streaming caller that buffers feature frames and
+feeds complete windows gets exactly the offline output (see `SubsamplingStream`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+SubsamplingKind = Literal["conv2d", "stack"]
+
+
+class Subsampling(nn.Module):
+    """(B, T, F) features -> (B, T', D) with T' = (T - receptive_field) // 4 + 1."""
+
+    stride = 4
+
+    def __init__(
+        self, kind: SubsamplingKind, input_dim: int, output_dim: int, channels: int = 32
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "conv2d":
+            # Two 3x3 stride-2 convs: 7 input frames per output frame.
+            self.receptive_field = 7
+            self.conv: nn.Module = nn.Sequential(
+                nn.Conv2d(1, channels, 3, stride=2),
+                nn.ReLU(),
+                nn.Conv2d(channels, channels, 3, stride=2),
+                nn.ReLU(),
+            )
+            freq = ((input_dim - 3) // 2 + 1 - 3) // 2 + 1
+            self.out = nn.Linear(channels * freq, output_dim)
+        elif kind == "stack":
+            self.receptive_field = 4
+            self.conv = nn.Identity()
+            self.out = nn.Linear(4 * input_dim, output_dim)
+        else:
+            raise ValueError(f"unknown subsampling {kind!r}; choose conv2d or stack")
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Valid output frames for (B,) valid input frames."""
+        return ((lengths - self.receptive_field).div(self.stride, rounding_mode="floor") + 1).clamp(
+            min=0
+        )
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, F), lengths: (B,) -> (B, T', D), (B,)."""
+        batch, frames, _ = x.shape
+        out_frames = max((frames - self.receptive_field) // self.stride + 1, 0)
+        if out_frames == 0:  # shorter than one window (the conv would refuse the input)
+            return x.new_zeros(batch, 0, self.out.out_features), self.output_lengths(lengths)
+        if self.kind == "conv2d":
+            y = self.conv(x.unsqueeze(1))  # (B, C, T', F')
+            y = y.transpose(1, 2).flatten(2)  # (B, T', C * F')
+        else:
+            y = x[:, : out_frames * self.stride].reshape(batch, out_frames, -1)  # (B, T', 4F)
+        return self.out(y), self.output_lengths(lengths)
+
+
+class SubsamplingStream:
+    """Feeds a `Subsampling` chunk by chunk; outputs concatenate to the offline output."""
+
+    def __init__(self, module: Subsampling) -> None:
+        self.module = module
+        self._buffer: torch.Tensor | None = None  # (1, T_buffered, F)
+
+    def accept(self, feats: torch.Tensor) -> torch.Tensor:
+        """feats: (1, T, F) new frames -> (1, T', D) newly complete output frames."""
+        buf = feats if self._buffer is None else torch.cat([self._buffer, feats], dim=1)
+        n = max((buf.shape[1] - self.module.receptive_field) // self.module.stride + 1, 0)
+        used = (n - 1) * self.module.stride + self.module.receptive_field if n else 0
+        out, _ = self.module(buf[:, :used], torch.tensor([used]))
+        self._buffer = buf[:, n * self.module.stride :]  # overlap of later windows
+        return out
