@@ -7,19 +7,31 @@ stderr naming the input and exit status 2; partial failures (some files bad) exi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from asr.bundle import load_model
 from asr.data import synth
 from asr.data.dataset import manifest_cmvn
 from asr.data.librispeech import prepare
 from asr.data.manifest import read_manifest
+from asr.evaluation import evaluate
 from asr.features import FeatureConfig
+from asr.models import MODELS, model_config
 from asr.text import normalize_text
 from asr.tokenizer import KINDS, Tokenizer
+from asr.training.config import PRESETS as TRAIN_PRESETS
+from asr.training.config import TrainConfig
+from asr.training.export import export_experiment
+from asr.training.trainer import Experiment, Trainer, TrainingInterrupted
 
 
 def _default_jobs() -> int:
@@ -104,6 +116,153 @@ def _run_cmvn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_overrides(items: list[str], what: str) -> dict[str, Any]:
+    """`KEY=VALUE` pairs; VALUE is read as JSON when it parses (numbers, true, null), else text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} override {item!r} is not KEY=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exp-dir", required=True, type=Path, help="checkpoints, logs; resumes here")
+    p.add_argument("--model", required=True, choices=sorted(MODELS))
+    p.add_argument("--preset", required=True, help="model and training preset, e.g. cpu-small")
+    p.add_argument("--train", required=True, type=Path, help="training manifest (JSONL)")
+    p.add_argument("--dev", required=True, type=Path, help="validation manifest (JSONL)")
+    p.add_argument("--tokenizer", required=True, type=Path)
+    p.add_argument("--cmvn", required=True, type=Path)
+    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="training config field"
+    )
+    p.add_argument(
+        "--model-set", action="append", default=[], metavar="KEY=VALUE", help="model config field"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    tokenizer = Tokenizer.load(args.tokenizer)
+    overrides = _parse_overrides(args.set, "training")
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.preset not in TRAIN_PRESETS:
+        raise ValueError(
+            f"unknown preset {args.preset!r}; choose one of {', '.join(TRAIN_PRESETS)}"
+        )
+    train_config = TrainConfig.from_dict(TRAIN_PRESETS[args.preset].to_dict() | overrides)
+    model_overrides = {"vocab_size": tokenizer.vocab_size} | _parse_overrides(
+        args.model_set, "model"
+    )
+    config = model_config(args.model, args.preset, **model_overrides)
+    experiment = Experiment(
+        model_type=args.model,
+        model_config=config.to_dict(),
+        train=train_config,
+        train_manifest=str(args.train.resolve()),
+        dev_manifest=str(args.dev.resolve()),
+        preset=args.preset,
+    )
+    trainer = Trainer(
+        args.exp_dir,
+        experiment,
+        args.tokenizer,
+        args.cmvn,
+        device=args.device,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    try:
+        trainer.train(max_steps=args.max_steps)
+    except TrainingInterrupted as err:
+        print(f"asr train: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exp-dir", required=True, type=Path)
+    p.add_argument("--average", type=int, default=1, help="average the last N checkpoints")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    out = export_experiment(args.exp_dir, args.out, average=args.average)
+    dev = json.loads((out / "config.json").read_text())["results"]["dev"]
+    print(
+        f"{out}: bundle written; dev WER {dev['wer']:.2f} %, CER {dev['cer']:.2f} % "
+        f"({dev['utterances']} utterances, greedy)"
+    )
+    return 0
+
+
+def _add_decode(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="bundle directory")
+    p.add_argument("--manifest", required=True, type=Path, help="JSONL manifest to transcribe")
+    p.add_argument("--out", required=True, type=Path, help="directory for hyps.tsv and wer.json")
+    p.add_argument("--name", help="test set name in --results (default: manifest file stem)")
+    p.add_argument("--results", type=Path, help="results.json to add this test set to")
+    p.add_argument("--device", default="cpu")
+
+
+def _run_decode(args: argparse.Namespace) -> int:
+    bundle = load_model(args.model, device=args.device)
+    utterances = read_manifest(args.manifest)
+    start = time.time()
+    result = evaluate(
+        bundle.model,
+        bundle.model_type,
+        utterances,
+        bundle.tokenizer,
+        bundle.feature_config,
+        bundle.cmvn,
+        torch.device(args.device),
+    )
+    seconds = time.time() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "hyps.tsv").open("w") as f:
+        f.write("id\treference\thypothesis\n")
+        for utt in utterances:
+            f.write(f"{utt.id}\t{utt.text}\t{result.hypotheses[utt.id]}\n")
+    summary = result.rates.to_dict() | {
+        "method": "greedy",
+        "manifest": str(args.manifest),
+        "decode_seconds": round(seconds, 2),
+    }
+    (args.out / "wer.json").write_text(json.dumps(summary, indent=2) + "\n")
+    name = args.name or args.manifest.stem
+    if args.results is not None:
+        _add_results(args.results, bundle.config, name, summary)
+    print(
+        f"{name}: WER {result.rates.wer:.2f} % CER {result.rates.cer:.2f} % "
+        f"({result.rates.utterances} utterances, greedy, {seconds:.1f} s)"
+    )
+    return 0
+
+
+def _add_results(path: Path, config: dict[str, Any], name: str, summary: dict[str, Any]) -> None:
+    """Merge one test set's numbers into a recipe's results.json."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    training = config["training"]
+    results.update(
+        model=config["model"]["type"],
+        preset=config["model"].get("preset") or training["experiment"]["model"].get("preset"),
+        data=training["experiment"]["data"]["train"],
+        parameters=config["model"]["parameters"],
+        train_hours=training["train_hours"],
+    )
+    results.setdefault("tests", {})[name] = summary
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -120,6 +279,9 @@ COMMANDS: dict[str, Command] = {
         "train a sentencepiece tokenizer on manifest text", _add_tokenizer, _run_tokenizer
     ),
     "cmvn": Command("global CMVN statistics over a manifest", _add_cmvn, _run_cmvn),
+    "train": Command("train a model (run under torchrun for DDP)", _add_train, _run_train),
+    "export": Command("write a model bundle from an experiment", _add_export, _run_export),
+    "decode": Command("transcribe a manifest with a bundle and score it", _add_decode, _run_decode),
 }
 
 

@@ -1,0 +1,143 @@
+"""Model bundles: the self-describing directory that export writes and the server and CLI load.
+
+    config.json        model type and config, features, tokenizer, decoding defaults,
+                       training provenance and dev results
+    model.safetensors  weights (safetensors: loading never unpickles anything)
+    tokenizer.model    sentencepiece model
+    cmvn.json          global feature normalisation
+
+Loading rebuilds the model from config.json alone; no training code or flags are involved.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from asr.features import CMVN, FeatureConfig
+from asr.models import build_model, count_parameters
+from asr.tokenizer import Tokenizer
+
+FORMAT = "asr-bundle"
+FORMAT_VERSION = 1
+FILES = ("config.json", "model.safetensors", "tokenizer.model", "cmvn.json")
+
+
+class BundleError(ValueError):
+    """A bundle directory is missing files or holds something we cannot load."""
+
+
+@dataclass
+class Bundle:
+    """A loaded model with everything needed to turn audio into text."""
+
+    path: Path
+    model_type: str
+    model: nn.Module
+    tokenizer: Tokenizer
+    cmvn: CMVN
+    feature_config: FeatureConfig
+    config: dict[str, Any]  # the whole config.json
+
+
+def git_commit() -> str:
+    """The source revision, recorded as provenance (\"unknown\" outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+def write_bundle(
+    out_dir: str | Path,
+    *,
+    model_type: str,
+    model_config: dict[str, Any],
+    weights: dict[str, torch.Tensor],
+    tokenizer: Tokenizer,
+    cmvn: CMVN,
+    feature_config: FeatureConfig,
+    training: dict[str, Any],
+    results: dict[str, Any],
+    decoding: dict[str, Any] | None = None,
+) -> Path:
+    """Write a bundle; the weights are checked to load into the rebuilt model first."""
+    model = build_model(model_type, model_config)
+    model.load_state_dict(weights)  # fail before writing anything if they do not match
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared or non-contiguous storage; clone into plain tensors.
+    save_file({k: v.detach().contiguous().clone() for k, v in weights.items()}, out / FILES[1])
+    tokenizer.save(out / FILES[2])
+    cmvn.save(out / FILES[3])
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {
+            "type": model_type,
+            "config": model_config,
+            "parameters": count_parameters(model),
+        },
+        "features": asdict(feature_config),
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
+        "decoding": decoding or {},
+        "training": {
+            **training,
+            "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "exported_by_commit": git_commit(),
+        },
+        "results": results,
+    }
+    (out / FILES[0]).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """Load a bundle directory written by `asr export`; the model is in eval mode."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root}: model bundle directory not found")
+    missing = [name for name in FILES if not (root / name).is_file()]
+    if missing:
+        raise BundleError(f"{root}: not a model bundle (missing {', '.join(missing)})")
+    try:
+        config = json.loads((root / FILES[0]).read_text())
+    except ValueError as err:
+        raise BundleError(f"{root / FILES[0]}: invalid JSON ({err})") from err
+    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{root}: unsupported bundle format {config.get('format')!r} "
+            f"version {config.get('format_version')!r} (expected {FORMAT} {FORMAT_VERSION})"
+        )
+    try:
+        model_type = config["model"]["type"]
+        model = build_model(model_type, config["model"]["config"])
+        model.load_state_dict(load_file(str(root / FILES[1]), device=str(device)))
+        feature_config = FeatureConfig.from_dict(config["features"])
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise BundleError(f"{root}: cannot rebuild the model ({err})") from err
+    model.to(device).eval()
+    return Bundle(
+        path=root,
+        model_type=model_type,
+        model=model,
+        tokenizer=Tokenizer.load(root / FILES[2]),
+        cmvn=CMVN.load(root / FILES[3]),
+        feature_config=feature_config,
+        config=config,
+    )

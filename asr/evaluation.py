@@ -1,0 +1,63 @@
+"""Scoring a model on a manifest: greedy transcripts, loss, WER/CER."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from asr.data.dataset import SpeechDataset, collate
+from asr.data.manifest import Utterance
+from asr.data.sampler import BucketingBatchSampler
+from asr.features import CMVN, FeatureConfig
+from asr.metrics import ErrorRates, error_rates
+from asr.models import greedy_decode
+from asr.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    hypotheses: dict[str, str]  # utterance id -> transcript
+    loss: float  # mean per batch (the training objective)
+    rates: ErrorRates
+
+    def summary(self) -> dict[str, float]:
+        return {"valid_loss": self.loss} | self.rates.to_dict()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    model_type: str,
+    utterances: list[Utterance],
+    tokenizer: Tokenizer,
+    feature_config: FeatureConfig,
+    cmvn: CMVN,
+    device: torch.device,
+    *,
+    max_frames: int = 20_000,
+) -> Evaluation:
+    """Greedy-decode every utterance (no augmentation), with loss and corpus WER/CER."""
+    model.eval()
+    data = SpeechDataset(utterances, tokenizer, feature_config, cmvn)
+    # Every utterance is scored: one longer than the budget simply forms a batch of its own.
+    sampler = BucketingBatchSampler(
+        [min(n, max_frames) for n in data.num_frames], max_frames=max_frames, shuffle=False
+    )
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate)
+    loss, batches = 0.0, 0
+    hyps: dict[str, str] = {}
+    for batch in loader:
+        b = batch.to(device)
+        out = model(b.feats, b.feat_lens, b.targets, b.target_lens)
+        if out.loss is not None and torch.isfinite(out.loss):
+            loss += float(out.loss)
+            batches += 1
+        decoded = greedy_decode(model_type, model, b.feats, b.feat_lens)
+        for utt_id, ids in zip(batch.ids, decoded, strict=True):
+            hyps[utt_id] = tokenizer.decode(ids)
+    refs = [u.text for u in utterances]
+    rates = error_rates(refs, [hyps[u.id] for u in utterances])
+    return Evaluation(hyps, loss / max(batches, 1), rates)

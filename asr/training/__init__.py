@@ -1,0 +1,1 @@
+"""Training: configuration, the loop (AMP, DDP, checkpoints, exact resume) and export."""

@@ -1,0 +1,70 @@
+"""Experiment directory -> model bundle: average the last N checkpoints, score on dev, write."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asr.bundle import write_bundle
+from asr.data.manifest import read_manifest
+from asr.evaluation import evaluate
+from asr.features import CMVN
+from asr.models import build_model
+from asr.tokenizer import Tokenizer
+from asr.training import checkpoint as ckpt
+from asr.training.trainer import Experiment
+
+
+def export_experiment(exp_dir: str | Path, out_dir: str | Path, *, average: int = 1) -> Path:
+    """Write a bundle from the newest `average` checkpoints of `exp_dir`, with dev results of
+    the averaged weights (so the bundle's numbers describe exactly what it contains)."""
+    exp_path = Path(exp_dir)
+    found = ckpt.list_checkpoints(exp_path)
+    if not found:
+        raise FileNotFoundError(f"{exp_path}: no checkpoints to export")
+    if average < 1:
+        raise ValueError(f"--average must be >= 1, got {average}")
+    chosen = found[-average:]
+    newest = ckpt.load(chosen[-1])
+    experiment = Experiment.from_dict(json.loads(newest["experiment"]))
+    weights = ckpt.average_models(chosen)
+    tokenizer = Tokenizer.load(exp_path / "tokenizer.model")
+    cmvn = CMVN.load(exp_path / "cmvn.json")
+
+    model = build_model(experiment.model_type, experiment.model_config)
+    model.load_state_dict(weights)
+    dev = read_manifest(experiment.dev_manifest)
+    dev_eval = evaluate(
+        model,
+        experiment.model_type,
+        dev,
+        tokenizer,
+        experiment.feature_config,
+        cmvn,
+        torch.device("cpu"),
+        max_frames=experiment.train.max_frames,
+    )
+    results: dict[str, Any] = {"dev": dev_eval.summary() | {"manifest": experiment.dev_manifest}}
+    train_utts = read_manifest(experiment.train_manifest)
+    training = {
+        "experiment": experiment.to_dict(),
+        "checkpoints_averaged": [p.name for p in chosen],
+        "steps": int(newest["step"]),
+        "epochs_completed": int(newest["epoch"]),
+        "train_hours": round(sum(u.duration for u in train_utts) / 3600, 3),
+        "history": json.loads(newest["history"]),
+    }
+    return write_bundle(
+        out_dir,
+        model_type=experiment.model_type,
+        model_config=experiment.model_config,
+        weights=weights,
+        tokenizer=tokenizer,
+        cmvn=cmvn,
+        feature_config=experiment.feature_config,
+        training=training,
+        results=results,
+    )
