@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# LibriSpeech recipe: BiLSTM-CTC or Listen-Attend-Spell with sentencepiece units.
+# Works unchanged on any corpus in the LibriSpeech layout (see ../synthetic/run.sh).
+#
+# Usage:
+#   recipes/librispeech/run.sh --data-root /data/LibriSpeech --model ctc --preset librispeech-100h --ngpu 4
+#   recipes/librispeech/run.sh --data-root /data/LibriSpeech --model las --preset librispeech-960h \
+#       --train-sets train-clean-100,train-clean-360,train-other-500 --vocab-size 5000 --ngpu 8
+#   recipes/librispeech/run.sh ... --stage 3 --stop-stage 3      # one stage only
+#
+# Stages (each is one command; they are printed as they run, copy them to run by hand):
+#   0 prepare    asr prepare --librispeech-root ROOT --subsets SETS --out DATA/manifests
+#   1 tokenizer  asr tokenizer --manifest DATA/manifests/train.jsonl --kind unigram --vocab-size V --out DATA/tokenizer.model
+#   2 cmvn       asr cmvn --manifest DATA/manifests/train.jsonl --out DATA/cmvn.json
+#   3 train      torchrun --nproc_per_node=NGPU -m asr.cli train --exp-dir EXP --model M --preset P ...
+#   4 export     asr export --exp-dir EXP --average N --out EXP/bundle
+#   5 decode     asr decode --model EXP/bundle --manifest DATA/manifests/TEST.jsonl --out EXP/decode/TEST
+#                (greedy WER/CER per test set, collected in EXP/results.json)
+# Export comes before decode so the numbers are those of the bundle users get.
+set -euo pipefail
+
+stage=0
+stop_stage=100
+data_root=
+model=ctc
+preset=librispeech-100h
+ngpu=0                      # 0: one process (CPU or one GPU); N: torchrun over N GPUs (DDP)
+train_sets=train-clean-100
+dev_set=dev-clean
+test_sets=test-clean,test-other
+tokenizer_kind=unigram
+vocab_size=300
+data_dir=data
+exp_dir=
+average=5
+jobs=$(nproc)
+train_args=()               # extra `asr train` arguments after --, e.g. -- --set lr=5e-4
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --stage) stage=$2; shift 2 ;;
+    --stop-stage) stop_stage=$2; shift 2 ;;
+    --data-root) data_root=$2; shift 2 ;;
+    --model) model=$2; shift 2 ;;
+    --preset) preset=$2; shift 2 ;;
+    --ngpu) ngpu=$2; shift 2 ;;
+    --train-sets) train_sets=$2; shift 2 ;;
+    --dev-set) dev_set=$2; shift 2 ;;
+    --test-sets) test_sets=$2; shift 2 ;;
+    --tokenizer-kind) tokenizer_kind=$2; shift 2 ;;
+    --vocab-size) vocab_size=$2; shift 2 ;;
+    --data-dir) data_dir=$2; shift 2 ;;
+    --exp-dir) exp_dir=$2; shift 2 ;;
+    --average) average=$2; shift 2 ;;
+    --jobs) jobs=$2; shift 2 ;;
+    --) shift; train_args=("$@"); break ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+exp_dir=${exp_dir:-exp/${model}_${preset}}
+manifests=$data_dir/manifests
+
+run() { echo "+ $*"; "$@"; }
+in_stage() { [[ $stage -le $1 && $stop_stage -ge $1 ]]; }
+
+if in_stage 0; then
+  [[ -n $data_root ]] || { echo "--data-root is required for stage 0" >&2; exit 2; }
+  run asr prepare --librispeech-root "$data_root" --subsets "$train_sets,$dev_set,$test_sets" \
+    --out "$manifests" --jobs "$jobs"
+  # Several training subsets train as one manifest.
+  IFS=, read -ra sets <<< "$train_sets"
+  for s in "${sets[@]}"; do cat "$manifests/$s.jsonl"; done > "$manifests/train.jsonl"
+fi
+
+if in_stage 1; then
+  run asr tokenizer --manifest "$manifests/train.jsonl" --kind "$tokenizer_kind" \
+    --vocab-size "$vocab_size" --out "$data_dir/tokenizer.model"
+fi
+
+if in_stage 2; then
+  run asr cmvn --manifest "$manifests/train.jsonl" --out "$data_dir/cmvn.json" --jobs "$jobs"
+fi
+
+if in_stage 3; then
+  launcher=(asr)
+  if [[ $ngpu -gt 1 ]]; then launcher=(torchrun --standalone --nproc_per_node="$ngpu" -m asr.cli); fi
+  start=$(date +%s)
+  run "${launcher[@]}" train --exp-dir "$exp_dir" --model "$model" --preset "$preset" \
+    --train "$manifests/train.jsonl" --dev "$manifests/$dev_set.jsonl" \
+    --tokenizer "$data_dir/tokenizer.model" --cmvn "$data_dir/cmvn.json" "${train_args[@]}"
+  echo "train wall time: $(( $(date +%s) - start )) s" | tee "$exp_dir/train_time.txt"
+fi
+
+if in_stage 4; then
+  run asr export --exp-dir "$exp_dir" --average "$average" --out "$exp_dir/bundle"
+fi
+
+if in_stage 5; then
+  IFS=, read -ra tests <<< "$test_sets"
+  for t in "${tests[@]}"; do
+    run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$t.jsonl" \
+      --out "$exp_dir/decode/$t" --name "$t" --results "$exp_dir/results.json"
+  done
+  cat "$exp_dir/results.json"
+fi
