@@ -258,6 +258,7 @@ def _add_results(path: Path, config: dict[str, Any], name: str, summary: dict[st
         data=training["experiment"]["data"]["train"],
         parameters=config["model"]["parameters"],
         train_hours=training["train_hours"],
+        train_wall_seconds=training.get("wall_seconds"),
     )
     results.setdefault("tests", {})[name] = summary
     path.write_text(json.dumps(results, indent=2) + "\n")

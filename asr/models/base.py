@@ -7,9 +7,13 @@ One training loop serves every model because each one implements
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 import torch
+
+ConfigT = TypeVar("ConfigT")
 
 
 @dataclass
@@ -24,3 +28,12 @@ class ModelOutput:
     log_probs: torch.Tensor | None  # (B, T', V)
     out_lens: torch.Tensor  # (B,) valid frames of log_probs / encoder output
     metrics: dict[str, float] = field(default_factory=dict)  # loss parts, for logging only
+
+
+def config_from_dict(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
+    """Rebuild a config dataclass from `asdict` output, rejecting keys it does not have (a
+    bundle from a newer version must fail loudly, not drop settings silently)."""
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})  # type: ignore[arg-type]
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    return cls(**data)

@@ -25,14 +25,14 @@ loading the same state dict (the parameters do not depend on the mode).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asr.models.base import ModelOutput
+from asr.models.base import ModelOutput, config_from_dict
 from asr.models.subsampling import Subsampling, SubsamplingKind, SubsamplingStream
 
 RNNType = Literal["lstm", "gru"]
@@ -95,10 +95,7 @@ class BiLSTMCTCConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BiLSTMCTCConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown BiLSTMCTCConfig fields: {', '.join(sorted(unknown))}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 # Sizes follow published BiLSTM-CTC/BLSTMP encoders. Every preset trains in LC mode because the

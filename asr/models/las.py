@@ -23,7 +23,7 @@ gives at position u the log-probs the training loss scores for y_{u+1} (or eos).
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asr.models.base import ModelOutput
+from asr.models.base import ModelOutput, config_from_dict
 from asr.models.layers import LocationAwareAttention, PyramidalBiLSTM, lengths_to_mask
 from asr.models.subsampling import Subsampling
 from asr.tokenizer import BLANK_ID, SOS_EOS_ID
@@ -110,12 +110,8 @@ class LASConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LASConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LASConfig fields: {', '.join(unknown)}")
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> LASConfig:
+        return config_from_dict(cls, data)
 
 
 # Presets fill numbers only; set vocab_size from the tokenizer with `dataclasses.replace`.

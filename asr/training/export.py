@@ -54,6 +54,7 @@ def export_experiment(exp_dir: str | Path, out_dir: str | Path, *, average: int 
         "checkpoints_averaged": [p.name for p in chosen],
         "steps": int(newest["step"]),
         "epochs_completed": int(newest["epoch"]),
+        "wall_seconds": round(float(newest.get("train_seconds", 0.0)), 1),
         "train_hours": round(sum(u.duration for u in train_utts) / 3600, 3),
         "history": json.loads(newest["history"]),
     }

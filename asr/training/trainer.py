@@ -229,6 +229,8 @@ class Trainer:
         self.epoch = 0
         self.batches_done = 0  # of the current epoch, on this rank
         self.skipped_batches = 0
+        self.train_seconds = 0.0  # wall time spent in training, summed over resumed runs
+        self._started = time.time()
         self.history: list[dict[str, Any]] = []
         self._writer: SummaryWriter | None = None
 
@@ -298,6 +300,7 @@ class Trainer:
                 "step": self.step,
                 "epoch": self.epoch,
                 "skipped_batches": self.skipped_batches,
+                "train_seconds": self.train_seconds + time.time() - self._started,
                 "history": json.dumps(self.history),
                 "experiment": json.dumps(self.exp.to_dict()),
             }
@@ -329,6 +332,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.batches_done = self.sampler.start_batch
         self.skipped_batches = int(state["skipped_batches"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self.history = json.loads(state["history"])
         if self.dist.main:
             print(f"resumed from {found[-1]} (epoch {self.epoch}, step {self.step})")
@@ -374,6 +378,7 @@ class Trainer:
         checkpointing if SIGTERM/SIGINT arrives.
         """
         self.resume()
+        self._started = time.time()
         if self.dist.main:
             print(
                 f"{self.exp.model_type}: {count_parameters(self.model) / 1e6:.2f} M parameters, "

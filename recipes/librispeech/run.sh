@@ -33,6 +33,7 @@ vocab_size=300
 data_dir=data
 exp_dir=
 average=5
+epochs=                     # empty: the preset's
 jobs=$(nproc)
 train_args=()               # extra `asr train` arguments after --, e.g. -- --set lr=5e-4
 
@@ -52,6 +53,7 @@ while [[ $# -gt 0 ]]; do
     --data-dir) data_dir=$2; shift 2 ;;
     --exp-dir) exp_dir=$2; shift 2 ;;
     --average) average=$2; shift 2 ;;
+    --epochs) epochs=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
     --) shift; train_args=("$@"); break ;;
     -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
@@ -85,6 +87,7 @@ fi
 if in_stage 3; then
   launcher=(asr)
   if [[ $ngpu -gt 1 ]]; then launcher=(torchrun --standalone --nproc_per_node="$ngpu" -m asr.cli); fi
+  [[ -n $epochs ]] && train_args=(--epochs "$epochs" "${train_args[@]}")
   start=$(date +%s)
   run "${launcher[@]}" train --exp-dir "$exp_dir" --model "$model" --preset "$preset" \
     --train "$manifests/train.jsonl" --dev "$manifests/$dev_set.jsonl" \

@@ -29,6 +29,7 @@ train_sentences=600         # sentences per training voice (0: all)
 max_words=24                # shorter sentences train faster on CPU
 jobs=$(nproc)
 vocab_size=128
+epochs=                     # empty: the cpu-small preset's
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -43,6 +44,7 @@ while [[ $# -gt 0 ]]; do
     --max-words) max_words=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
     --vocab-size) vocab_size=$2; shift 2 ;;
+    --epochs) epochs=$2; shift 2 ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -91,6 +93,6 @@ for m in "${models[@]}"; do
       --data-root "$corpus" --train-sets train-synth --dev-set dev-synth \
       --test-sets heldout-sentences,heldout-voice --model "$m" --preset cpu-small \
       --vocab-size "$vocab_size" --data-dir "$work/data" --exp-dir "$work/exp/$m" \
-      --average 3 --jobs "$jobs"
+      --average 3 --jobs "$jobs" ${epochs:+--epochs "$epochs"}
   fi
 done
