@@ -48,7 +48,7 @@ class BiLSTMCTCConfig:
 
     input_dim: int = 80  # feature bins
     vocab_size: int = 256  # CTC outputs, blank (id 0) included
-    subsampling: SubsamplingKind = "conv2d"
+    subsampling: SubsamplingKind = "stack"
     subsampling_channels: int = 32  # conv2d only
     hidden_size: int = 320  # per direction
     num_layers: int = 4
@@ -103,11 +103,15 @@ class BiLSTMCTCConfig:
 # offline model use `replace(preset, chunk_size=0, right_context=0)`. At 40 ms per frame,
 # cpu-small's Nc=16 / Nr=8 is 640 ms chunks with 320 ms look-ahead; the LibriSpeech presets
 # take 960 ms / 480 ms, trading latency for context (and fewer, larger blocks on a GPU).
+#
+# Subsampling is frame stacking in every preset: on the synthetic corpus the conv2d front end
+# (16-64 channels) kept the model on the CTC "all blank" plateau for hundreds of steps that
+# stacking leaves within ~100 (6 utterances memorised in 150 Adam steps versus a loss still
+# at 130 after 200), and stacking costs a single matrix product.
 PRESETS: dict[str, BiLSTMCTCConfig] = {
     # Small enough to train on 2 CPU cores: tests, demos and small synthetic corpora.
     "cpu-small": BiLSTMCTCConfig(
         vocab_size=256,
-        subsampling_channels=16,
         hidden_size=192,
         num_layers=3,
         projection_size=256,
