@@ -6,9 +6,9 @@ against PyTorch's packed-sequence bidirectional LSTM (the peer), in the same run
 Each measurement is a full training step (forward, CTC/attention loss, backward, AdamW) on
 random features shaped like a bucketed batch: `--batch` utterances of about `--seconds` s with
 4 subword targets per second. Throughput is audio seconds per wall second (best of `--steps`
-after a warm-up step); peak memory is CUDA's allocator peak, or on CPU the growth of the
-process's peak RSS during the measurement. Also prints training FLOPs per audio second (torch's
-FLOP counter), which the recipe README turns into GPU-hour estimates.
+after a warm-up step); peak memory is CUDA's allocator peak, or on CPU the resident-set growth
+measured right after the forward pass. `--flops` also prints training FLOPs per audio second of
+every preset (counted from layer shapes), which the recipe README turns into GPU-hour estimates.
 
 Last line: `train ctc=<a> las=<b> audio_s_per_s packed_vs_padded=<r>x`
 """
@@ -19,11 +19,11 @@ import argparse
 import multiprocessing
 import resource
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from torch.utils.flop_counter import FlopCounterMode
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from asr.models import build_model, model_config
 from asr.models.base import ModelOutput
@@ -88,10 +88,12 @@ def _batch(
     return tuple(t.to(device) for t in (feats, lens, targets, target_lens))
 
 
-def _peak_bytes(device: torch.device) -> int:
+def _memory_bytes(device: torch.device) -> int:
+    """CUDA: the allocator's peak. CPU: the process's resident set now (sampled right after
+    the forward pass, when the activations kept for backward are all alive)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
 VOCAB = 128
@@ -120,22 +122,25 @@ def measure(variant: str, args: argparse.Namespace) -> tuple[float, float, float
     Runs in a fresh process (see main) so the CPU peak-RSS figure is this variant's alone.
     """
     device, vocab = torch.device(args.device), VOCAB
-    before = _peak_bytes(device)
+    before = _memory_bytes(device)
     model = _make(variant).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data = _batch(args.batch, args.seconds, vocab, device)
     audio = float(data[1].sum()) / FRAMES_PER_SECOND
 
+    peak = 0
+
     def step() -> None:
+        nonlocal peak
         out = model(*data)
         assert out.loss is not None
+        peak = max(peak, _memory_bytes(device))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:
-        step()  # warm-up, counted once
-    flops = counter.get_total_flops() / audio
+    step()  # warm-up
+    flops = training_flops(model, data) / audio
     best = float("inf")
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -143,30 +148,75 @@ def measure(variant: str, args: argparse.Namespace) -> tuple[float, float, float
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
-    peak = (_peak_bytes(device) - (0 if device.type == "cuda" else before)) / 2**20
-    return audio / best, peak, flops / 1e9
+    used = (peak - (0 if device.type == "cuda" else before)) / 2**20
+    return audio / best, used, flops / 1e9
 
 
-def preset_flops(seconds: float = 4.0) -> dict[tuple[str, str], float]:
-    """Training GFLOP per audio second of every preset (one 1-utterance step, CPU)."""
+def training_flops(model: nn.Module, data: tuple[torch.Tensor, ...]) -> float:
+    """Forward + backward FLOPs of one step, counted from the shapes each layer processes.
+
+    torch's FlopCounterMode misses the fused CPU LSTM kernels, so count matrix products by
+    hand: an LSTM/LSTMCell step is 2 * 4H * (D + H) multiply-adds per row, a Linear 2 * in * out,
+    a Conv2d 2 * C_in * k * k per output element; backward costs about twice the forward.
+    """
+    forward = 0.0
+
+    def lstm_hook(module: nn.Module, args: tuple[torch.Tensor, ...], _out: object) -> None:
+        nonlocal forward
+        assert isinstance(module, nn.LSTM | nn.LSTMCell)
+        x = args[0]
+        if isinstance(x, PackedSequence):  # the peer: rows are the real (unpadded) frames
+            rows = x.data.shape[0]
+        else:
+            rows = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+        hidden, inputs = int(module.hidden_size), int(module.input_size)
+        forward += 2 * 4 * hidden * (inputs + hidden) * rows
+
+    def linear_hook(module: nn.Module, args: tuple[torch.Tensor, ...], _out: object) -> None:
+        nonlocal forward
+        assert isinstance(module, nn.Linear)
+        forward += (
+            2 * module.in_features * module.out_features * args[0].numel() / module.in_features
+        )
+
+    def conv_hook(module: nn.Module, _args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal forward
+        assert isinstance(module, nn.Conv2d)
+        k = module.kernel_size[0] * module.kernel_size[1]
+        forward += 2 * module.in_channels * k * out.numel()
+
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, nn.LSTM | nn.LSTMCell):
+            hooks.append(module.register_forward_hook(lstm_hook))
+        elif isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_hook(linear_hook))
+        elif isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(conv_hook))
+    with torch.no_grad():
+        model(*data)
+    for hook in hooks:
+        hook.remove()
+    return 3 * forward
+
+
+def preset_flops(seconds: float = 8.0) -> dict[tuple[str, str], float]:
+    """Training GFLOP per audio second of every preset (a 1-utterance step, nothing run
+    backward: the count is from shapes)."""
     out = {}
     frames = int(seconds * FRAMES_PER_SECOND)
     units = int(seconds * TOKENS_PER_SECOND)
     for kind in ("ctc", "las"):
         for preset in ("cpu-small", "librispeech-100h", "librispeech-960h"):
-            model = build_model(kind, model_config(kind, preset).to_dict()).train()
-            vocab = model_config(kind, preset).vocab_size
+            config = model_config(kind, preset)
+            model = build_model(kind, config.to_dict()).train()
             data = (
                 torch.randn(1, frames, 80),
                 torch.tensor([frames]),
-                torch.randint(3, vocab, (1, units)),
+                torch.randint(3, config.vocab_size, (1, units)),
                 torch.tensor([units]),
             )
-            with FlopCounterMode(display=False) as counter:
-                loss = model(*data).loss
-                assert loss is not None
-                loss.backward()
-            out[(kind, preset)] = counter.get_total_flops() / seconds / 1e9
+            out[(kind, preset)] = training_flops(model, data) / seconds / 1e9
     return out
 
 

@@ -29,6 +29,7 @@ from asr.models.bilstm_ctc import (
 TINY = BiLSTMCTCConfig(
     input_dim=20,
     vocab_size=11,
+    subsampling="conv2d",
     subsampling_channels=4,
     hidden_size=16,
     num_layers=3,

@@ -41,6 +41,7 @@ from asr.training import checkpoint as ckpt
 from asr.training.config import TrainConfig
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_WINDOW_KEYS = {"loss", "utts", "audio", "batches", "start"}  # the loop's own counters
 
 
 class TrainingInterrupted(RuntimeError):
@@ -162,9 +163,9 @@ class Trainer:
         self.exp_dir = Path(exp_dir)
         self.exp = experiment
         self.cfg = experiment.train
-        device_type = "cuda" if (device or "").startswith("cuda") else (device or "cpu")
         if device is None:
-            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device_type = torch.device(device).type
         self.dist = _init_distributed(device_type)
         if device_type == "cuda":
             torch.cuda.set_device(self.dist.local_rank)
@@ -399,7 +400,8 @@ class Trainer:
         self.ddp.train()
         accum = self.cfg.accum_steps
         micro = 0
-        window = {"loss": 0.0, "utts": 0, "audio": 0.0, "batches": 0, "start": time.time()}
+        window: dict[str, float] = {"loss": 0.0, "utts": 0, "audio": 0.0, "batches": 0}
+        window["start"] = time.time()
         bar = tqdm(
             total=len(self.sampler) + self.batches_done,
             initial=self.batches_done,
@@ -427,6 +429,8 @@ class Trainer:
             window["utts"] += len(batch.ids)
             window["audio"] += float(batch.feat_lens.sum()) * self.exp.feature_config.hop_ms / 1e3
             window["batches"] += 1
+            for key, value in out.metrics.items():  # the model's loss parts, e.g. att_acc
+                window[key] = window.get(key, 0.0) + value
             if micro % accum:
                 continue
             micro = 0
@@ -464,14 +468,17 @@ class Trainer:
 
     def _log_window(self, window: dict[str, float], bar: tqdm) -> None:
         elapsed = max(time.time() - window["start"], 1e-9)
+        batches = max(window["batches"], 1)
+        parts = {k: v / batches for k, v in window.items() if k not in _WINDOW_KEYS}
         record = {
             "step": self.step,
             "epoch": self.epoch,
-            "loss": window["loss"] / max(window["batches"], 1),
+            "loss": window["loss"] / batches,
             "lr": self.scheduler.get_last_lr()[0],
             "utt_per_s": window["utts"] * self.dist.world / elapsed,
             "audio_s_per_s": window["audio"] * self.dist.world / elapsed,
             "skipped_batches": self.skipped_batches,
+            **parts,
         }
         bar.set_postfix(
             loss=f"{record['loss']:.3f}",
@@ -479,6 +486,7 @@ class Trainer:
             utt_s=f"{record['utt_per_s']:.1f}",
         )
         self._log(record)
+        window.clear()
         window.update(loss=0.0, utts=0, audio=0.0, batches=0, start=time.time())
 
     def _end_epoch(self) -> None:
