@@ -357,3 +357,22 @@ def test_run_writes_corpus_and_summary(tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert out.startswith("train-synth: 2 utterances (2 written, 0 skipped, 0 failed), 0.00 h")
     assert len(list((tmp_path / "train-synth").rglob("*.flac"))) == 2
+
+
+@needs_engines
+def test_voices_per_sentence_spreads_sentences_over_voices(tmp_path: Path) -> None:
+    sentences = [Sentence("THE CAT SAT"), Sentence("A DOG RAN"), Sentence("WE WENT OUT")]
+    report = synthesize_corpus(
+        sentences, VOICES, tmp_path, SUBSET, voices_per_sentence=1, progress=False
+    )
+    assert (report.written, report.failed) == (3, [])
+    spoken: dict[str, list[int]] = {}
+    for trans in (tmp_path / SUBSET).rglob("*.trans.txt"):
+        for line in trans.read_text().splitlines():
+            utt_id, text = line.split(" ", 1)
+            spoken.setdefault(text, []).append(int(utt_id.split("-")[0]))
+    assert sorted(spoken) == sorted(s.text for s in sentences)  # every sentence exactly once
+    assert all(len(speakers) == 1 for speakers in spoken.values())
+    assert len({s for speakers in spoken.values() for s in speakers}) == 2  # voices take turns
+    with pytest.raises(ValueError, match="voices per sentence must be in 1-2"):
+        synthesize_corpus(sentences, VOICES, tmp_path, SUBSET, voices_per_sentence=3)

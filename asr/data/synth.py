@@ -467,9 +467,14 @@ def _plan(
     ids: dict[int, Voice],
     subset_dir: Path,
     jitter: tuple[float, int],
+    per_sentence: int,
 ) -> Iterator[_Job]:
-    for speaker, voice in ids.items():
+    """Voice v speaks sentence i when (i - v) mod V < per_sentence: every sentence gets
+    `per_sentence` voices and the voices take turns, so each reads about the same amount."""
+    for v, (speaker, voice) in enumerate(ids.items()):
         for index, sentence in enumerate(sentences):
+            if (index - v) % len(ids) >= per_sentence:
+                continue
             utt_id, path = _utt_location(subset_dir, speaker, index)
             yield _Job(utt_id, sentence.text, jittered(voice, utt_id, *jitter), path)
 
@@ -537,9 +542,14 @@ def synthesize_corpus(
     jobs: int = 1,
     rate_jitter: float = 0.0,
     pitch_jitter: int = 0,
+    voices_per_sentence: int | None = None,
     progress: bool = True,
 ) -> SynthReport:
     """Have every voice speak the first `limit` sentences into ROOT/<subset> (see module doc).
+
+    `voices_per_sentence` < number of voices spreads the sentences over the voices instead:
+    more distinct sentences for the same amount of audio, which is what a model needs to
+    generalise to unseen words.
 
     Existing FLACs are skipped, so an interrupted run resumes where it stopped. Raises
     ValueError for bad arguments or colliding voices, and SynthError when a voice cannot speak
@@ -561,7 +571,13 @@ def synthesize_corpus(
     _merge_voices(subset_dir / "VOICES.TSV", ids)  # before any audio: catches id conflicts
     report = SynthReport(subset)
     pending = []
-    for job in _plan(chosen, ids, subset_dir, jitter):
+    per_sentence = len(ids) if voices_per_sentence is None else voices_per_sentence
+    if not 1 <= per_sentence <= len(ids):
+        raise ValueError(
+            f"voices per sentence must be in 1-{len(ids)} (the number of voices), "
+            f"got {per_sentence}"
+        )
+    for job in _plan(chosen, ids, subset_dir, jitter, per_sentence):
         if job.path.is_file():
             report.skipped += 1
             report.seconds += audio_duration(job.path)
@@ -650,6 +666,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pitch-jitter", type=int, default=0, help="per-utterance pitch change (0-99 scale)"
     )
     parser.add_argument(
+        "--voices-per-sentence",
+        type=int,
+        help="how many of the voices read each sentence (default: all), taking turns",
+    )
+    parser.add_argument(
         "--list-voices", action="store_true", help="print the available voice specs and exit"
     )
 
@@ -689,6 +710,7 @@ def run(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             rate_jitter=args.rate_jitter,
             pitch_jitter=args.pitch_jitter,
+            voices_per_sentence=args.voices_per_sentence,
             progress=sys.stderr.isatty(),
         )
     except (ValueError, SynthError) as err:

@@ -25,7 +25,8 @@ model=both
 work=$repo/exp/synthetic
 train_voices=espeak:en-us+m1,espeak:en-us+f1,espeak:en-gb+m3,espeak:en-us+m7,flite:slt,flite:awb,flite:rms
 heldout_voice=espeak:en-us+f3
-train_sentences=600         # sentences per training voice (0: all)
+train_sentences=600         # training sentences (0: all)
+voices_per_sentence=        # training voices reading each sentence (empty: all of them)
 max_words=24                # shorter sentences train faster on CPU
 jobs=$(nproc)
 vocab_size=128
@@ -41,6 +42,7 @@ while [[ $# -gt 0 ]]; do
     --train-voices) train_voices=$2; shift 2 ;;
     --heldout-voice) heldout_voice=$2; shift 2 ;;
     --train-sentences) train_sentences=$2; shift 2 ;;
+    --voices-per-sentence) voices_per_sentence=$2; shift 2 ;;
     --max-words) max_words=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
     --vocab-size) vocab_size=$2; shift 2 ;;
@@ -73,7 +75,8 @@ fi
 
 if in_stage 1; then
   run asr synth --text "$text_dir/train.txt" --voices "$train_voices" --out "$corpus" \
-    --subset train-synth --jobs "$jobs" --rate-jitter 0.1 --pitch-jitter 10
+    --subset train-synth --jobs "$jobs" --rate-jitter 0.1 --pitch-jitter 10 \
+    ${voices_per_sentence:+--voices-per-sentence "$voices_per_sentence"}
   run asr synth --text "$text_dir/dev.txt" --voices "$train_voices" --out "$corpus" \
     --subset dev-synth --jobs "$jobs"
   run asr synth --text "$text_dir/test.txt" --voices "$train_voices" --out "$corpus" \
