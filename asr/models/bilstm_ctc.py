@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asr.models.base import ModelOutput, config_from_dict
+from asr.models.layers import reversal_index
 from asr.models.subsampling import Subsampling, SubsamplingKind, SubsamplingStream
 
 RNNType = Literal["lstm", "gru"]
@@ -280,9 +281,7 @@ class BiLSTMCTC(nn.Module):
         length-bucketing sampler do not justify.
         """
         width = x.shape[1]
-        t = torch.arange(width, device=x.device)
-        valid = valid.to(x.device)[:, None]  # (B, 1)
-        reverse = torch.where(t < valid, valid - 1 - t, t)[:, :, None]  # (B, W, 1); an involution
+        reverse = reversal_index(valid, width, x.device)[:, :, None]  # (B, W, 1); an involution
         new_states = []
         for i, layer in enumerate(self._stack):
             state = None if states is None else states[i]  # (S, B, H)

@@ -33,14 +33,20 @@ def stack_frame_pairs(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Ten
     )
 
 
+def reversal_index(lengths: torch.Tensor, frames: int, device: torch.device) -> torch.Tensor:
+    """(B, T) time index that reverses each row's first lengths[b] frames and leaves padding in
+    place; an involution, so the same index also undoes the reversal."""
+    t = torch.arange(frames, device=device)  # (T,)
+    ends = lengths.to(device).unsqueeze(1)  # (B, 1)
+    return torch.where(t < ends, ends - 1 - t, t)
+
+
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Reverse each row's first lengths[b] frames in time, leaving padding in place.
 
     x: (B, T, D), lengths: (B,) -> (B, T, D). Its own inverse.
     """
-    frames = torch.arange(x.shape[1], device=x.device)  # (T,)
-    ends = lengths.to(x.device).unsqueeze(1)  # (B, 1)
-    index = torch.where(frames < ends, ends - 1 - frames, frames)  # (B, T)
+    index = reversal_index(lengths, x.shape[1], x.device)  # (B, T)
     return x.gather(1, index.unsqueeze(2).expand_as(x))
 
 

@@ -66,18 +66,14 @@ def average_models(paths: list[Path]) -> dict[str, torch.Tensor]:
     back), the usual last-N averaging that gives a small, free WER gain."""
     if not paths:
         raise ValueError("no checkpoints to average")
-    total: dict[str, torch.Tensor] = {}
-    for path in paths:
-        weights = load(path)["model"]
-        for name, value in weights.items():
-            if name in total:
-                total[name] += value.to(torch.float64)
-            else:
-                total[name] = value.to(torch.float64)
     first = load(paths[0])["model"]
+    # Integer buffers (counters) are not averaged: the first checkpoint's are kept.
+    total = {k: v.to(torch.float64) for k, v in first.items() if v.is_floating_point()}
+    for path in paths[1:]:
+        weights = load(path)["model"]
+        for name in total:
+            total[name] += weights[name].to(torch.float64)
     return {
-        name: (value / len(paths)).to(first[name].dtype)
-        if first[name].is_floating_point()
-        else first[name]
-        for name, value in total.items()
+        name: (total[name] / len(paths)).to(value.dtype) if name in total else value
+        for name, value in first.items()
     }
