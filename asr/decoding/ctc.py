@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import torch
 
+from asr.decoding.options import DecodeOptions, Hypothesis
 from asr.tokenizer import BLANK_ID
 
 
@@ -19,3 +23,227 @@ def ctc_greedy(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]
     keep = changed & (best != BLANK_ID)
     keep &= torch.arange(best.shape[1], device=best.device)[None, :] < lengths[:, None]
     return [row[mask].tolist() for row, mask in zip(best.cpu(), keep.cpu(), strict=True)]
+
+
+# Prefixes are compared by a polynomial hash mod a prime; the products stay below 2**63.
+# A false merge would also need equal length and last token, so its odds are negligible.
+_HASH_MOD = 2_147_483_647  # 2**31 - 1
+_HASH_BASE = 1_000_003
+
+
+@dataclass
+class CTCBeamState:
+    """The beam of each of B streams after some frames; K = options.beam rows per stream.
+
+    Each row is a distinct prefix (label sequence) with the log-probability of all alignments
+    of the frames so far that end in blank (`blank`) or in its last token (`nonblank`).
+    Token sequences are kept as back-pointers, one (B, K) pair per searched frame.
+    """
+
+    blank: torch.Tensor  # (B, K) float32
+    nonblank: torch.Tensor  # (B, K) float32
+    last: torch.Tensor  # (B, K) int64 last token, -1 for the empty prefix
+    key: torch.Tensor  # (B, K) int64 hash of the prefix
+    parent_key: torch.Tensor  # (B, K) int64 hash of the prefix without its last token
+    length: torch.Tensor  # (B, K) int64 tokens in the prefix
+    skipped: torch.Tensor  # (B,) float32 log-prob of skipped blank frames not yet applied
+    pending: torch.Tensor  # (B,) bool: blank frames were skipped after the last searched one
+    frames: torch.Tensor  # (B,) int64 frames consumed
+    parents: list[torch.Tensor] = field(default_factory=list)  # (B, K) row each row came from
+    emitted: list[torch.Tensor] = field(default_factory=list)  # (B, K) token appended, -1 none
+
+
+class CTCPrefixBeamSearch:
+    """Batched CTC prefix beam search (Hannun et al. 2014) written with tensors.
+
+    All streams of a batch advance together, one frame per step; per-hypothesis bookkeeping is
+    (B, K) tensors and prefix merging is a hash comparison, so the Python loop runs once per
+    frame, not once per hypothesis. Pruning: each prefix is extended only by the frame's
+    `prune_top_k` best tokens within `prune_threshold` nats of the best one. With `blank_skip`,
+    frames whose blank probability reaches it are not searched: they only move every prefix's
+    probability onto its blank ending (dropping the rarely-useful repeat-through-blank paths).
+
+    Streaming: `init`, then `advance` with each chunk of log-probs, `finalize` (or `best` for a
+    partial result) at any point; the result equals one `advance` over the whole utterance.
+    """
+
+    def __init__(self, options: DecodeOptions) -> None:
+        self.beam = options.beam
+        self.nbest = min(options.nbest, options.beam)
+        self.top_k = options.prune_top_k
+        self.threshold = options.prune_threshold
+        self.skip_log_prob = None if options.blank_skip is None else math.log(options.blank_skip)
+
+    def init(self, batch: int, device: torch.device | str = "cpu") -> CTCBeamState:
+        k = self.beam
+        blank = torch.full((batch, k), -math.inf, device=device)
+        blank[:, 0] = 0.0  # only the empty prefix is alive
+        ints = torch.zeros((batch, k), dtype=torch.long, device=device)
+        return CTCBeamState(
+            blank=blank,
+            nonblank=torch.full_like(blank, -math.inf),
+            last=ints - 1,
+            key=ints.clone(),
+            parent_key=ints - 1,  # matches no key: the empty prefix has no parent
+            length=ints.clone(),
+            skipped=torch.zeros(batch, device=device),
+            pending=torch.zeros(batch, dtype=torch.bool, device=device),
+            frames=torch.zeros(batch, dtype=torch.long, device=device),
+        )
+
+    def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[Hypothesis]]:
+        """Whole utterances: log_probs (B, T, V), lengths (B,) -> n-best per utterance."""
+        state = self.init(log_probs.shape[0], log_probs.device)
+        return self.finalize(self.advance(state, log_probs, lengths))
+
+    @torch.no_grad()
+    def advance(
+        self, state: CTCBeamState, log_probs: torch.Tensor, lengths: torch.Tensor
+    ) -> CTCBeamState:
+        """Consume the next frames: log_probs (B, T, V) float, lengths (B,) valid frames of it."""
+        batch, width, vocab = log_probs.shape
+        if batch != state.blank.shape[0]:
+            raise ValueError(f"state has {state.blank.shape[0]} streams, log_probs {batch}")
+        if width == 0:
+            return state
+        log_probs = log_probs.float()
+        device = log_probs.device
+        lengths = lengths.to(device)
+        valid = torch.arange(width, device=device)[None, :] < lengths[:, None]  # (B, T)
+        keep = valid
+        if self.skip_log_prob is not None:
+            keep = valid & (log_probs[..., BLANK_ID] < self.skip_log_prob)
+        skipped = valid & ~keep
+        # Searched frames of each stream moved to the front, in order: (B, T2).
+        counts = keep.sum(dim=1)
+        steps = int(counts.max()) if batch else 0
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :steps]
+        frames = log_probs.gather(1, order.unsqueeze(-1).expand(-1, -1, vocab))  # (B, T2, V)
+        # Blank log-prob and count of the skipped frames just before each searched frame.
+        skip_lp = torch.where(skipped, log_probs[..., BLANK_ID], 0.0).cumsum(dim=1)  # (B, T)
+        skip_n = skipped.long().cumsum(dim=1)
+        lp_at, n_at = skip_lp.gather(1, order), skip_n.gather(1, order)  # (B, T2)
+        zero = lp_at.new_zeros(batch, 1)
+        before_lp = lp_at - torch.cat([zero, lp_at[:, :-1]], dim=1)
+        before_n = n_at - torch.cat([zero.long(), n_at[:, :-1]], dim=1)
+        if steps:
+            before_lp[:, 0] += state.skipped
+            before_n[:, 0] += state.pending.long()
+        for s in range(steps):
+            self._step(state, frames[:, s], s < counts, before_n[:, s] > 0, before_lp[:, s])
+        # Blank frames skipped after the last searched one stay pending for the next chunk.
+        total_lp, total_n = skip_lp[:, -1], skip_n[:, -1]
+        last_searched = (counts - 1).clamp(min=0)[:, None]
+        last_lp = lp_at.gather(1, last_searched)[:, 0] if steps else zero[:, 0]
+        last_n = n_at.gather(1, last_searched)[:, 0] if steps else zero[:, 0].long()
+        tail_lp = torch.where(counts > 0, total_lp - last_lp, total_lp + state.skipped)
+        tail_n = torch.where(counts > 0, total_n - last_n, total_n + state.pending.long())
+        state.skipped, state.pending = tail_lp, tail_n > 0
+        state.frames = state.frames + lengths
+        return state
+
+    def _step(
+        self,
+        state: CTCBeamState,
+        lp: torch.Tensor,
+        active: torch.Tensor,
+        collapse: torch.Tensor,
+        collapse_lp: torch.Tensor,
+    ) -> None:
+        """Search one frame lp (B, V) for the `active` (B,) streams; `collapse` (B,) marks
+        streams whose skipped blank frames (log-prob `collapse_lp`) come first."""
+        batch, k = state.blank.shape
+        ninf = -math.inf
+        pb, pnb, last = state.blank, state.nonblank, state.last
+        if bool(collapse.any()):
+            merged = torch.logaddexp(pb, pnb) + collapse_lp[:, None]
+            pb = torch.where(collapse[:, None], merged, pb)
+            pnb = torch.where(collapse[:, None], ninf, pnb)
+        total = torch.logaddexp(pb, pnb)  # (B, K)
+        alive = total > ninf
+        lp_last = lp.gather(1, last.clamp(min=0)).masked_fill(last < 0, ninf)  # (B, K)
+        stay_b = total + lp[:, BLANK_ID : BLANK_ID + 1]
+        stay_nb = pnb + lp_last
+        # Candidate tokens of this frame (blank is id 0, so the rest start at 1).
+        n_cand = lp.shape[1] - 1 if self.top_k is None else min(self.top_k, lp.shape[1] - 1)
+        cand_lp, cand = lp[:, 1:].topk(n_cand, dim=1)  # (B, C), best first
+        cand = cand + 1
+        if self.threshold is not None:
+            cand_lp = cand_lp.masked_fill(cand_lp < cand_lp[:, :1] - self.threshold, ninf)
+        # A repeated token only extends paths that end in blank ("a _ a" -> "aa").
+        repeat = cand[:, None, :] == last[:, :, None]  # (B, K, C)
+        ext = torch.where(repeat, pb[:, :, None], total[:, :, None]) + cand_lp[:, None, :]
+        # Row k' is row j extended by last[k'] when its parent key is j's key: that extension
+        # adds to k' (prefix merging) and leaves the candidates.
+        match = (state.parent_key[:, None, :] == state.key[:, :, None]) & (
+            state.length[:, None, :] == state.length[:, :, None] + 1
+        )
+        match &= alive[:, :, None] & alive[:, None, :]  # (B, K_j, K')
+        has = match.any(dim=1)  # (B, K')
+        if bool(has.any()):
+            j = match.to(torch.int8).argmax(dim=1)  # (B, K')
+            same = last.gather(1, j) == last
+            from_j = torch.where(same, pb.gather(1, j), total.gather(1, j)) + lp_last
+            stay_nb = torch.where(has, torch.logaddexp(stay_nb, from_j), stay_nb)
+            pos_eq = cand[:, None, :] == last[:, :, None]  # (B, K', C)
+            drop = has & pos_eq.any(dim=-1)
+            flat = torch.where(drop, j * n_cand + pos_eq.to(torch.int8).argmax(dim=-1), k * n_cand)
+            ext = torch.cat([ext.flatten(1), ext.new_full((batch, 1), ninf)], dim=1)
+            ext = ext.scatter(1, flat, ninf)[:, :-1]
+        scores = torch.cat([torch.logaddexp(stay_b, stay_nb), ext.flatten(1)], dim=1)
+        top, idx = scores.topk(k, dim=1)  # (B, K)
+        is_ext = idx >= k
+        src = torch.where(is_ext, (idx - k) // n_cand, idx)
+        tok = cand.gather(1, ((idx - k) % n_cand).clamp(min=0))
+        key = state.key.gather(1, src)
+        new = {
+            "blank": torch.where(is_ext, ninf, stay_b.gather(1, src)),
+            "nonblank": torch.where(is_ext, top, stay_nb.gather(1, src)),
+            "last": torch.where(is_ext, tok, last.gather(1, src)),
+            "key": torch.where(is_ext, (key * _HASH_BASE + tok + 1) % _HASH_MOD, key),
+            "parent_key": torch.where(is_ext, key, state.parent_key.gather(1, src)),
+            "length": state.length.gather(1, src) + is_ext.long(),
+        }
+        rows = active[:, None]
+        # Inactive streams (past their length) keep everything; `pb`/`pnb` include a collapse
+        # only for active streams, since skipped frames always precede a searched one.
+        state.blank = torch.where(rows, new["blank"], state.blank)
+        state.nonblank = torch.where(rows, new["nonblank"], state.nonblank)
+        state.last = torch.where(rows, new["last"], state.last)
+        state.key = torch.where(rows, new["key"], state.key)
+        state.parent_key = torch.where(rows, new["parent_key"], state.parent_key)
+        state.length = torch.where(rows, new["length"], state.length)
+        identity = torch.arange(k, device=src.device).expand(batch, k)
+        state.parents.append(torch.where(rows, src, identity))
+        state.emitted.append(torch.where(rows & is_ext, tok, -1))
+
+    def finalize(self, state: CTCBeamState) -> list[list[Hypothesis]]:
+        """The `nbest` best prefixes of each stream, best first, with total log-probs."""
+        score = torch.logaddexp(state.blank, state.nonblank) + state.skipped[:, None]  # (B, K)
+        top, rows = score.topk(self.nbest, dim=1)  # (B, N)
+        tokens = self._backtrack(state, rows)  # (B, N) lists
+        return [
+            [
+                Hypothesis(tuple(toks), float(s))
+                for toks, s in zip(row_tokens, row_scores, strict=True)
+                if s > -math.inf
+            ]
+            for row_tokens, row_scores in zip(tokens, top.tolist(), strict=True)
+        ]
+
+    def best(self, state: CTCBeamState) -> list[list[int]]:
+        """Token ids of the current best prefix of each stream (a partial result)."""
+        rows = torch.logaddexp(state.blank, state.nonblank).argmax(dim=1, keepdim=True)
+        return [row[0] for row in self._backtrack(state, rows)]
+
+    @staticmethod
+    def _backtrack(state: CTCBeamState, rows: torch.Tensor) -> list[list[list[int]]]:
+        """Token ids of beam rows `rows` (B, N), following the back-pointers."""
+        steps: list[torch.Tensor] = []
+        for parents, emitted in zip(reversed(state.parents), reversed(state.emitted), strict=True):
+            steps.append(emitted.gather(1, rows))
+            rows = parents.gather(1, rows)
+        if not steps:
+            return [[[] for _ in range(rows.shape[1])] for _ in range(rows.shape[0])]
+        emitted_seq = torch.stack(steps[::-1], dim=2).tolist()  # (B, N, S)
+        return [[[t for t in seq if t >= 0] for seq in utt] for utt in emitted_seq]

@@ -1,0 +1,101 @@
+"""Decoding options and typed results, shared by every decoder, the CLI and the server."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Everything that changes how a transcript is searched for; override with `replace`.
+
+    `method` picks the search by name (see `asr.recognizer.METHODS`): greedy, beam (CTC prefix
+    beam search for BiLSTM-CTC, attention beam search for LAS), joint (LAS attention beam search
+    scored together with its CTC head) or rescore (CTC n-best rescored by an attention decoder).
+    """
+
+    method: str = "beam"
+    beam: int = 10
+    nbest: int = 1  # alternatives returned (at most `beam`)
+    # CTC prefix beam search: per-frame token pruning and blank-frame skipping.
+    prune_top_k: int | None = 16  # extend each prefix by at most this many tokens per frame
+    prune_threshold: float | None = 15.0  # ... and only by tokens this close (nats) to the best
+    blank_skip: float | None = None  # skip frames whose blank probability is at least this
+    # Attention beam search.
+    length_penalty: float = 1.0  # rank finished hypotheses by score / length**length_penalty
+    eos_threshold: float | None = None  # eos only within this many nats of the best token
+    min_len_ratio: float = 0.0  # tokens per encoder frame, bounds on hypothesis length
+    max_len_ratio: float = 2.0
+    coverage_weight: float = 0.0  # bonus per encoder frame attended to (Chorowski et al. 2017)
+    coverage_threshold: float = 0.5  # ... with cumulative attention above this
+    # Joint CTC/attention scoring and two-pass rescoring.
+    ctc_weight: float = 0.3
+    joint_candidates: int | None = None  # tokens scored by CTC per hypothesis (None: 1.5 beam)
+    # Results.
+    word_timings: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {
+            "beam": self.beam >= 1,
+            "nbest": self.nbest >= 1,
+            "prune_top_k": self.prune_top_k is None or self.prune_top_k >= 1,
+            "prune_threshold": self.prune_threshold is None or self.prune_threshold > 0,
+            "blank_skip": self.blank_skip is None or 0.0 < self.blank_skip <= 1.0,
+            "length_penalty": self.length_penalty >= 0,
+            "eos_threshold": self.eos_threshold is None or self.eos_threshold >= 0,
+            "min_len_ratio": 0 <= self.min_len_ratio < self.max_len_ratio,
+            "max_len_ratio": self.max_len_ratio > 0,
+            "coverage_threshold": self.coverage_threshold > 0,
+            "ctc_weight": 0.0 <= self.ctc_weight <= 1.0,
+            "joint_candidates": self.joint_candidates is None or self.joint_candidates >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            raise ValueError(f"invalid decode options: {values}")
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One search result: token ids and the log-probability score the search ranked it by."""
+
+    tokens: tuple[int, ...]
+    score: float
+
+
+@dataclass(frozen=True)
+class WordTiming:
+    word: str
+    start: float  # seconds from the start of the audio
+    end: float
+    confidence: float  # in [0, 1]
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One n-best entry."""
+
+    text: str
+    tokens: tuple[int, ...]
+    score: float
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What a recognizer returns for one utterance; `nbest[0]` is the transcript itself."""
+
+    text: str
+    tokens: tuple[int, ...]
+    score: float
+    words: tuple[WordTiming, ...] = ()
+    nbest: tuple[Alternative, ...] = ()
+    confidence: float = 0.0  # utterance confidence in [0, 1] (mean word confidence)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "text": self.text,
+            "score": self.score,
+            "confidence": self.confidence,
+            "words": [asdict(w) for w in self.words],
+            "nbest": [{"text": a.text, "score": a.score} for a in self.nbest],
+        }
