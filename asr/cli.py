@@ -12,20 +12,21 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from asr.bundle import load_model
 from asr.data import synth
 from asr.data.dataset import manifest_cmvn
 from asr.data.librispeech import prepare
-from asr.data.manifest import read_manifest
-from asr.evaluation import evaluate
+from asr.data.manifest import Utterance, read_manifest
+from asr.decoding.options import DecodeOptions, Transcript
+from asr.evaluation import transcribe_manifest
 from asr.features import FeatureConfig
+from asr.metrics import ErrorRates, error_rates, utterance_errors
 from asr.models import MODELS, model_config
+from asr.recognizer import Recognizer
 from asr.text import normalize_text
 from asr.tokenizer import KINDS, Tokenizer
 from asr.training.config import PRESETS as TRAIN_PRESETS
@@ -207,45 +208,111 @@ def _run_export(args: argparse.Namespace) -> int:
 def _add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path, help="bundle directory")
     p.add_argument("--manifest", required=True, type=Path, help="JSONL manifest to transcribe")
-    p.add_argument("--out", required=True, type=Path, help="directory for hyps.tsv and wer.json")
+    p.add_argument("--out", required=True, type=Path, help="directory for hypotheses and scores")
+    p.add_argument(
+        "--method",
+        default="greedy",
+        help="greedy | beam | joint (LAS) | rescore (LAS, or CTC with --rescore-model)",
+    )
+    p.add_argument("--beam", type=int, help="beam size (default: the bundle's, else 10)")
+    p.add_argument("--ctc-weight", type=float, help="CTC weight for joint and rescore")
+    p.add_argument("--rescore-model", type=Path, help="LAS bundle for two-pass CTC decoding")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any DecodeOptions field"
+    )
     p.add_argument("--name", help="test set name in --results (default: manifest file stem)")
     p.add_argument("--results", type=Path, help="results.json to add this test set to")
+    p.add_argument("--worst", type=int, default=20, help="worst utterances in the report")
     p.add_argument("--device", default="cpu")
+
+
+def _decode_options(args: argparse.Namespace, bundle_defaults: dict[str, Any]) -> DecodeOptions:
+    flags = {"method": args.method, "beam": args.beam, "ctc_weight": args.ctc_weight}
+    values = bundle_defaults | {k: v for k, v in flags.items() if v is not None}
+    values |= _parse_overrides(args.set, "decoding")
+    known = {f.name for f in fields(DecodeOptions)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown decoding option(s) {', '.join(unknown)}")
+    return DecodeOptions(**values)
 
 
 def _run_decode(args: argparse.Namespace) -> int:
     bundle = load_model(args.model, device=args.device)
+    rescorer = load_model(args.rescore_model, device=args.device) if args.rescore_model else None
+    options = _decode_options(args, bundle.config.get("decoding", {}))
+    recognizer = Recognizer(bundle, options, rescorer)
+    if options.method == "rescore" and bundle.model_type == "ctc" and rescorer is None:
+        raise ValueError("--method rescore with a CTC bundle needs --rescore-model LAS_BUNDLE")
     utterances = read_manifest(args.manifest)
     start = time.time()
-    result = evaluate(
-        bundle.model,
-        bundle.model_type,
-        utterances,
-        bundle.tokenizer,
-        bundle.feature_config,
-        bundle.cmvn,
-        torch.device(args.device),
-    )
+    transcripts = transcribe_manifest(recognizer, utterances)
     seconds = time.time() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "hyps.tsv").open("w") as f:
-        f.write("id\treference\thypothesis\n")
-        for utt in utterances:
-            f.write(f"{utt.id}\t{utt.text}\t{result.hypotheses[utt.id]}\n")
-    summary = result.rates.to_dict() | {
-        "method": "greedy",
+    ids = [u.id for u in utterances]
+    refs = [u.text for u in utterances]
+    hyps = [transcripts[i].text for i in ids]
+    rates = error_rates(refs, hyps)
+    audio_seconds = sum(u.duration for u in utterances)
+    summary = rates.to_dict() | {
+        "method": options.method,
+        "beam": 1 if options.method == "greedy" else options.beam,
+        "options": asdict(options),
         "manifest": str(args.manifest),
         "decode_seconds": round(seconds, 2),
+        "rtf": round(seconds / max(audio_seconds, 1e-9), 4),
     }
-    (args.out / "wer.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if rescorer is not None:
+        summary["rescore_model"] = str(args.rescore_model)
+    _write_decode(args.out, utterances, transcripts, rates, summary, args.worst)
     name = args.name or args.manifest.stem
     if args.results is not None:
         _add_results(args.results, bundle.config, name, summary)
     print(
-        f"{name}: WER {result.rates.wer:.2f} % CER {result.rates.cer:.2f} % "
-        f"({result.rates.utterances} utterances, greedy, {seconds:.1f} s)"
+        f"{name}: {options.method} WER {rates.wer:.2f} % CER {rates.cer:.2f} % "
+        f"(S {rates.substitutions} D {rates.deletions} I {rates.insertions} over "
+        f"{rates.words} words, {rates.utterances} utterances, {seconds:.1f} s, "
+        f"RTF {summary['rtf']:.3f}) -> {args.out}"
     )
     return 0
+
+
+def _write_decode(
+    out: Path,
+    utterances: list[Utterance],
+    transcripts: dict[str, Transcript],
+    rates: ErrorRates,
+    summary: dict[str, Any],
+    worst: int,
+) -> None:
+    """hyps.tsv, hyps.jsonl (with words and n-best), errors.txt and wer.json in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "hyps.tsv").open("w") as tsv, (out / "hyps.jsonl").open("w") as jsonl:
+        tsv.write("id\treference\thypothesis\n")
+        for utt in utterances:
+            t = transcripts[utt.id]
+            tsv.write(f"{utt.id}\t{utt.text}\t{t.text}\n")
+            jsonl.write(json.dumps({"id": utt.id, "reference": utt.text} | t.to_dict()) + "\n")
+    per_utt = utterance_errors(
+        [u.id for u in utterances],
+        [u.text for u in utterances],
+        [transcripts[u.id].text for u in utterances],
+    )
+    lines = [
+        f"WER {rates.wer:.2f} % ({rates.substitutions} substitutions, {rates.deletions} "
+        f"deletions, {rates.insertions} insertions over {rates.words} reference words)",
+        f"CER {rates.cer:.2f} %, {rates.utterances} utterances, "
+        f"{sum(u.errors == 0 for u in per_utt)} without errors",
+        "",
+        f"Worst {min(worst, len(per_utt))} utterances (errors / words):",
+    ]
+    for u in per_utt[:worst]:
+        lines += [
+            f"{u.id}  {u.errors}/{u.words}",
+            f"  REF: {u.reference}",
+            f"  HYP: {u.hypothesis}",
+        ]
+    (out / "errors.txt").write_text("\n".join(lines) + "\n")
+    (out / "wer.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def _add_results(path: Path, config: dict[str, Any], name: str, summary: dict[str, Any]) -> None:
@@ -260,7 +327,11 @@ def _add_results(path: Path, config: dict[str, Any], name: str, summary: dict[st
         train_hours=training["train_hours"],
         train_wall_seconds=training.get("wall_seconds"),
     )
-    results.setdefault("tests", {})[name] = summary
+    # tests.<set>: greedy figures (the recipe table's first column); methods.<method>.<set>:
+    # every method decoded.
+    if summary["method"] == "greedy":
+        results.setdefault("tests", {})[name] = summary
+    results.setdefault("methods", {}).setdefault(summary["method"], {})[name] = summary
     path.write_text(json.dumps(results, indent=2) + "\n")
 
 

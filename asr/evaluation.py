@@ -1,4 +1,5 @@
-"""Scoring a model on a manifest: greedy transcripts, loss, WER/CER."""
+"""Scoring on a manifest: a model during training (greedy, loss, WER/CER), and a recognizer
+(any decoding method) for `asr decode`."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from torch.utils.data import DataLoader
 from asr.data.dataset import SpeechDataset, collate
 from asr.data.manifest import Utterance
 from asr.data.sampler import BucketingBatchSampler
+from asr.decoding.options import DecodeOptions, Transcript
 from asr.features import CMVN, FeatureConfig
 from asr.metrics import ErrorRates, error_rates
 from asr.models import greedy_decode
+from asr.recognizer import Recognizer
 from asr.tokenizer import Tokenizer
 
 
@@ -61,3 +64,28 @@ def evaluate(
     refs = [u.text for u in utterances]
     rates = error_rates(refs, [hyps[u.id] for u in utterances])
     return Evaluation(hyps, loss / max(batches, 1), rates)
+
+
+@torch.no_grad()
+def transcribe_manifest(
+    recognizer: Recognizer,
+    utterances: list[Utterance],
+    options: DecodeOptions | None = None,
+    *,
+    max_frames: int = 20_000,
+) -> dict[str, Transcript]:
+    """Decode every utterance of a manifest in length-sorted batches: id -> Transcript."""
+    data = SpeechDataset(
+        utterances, recognizer.bundle.tokenizer, recognizer.bundle.feature_config, None
+    )
+    sampler = BucketingBatchSampler(
+        [min(n, max_frames) for n in data.num_frames], max_frames=max_frames, shuffle=False
+    )
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate)
+    out: dict[str, Transcript] = {}
+    for batch in loader:
+        for utt_id, transcript in zip(
+            batch.ids, recognizer.decode(batch.feats, batch.feat_lens, options), strict=True
+        ):
+            out[utt_id] = transcript
+    return out

@@ -111,3 +111,7 @@ class Tokenizer:
 
     def piece(self, token_id: int) -> str:
         return str(self._sp.id_to_piece(token_id))
+
+    def pieces(self) -> list[str]:
+        """Every unit, by id (two tokenizers with equal pieces give the same ids)."""
+        return [self.piece(i) for i in range(self.vocab_size)]

@@ -194,6 +194,11 @@ class BiLSTMCTC(nn.Module):
         self.head = nn.Linear(config.layer_dim, config.vocab_size)
 
     @property
+    def time_reduction(self) -> int:
+        """Feature frames per output frame, for timestamps."""
+        return self.subsampling.stride
+
+    @property
     def _stack(self) -> list[_BiRNNLayer]:
         """The recurrent layers, bottom first (typed, unlike iterating the ModuleList)."""
         return cast(list[_BiRNNLayer], list(self.layers))

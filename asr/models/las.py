@@ -12,7 +12,7 @@ and adds them itself: decoder input [sos, y_1..y_U], decoder output [y_1..y_U, e
 The interface the attention beam search uses (and nothing else):
 
     enc = model.encode(feats, feat_lens)          # EncoderOutput, rows = utterances
-    enc = enc.repeat_interleave(beam)             # rows = utterance-major hypotheses
+    enc = enc.select(rows)                        # rows (N,): the utterance of each hypothesis
     state = model.init_state(enc)                 # DecoderState for N = B * beam rows
     log_probs, state = model.step(enc, state, tokens)  # tokens (N,): previous token, sos first
     state = state.select(indices)                 # reorder/gather rows after re-ranking
@@ -176,14 +176,19 @@ class EncoderOutput:
 
     def repeat_interleave(self, beam: int) -> EncoderOutput:
         """Each row `beam` times in a row: (B, ...) -> (B * beam, ...), row b * beam + k."""
+        rows = torch.arange(self.lengths.shape[0], device=self.lengths.device)
+        return self.select(rows.repeat_interleave(beam))
+
+    def select(self, rows: torch.Tensor) -> EncoderOutput:
+        """Rows `rows` (N,) of this output, in that order (repeats allowed) -> N rows."""
         return EncoderOutput(
-            memory=self.memory.repeat_interleave(beam, dim=0),
-            lengths=self.lengths.repeat_interleave(beam, dim=0),
+            memory=self.memory.index_select(0, rows),
+            lengths=self.lengths.index_select(0, rows),
             ctc_log_probs=None
             if self.ctc_log_probs is None
-            else self.ctc_log_probs.repeat_interleave(beam, dim=0),
-            keys=self.keys.repeat_interleave(beam, dim=0),
-            mask=self.mask.repeat_interleave(beam, dim=0),
+            else self.ctc_log_probs.index_select(0, rows),
+            keys=self.keys.index_select(0, rows),
+            mask=self.mask.index_select(0, rows),
         )
 
 
@@ -333,6 +338,8 @@ class LAS(nn.Module):
             else None
         )
         self.scheduled_sampling = config.scheduled_sampling
+
+    time_reduction = 8  # feature frames per encoder frame, for timestamps
 
     def encode(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> EncoderOutput:
         """feats: (B, T, F), feat_lens: (B,) -> listener output and attention keys."""

@@ -1,0 +1,217 @@
+"""Recognizer: audio -> features -> model -> decoder -> Transcript. The CLI and server hold one.
+
+A search method is a function (recognizer, features, lengths, options) -> `Search`, looked up
+by model type and `DecodeOptions.method` in `METHODS`. Every search returns n-best token
+sequences plus the CTC posteriors that word timings are aligned to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from asr.bundle import Bundle, BundleError
+from asr.decoding.alignment import word_timings
+from asr.decoding.attention import attention_beam_search, rescore
+from asr.decoding.ctc import CTCPrefixBeamSearch, ctc_greedy
+from asr.decoding.options import (
+    Alternative,
+    DecodeOptions,
+    Hypothesis,
+    Transcript,
+    WordTiming,
+)
+from asr.features import log_mel
+from asr.models.bilstm_ctc import BiLSTMCTC
+from asr.models.las import LAS
+
+
+@dataclass
+class Search:
+    """What a search method found for a batch of B utterances."""
+
+    hyps: list[list[Hypothesis]]  # n-best per utterance, best first
+    ctc_log_probs: torch.Tensor | None  # (B, T', V) posteriors to align words to, if any
+    ctc_lengths: torch.Tensor | None  # (B,)
+    time_reduction: int  # feature frames per frame of ctc_log_probs
+
+
+SearchFn = Callable[["Recognizer", torch.Tensor, torch.Tensor, DecodeOptions], Search]
+
+
+def _ctc(bundle: Bundle) -> BiLSTMCTC:
+    assert isinstance(bundle.model, BiLSTMCTC)
+    return bundle.model
+
+
+def _las(bundle: Bundle) -> LAS:
+    assert isinstance(bundle.model, LAS)
+    return bundle.model
+
+
+def _ctc_greedy(rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, _: DecodeOptions) -> Search:
+    model = _ctc(rec.bundle)
+    log_probs, out_lens = model.log_probs(rec.bundle.cmvn.apply(raw), lens)
+    # Scored by the best path's log-probability.
+    best = log_probs.max(dim=-1).values  # (B, T')
+    valid = torch.arange(best.shape[1], device=best.device)[None, :] < out_lens[:, None]
+    scores = (best * valid).sum(dim=1).tolist()
+    hyps = [
+        [Hypothesis(tuple(tokens), score)]
+        for tokens, score in zip(ctc_greedy(log_probs, out_lens), scores, strict=True)
+    ]
+    return Search(hyps, log_probs, out_lens, model.time_reduction)
+
+
+def _ctc_beam(
+    rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
+) -> Search:
+    model = _ctc(rec.bundle)
+    log_probs, out_lens = model.log_probs(rec.bundle.cmvn.apply(raw), lens)
+    hyps = CTCPrefixBeamSearch(opts)(log_probs, out_lens)
+    return Search(hyps, log_probs, out_lens, model.time_reduction)
+
+
+def _ctc_rescore(
+    rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
+) -> Search:
+    """First pass: CTC prefix beam search n-best; second pass: the LAS rescorer's attention."""
+    if rec.rescorer is None:
+        raise ValueError("method 'rescore' with a CTC model needs a LAS bundle to rescore with")
+    first = _ctc_beam(rec, raw, lens, replace(opts, nbest=opts.beam))
+    las = _las(rec.rescorer)
+    enc = las.encode(rec.rescorer.cmvn.apply(raw), lens)
+    return replace(first, hyps=rescore(las, enc, first.hyps, opts))
+
+
+def _las_search(joint: bool) -> SearchFn:
+    def search(
+        rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
+    ) -> Search:
+        model = _las(rec.bundle)
+        enc = model.encode(rec.bundle.cmvn.apply(raw), lens)
+        hyps = attention_beam_search(model, enc, opts, joint=joint)
+        return Search(hyps, enc.ctc_log_probs, enc.lengths, model.time_reduction)
+
+    return search
+
+
+def _las_greedy(
+    rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
+) -> Search:
+    # Beam search with one beam is greedy decoding (tested), and it reports scores.
+    return _las_search(joint=False)(rec, raw, lens, replace(opts, beam=1, nbest=1))
+
+
+def _las_rescore(
+    rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
+) -> Search:
+    """CTC-head prefix beam search n-best, rescored by the same model's attention decoder."""
+    model = _las(rec.bundle)
+    enc = model.encode(rec.bundle.cmvn.apply(raw), lens)
+    if enc.ctc_log_probs is None:
+        raise ValueError("method 'rescore' needs a LAS model with a CTC head (ctc_weight > 0)")
+    first = CTCPrefixBeamSearch(replace(opts, nbest=opts.beam))(enc.ctc_log_probs, enc.lengths)
+    hyps = rescore(model, enc, first, opts)
+    return Search(hyps, enc.ctc_log_probs, enc.lengths, model.time_reduction)
+
+
+METHODS: dict[str, dict[str, SearchFn]] = {
+    "ctc": {"greedy": _ctc_greedy, "beam": _ctc_beam, "rescore": _ctc_rescore},
+    "las": {
+        "greedy": _las_greedy,
+        "beam": _las_search(joint=False),
+        "joint": _las_search(joint=True),
+        "rescore": _las_rescore,
+    },
+}
+
+
+class Recognizer:
+    """A loaded bundle (plus, for two-pass CTC decoding, a LAS bundle) and decoding options."""
+
+    def __init__(
+        self, bundle: Bundle, options: DecodeOptions | None = None, rescorer: Bundle | None = None
+    ) -> None:
+        self.bundle = bundle
+        self.rescorer = rescorer
+        self.options = options or DecodeOptions(**bundle.config.get("decoding", {}))
+        self.check(self.options)
+        if rescorer is not None:
+            if rescorer.model_type != "las":
+                raise BundleError(f"{rescorer.path}: a rescoring bundle must be LAS")
+            if rescorer.tokenizer.pieces() != bundle.tokenizer.pieces():
+                raise BundleError(
+                    f"{rescorer.path}: its tokenizer differs from {bundle.path}'s; "
+                    "rescoring needs the same token inventory"
+                )
+            if rescorer.feature_config != bundle.feature_config:
+                raise BundleError(f"{rescorer.path}: its features differ from {bundle.path}'s")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(METHODS[self.bundle.model_type])
+
+    def check(self, options: DecodeOptions) -> None:
+        """Raise ValueError if `options` cannot be used with this model."""
+        if options.method not in METHODS[self.bundle.model_type]:
+            raise ValueError(
+                f"unknown decoding method {options.method!r} for a {self.bundle.model_type} "
+                f"model; choose one of {', '.join(self.methods)}"
+            )
+
+    @property
+    def frame_seconds(self) -> float:
+        """Seconds per feature frame."""
+        return self.bundle.feature_config.hop_ms / 1000.0
+
+    def features(self, audio: torch.Tensor) -> torch.Tensor:
+        """16 kHz mono float samples (S,) -> log-mel features (T, F), before CMVN."""
+        return log_mel(audio, self.bundle.feature_config)
+
+    @torch.no_grad()
+    def decode(
+        self, feats: torch.Tensor, lengths: torch.Tensor, options: DecodeOptions | None = None
+    ) -> list[Transcript]:
+        """A batch of log-mel features (B, T, F) before CMVN, lengths (B,) -> transcripts."""
+        opts = options or self.options
+        self.check(opts)
+        device = next(self.bundle.model.parameters()).device
+        search = METHODS[self.bundle.model_type][opts.method](
+            self, feats.to(device), lengths.to(device), opts
+        )
+        # Word boundaries are refined with the loudness of each 10 ms frame.
+        energy = feats.mean(dim=-1)  # (B, T)
+        return [
+            self._transcript(search, b, opts, energy[b, : int(lengths[b])])
+            for b in range(len(search.hyps))
+        ]
+
+    def _transcript(
+        self, search: Search, b: int, opts: DecodeOptions, energy: torch.Tensor
+    ) -> Transcript:
+        tokenizer = self.bundle.tokenizer
+        hyps = search.hyps[b] or [Hypothesis((), float("-inf"))]
+        best = hyps[0]
+        words: tuple[WordTiming, ...] = ()
+        log_probs, lengths = search.ctc_log_probs, search.ctc_lengths
+        if opts.word_timings and log_probs is not None and lengths is not None:
+            words = word_timings(
+                log_probs[b, : int(lengths[b])],
+                best.tokens,
+                tokenizer,
+                self.frame_seconds,
+                search.time_reduction,
+                energy,
+            )
+        confidence = sum(w.confidence for w in words) / len(words) if words else 0.0
+        return Transcript(
+            text=tokenizer.decode(best.tokens),
+            tokens=best.tokens,
+            score=best.score,
+            words=words,
+            nbest=tuple(Alternative(tokenizer.decode(h.tokens), h.tokens, h.score) for h in hyps),
+            confidence=round(confidence, 4),
+        )
