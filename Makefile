@@ -49,8 +49,11 @@ test-slow: setup
 
 check: lint typecheck test  ## what the README's test command and CI run
 
-bench: setup
+bench: setup  ## benchmarks that need a trained model take it from exp/synthetic (the recipe)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python bench/features.py
+	$(BIN)/python bench/ctc_decoders.py
+	$(BIN)/python bench/attention_decoding.py
 
 clean:
 	rm -rf .stamps $(VENV) .mypy_cache .ruff_cache .pytest_cache

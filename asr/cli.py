@@ -242,8 +242,6 @@ def _run_decode(args: argparse.Namespace) -> int:
     rescorer = load_model(args.rescore_model, device=args.device) if args.rescore_model else None
     options = _decode_options(args, bundle.config.get("decoding", {}))
     recognizer = Recognizer(bundle, options, rescorer)
-    if options.method == "rescore" and bundle.model_type == "ctc" and rescorer is None:
-        raise ValueError("--method rescore with a CTC bundle needs --rescore-model LAS_BUNDLE")
     utterances = read_manifest(args.manifest)
     start = time.time()
     transcripts = transcribe_manifest(recognizer, utterances)

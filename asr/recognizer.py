@@ -78,8 +78,7 @@ def _ctc_rescore(
     rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
 ) -> Search:
     """First pass: CTC prefix beam search n-best; second pass: the LAS rescorer's attention."""
-    if rec.rescorer is None:
-        raise ValueError("method 'rescore' with a CTC model needs a LAS bundle to rescore with")
+    assert rec.rescorer is not None  # Recognizer.check
     first = _ctc_beam(rec, raw, lens, replace(opts, nbest=opts.beam))
     las = _las(rec.rescorer)
     enc = las.encode(rec.rescorer.cmvn.apply(raw), lens)
@@ -160,6 +159,11 @@ class Recognizer:
             raise ValueError(
                 f"unknown decoding method {options.method!r} for a {self.bundle.model_type} "
                 f"model; choose one of {', '.join(self.methods)}"
+            )
+        if options.method == "rescore" and self.bundle.model_type == "ctc" and not self.rescorer:
+            raise ValueError(
+                "method 'rescore' with a CTC model needs a LAS bundle to rescore with "
+                "(asr decode --rescore-model)"
             )
 
     @property

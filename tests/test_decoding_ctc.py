@@ -13,7 +13,7 @@ import torch
 from asr.decoding.ctc import CTCPrefixBeamSearch, ctc_greedy
 from asr.decoding.options import DecodeOptions, Hypothesis
 
-EXACT = DecodeOptions(beam=256, nbest=4, prune_top_k=None, prune_threshold=None)
+EXACT = DecodeOptions(beam=256, nbest=4, prune_top_k=None, prune_threshold=None, blank_skip=None)
 
 
 def exhaustive(log_probs: torch.Tensor) -> dict[tuple[int, ...], float]:
@@ -102,8 +102,12 @@ def test_beam_search_finds_more_probable_labeling_than_greedy() -> None:
 def test_pruning_keeps_the_best_path_on_peaky_output() -> None:
     log_probs = peaky(4, 80, 30, seed=5)
     lengths = torch.full((4,), 80)
-    exact = CTCPrefixBeamSearch(DecodeOptions(beam=10, prune_top_k=None, prune_threshold=None))
-    pruned = CTCPrefixBeamSearch(DecodeOptions(beam=10, prune_top_k=4, prune_threshold=8.0))
+    exact = CTCPrefixBeamSearch(
+        DecodeOptions(beam=10, prune_top_k=None, prune_threshold=None, blank_skip=None)
+    )
+    pruned = CTCPrefixBeamSearch(
+        DecodeOptions(beam=10, prune_top_k=4, prune_threshold=8.0, blank_skip=None)
+    )
     skipping = CTCPrefixBeamSearch(DecodeOptions(beam=10, prune_top_k=4, blank_skip=0.999))
     best = [h[0].tokens for h in exact(log_probs, lengths)]
     assert [h[0].tokens for h in pruned(log_probs, lengths)] == best

@@ -5,15 +5,16 @@ aligned to the CTC posteriors with Viterbi forced alignment (torchaudio's `force
 Each token gets the frames of its CTC path; a word spans its tokens (sentencepiece marks word
 starts with "▁"). A word's confidence is the mean posterior of its tokens over their frames.
 
-CTC posteriors are peaky: a token often owns one frame somewhere inside its sound, so spans
-alone put word ends too early and single-token words at a point. Given the feature frames'
-energy, each span is therefore widened to the speech around it (never into a neighbour), and a
-span that landed in silence moves to the nearest speech between its neighbours.
+CTC posteriors are peaky: a token often owns one frame somewhere inside its sound (or at the
+edge of a neighbour's), so spans alone put word ends too early and one-token words at a point.
+Given the feature frames' energy, each word is fitted to the runs of speech its tokens fall in
+(see `_refine`).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ class _Word:
     start: int  # feature frames, [start, end)
     end: int
     confidence: float
+    tokens: list[tuple[int, int]]  # feature-frame ranges [start, end) of its tokens
 
 
 def ctc_frames_needed(tokens: Sequence[int]) -> int:
@@ -39,36 +41,67 @@ def ctc_frames_needed(tokens: Sequence[int]) -> int:
     return len(tokens) + sum(1 for a, b in itertools.pairwise(tokens) if a == b)
 
 
-def speech_frames(energy: torch.Tensor, ratio: float = 0.25) -> torch.Tensor:
+def speech_frames(energy: torch.Tensor, ratio: float = 0.25, bridge: int = 8) -> torch.Tensor:
     """Frames louder than the utterance's quiet floor: energy (T,) log-mel frame means -> (T,)
     bool. The threshold sits `ratio` of the way from the 5th to the 99th energy percentile."""
     if energy.numel() == 0:
         return torch.zeros(0, dtype=torch.bool)
     low, high = torch.quantile(energy.float(), torch.tensor([0.05, 0.99]))
-    return energy > low + ratio * (high - low)
+    speech = energy > low + ratio * (high - low)
+    # Pauses shorter than `bridge` frames (stop closures inside words) stay speech.
+    quiet = _runs(~speech)
+    for a, b in quiet:
+        if a > 0 and b < speech.numel() and b - a <= bridge:
+            speech[a:b] = True
+    return speech
+
+
+def _runs(speech: torch.Tensor) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) of True frames."""
+    edges = torch.diff(speech.long(), prepend=torch.zeros(1), append=torch.zeros(1))
+    starts = (edges == 1).nonzero()[:, 0].tolist()
+    ends = (edges == -1).nonzero()[:, 0].tolist()
+    return list(zip(starts, ends, strict=True))
 
 
 def _refine(words: list[_Word], speech: torch.Tensor) -> None:
-    """Fit each word's [start, end) to the speech frames around it, between its neighbours."""
-    total = speech.numel()
-    for i, w in enumerate(words):
-        lo = words[i - 1].end if i > 0 else 0
-        hi = words[i + 1].start if i + 1 < len(words) else total
-        lo, hi = min(lo, w.start), max(hi, w.end)
-        inside = speech[w.start : w.end].nonzero()
-        if inside.numel():
-            start, end = w.start + int(inside[0]), w.start + int(inside[-1]) + 1
-        else:  # aligned in silence: take the nearest speech between the neighbours
-            around = speech[lo:hi].nonzero()[:, 0] + lo
-            if around.numel() == 0:
-                continue
-            nearest = int(around[(around - w.start).abs().argmin()])
-            start = end = nearest
-            end += 1
-        while start > lo and speech[start - 1]:
-            start -= 1
-        while end < hi and speech[end]:
-            end += 1
+    """Fit each word to the runs of speech its tokens fall in.
+
+    A word takes the runs holding its token frames. A CTC spike often lands at the edge of a
+    neighbour's sound, so a run two neighbours touch belongs to the one with more token frames
+    in it; a run both must keep is split midway between their tokens. A word whose tokens all
+    fall in silence keeps its aligned span.
+    """
+    runs = _runs(speech)
+    run_at = torch.full((speech.numel() + 1,), -1, dtype=torch.long)
+    for r, (a, b) in enumerate(runs):
+        run_at[a:b] = r
+    votes: list[Counter[int]] = []  # per word: token frames in each run
+    for w in words:
+        frames = torch.cat([torch.arange(a, min(b, speech.numel())) for a, b in w.tokens])
+        votes.append(Counter(r for r in run_at[frames].tolist() if r >= 0))
+    kept = [sorted(v) for v in votes]
+    for i in range(len(words) - 1):
+        # A run both neighbours touch goes to the one with more token frames in it; the other
+        # lets it go if it has runs of its own (else both keep it and split it).
+        shared = set(kept[i]) & set(kept[i + 1])
+        for r in shared:
+            if votes[i][r] > votes[i + 1][r] and len(kept[i + 1]) > 1:
+                kept[i + 1].remove(r)
+            elif votes[i + 1][r] > votes[i][r] and len(kept[i]) > 1:
+                kept[i].remove(r)
+    bounds = []
+    for i, (w, ids) in enumerate(zip(words, kept, strict=True)):
+        if not ids:
+            bounds.append((w.start, w.end))
+            continue
+        start, end = runs[ids[0]][0], runs[ids[-1]][1]
+        if i > 0 and ids[0] in kept[i - 1]:
+            start = (words[i - 1].tokens[-1][1] + w.tokens[0][0]) // 2
+        if i + 1 < len(words) and ids[-1] in kept[i + 1]:
+            end = (w.tokens[-1][1] + words[i + 1].tokens[0][0]) // 2
+        bounds.append((start, max(end, start + 1)))
+    for w, (start, end) in zip(words, bounds, strict=True):
         w.start, w.end = start, end
 
 
@@ -106,6 +139,7 @@ def word_timings(
             start=group[0].start * time_reduction,
             end=group[-1].end * time_reduction,
             confidence=sum(s.score for s in group) / len(group),
+            tokens=[(s.start * time_reduction, s.end * time_reduction) for s in group],
         )
         for group in groups
     ]

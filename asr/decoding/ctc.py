@@ -96,7 +96,7 @@ class CTCPrefixBeamSearch:
         state = self.init(log_probs.shape[0], log_probs.device)
         return self.finalize(self.advance(state, log_probs, lengths))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def advance(
         self, state: CTCBeamState, log_probs: torch.Tensor, lengths: torch.Tensor
     ) -> CTCBeamState:
@@ -129,8 +129,22 @@ class CTCPrefixBeamSearch:
         if steps:
             before_lp[:, 0] += state.skipped
             before_n[:, 0] += state.pending.long()
+        # Candidate tokens of every frame at once (blank is id 0, so the rest start at 1).
+        n_cand = vocab - 1 if self.top_k is None else min(self.top_k, vocab - 1)
+        cand_lp, cand = frames[..., 1:].topk(n_cand, dim=-1)  # (B, T2, C), best first
+        cand = cand + 1
+        if self.threshold is not None:
+            cand_lp = cand_lp.masked_fill(cand_lp < cand_lp[..., :1] - self.threshold, -math.inf)
+        all_active = int(counts.min())
         for s in range(steps):
-            self._step(state, frames[:, s], s < counts, before_n[:, s] > 0, before_lp[:, s])
+            self._step(
+                state,
+                frames[:, s],
+                (cand[:, s], cand_lp[:, s]),
+                None if s < all_active else s < counts,
+                before_n[:, s] > 0,
+                before_lp[:, s],
+            )
         # Blank frames skipped after the last searched one stay pending for the next chunk.
         total_lp, total_n = skip_lp[:, -1], skip_n[:, -1]
         last_searched = (counts - 1).clamp(min=0)[:, None]
@@ -146,12 +160,14 @@ class CTCPrefixBeamSearch:
         self,
         state: CTCBeamState,
         lp: torch.Tensor,
-        active: torch.Tensor,
+        candidates: tuple[torch.Tensor, torch.Tensor],
+        active: torch.Tensor | None,
         collapse: torch.Tensor,
         collapse_lp: torch.Tensor,
     ) -> None:
-        """Search one frame lp (B, V) for the `active` (B,) streams; `collapse` (B,) marks
-        streams whose skipped blank frames (log-prob `collapse_lp`) come first."""
+        """Search one frame lp (B, V) with its candidate tokens and their log-probs (B, C)
+        for the `active` (B,) streams (None: all); `collapse` (B,) marks streams whose
+        skipped blank frames (log-prob `collapse_lp`) come first."""
         batch, k = state.blank.shape
         ninf = -math.inf
         pb, pnb, last = state.blank, state.nonblank, state.last
@@ -164,12 +180,8 @@ class CTCPrefixBeamSearch:
         lp_last = lp.gather(1, last.clamp(min=0)).masked_fill(last < 0, ninf)  # (B, K)
         stay_b = total + lp[:, BLANK_ID : BLANK_ID + 1]
         stay_nb = pnb + lp_last
-        # Candidate tokens of this frame (blank is id 0, so the rest start at 1).
-        n_cand = lp.shape[1] - 1 if self.top_k is None else min(self.top_k, lp.shape[1] - 1)
-        cand_lp, cand = lp[:, 1:].topk(n_cand, dim=1)  # (B, C), best first
-        cand = cand + 1
-        if self.threshold is not None:
-            cand_lp = cand_lp.masked_fill(cand_lp < cand_lp[:, :1] - self.threshold, ninf)
+        cand, cand_lp = candidates
+        n_cand = cand.shape[1]
         # A repeated token only extends paths that end in blank ("a _ a" -> "aa").
         repeat = cand[:, None, :] == last[:, :, None]  # (B, K, C)
         ext = torch.where(repeat, pb[:, :, None], total[:, :, None]) + cand_lp[:, None, :]
@@ -181,13 +193,15 @@ class CTCPrefixBeamSearch:
         match &= alive[:, :, None] & alive[:, None, :]  # (B, K_j, K')
         has = match.any(dim=1)  # (B, K')
         if bool(has.any()):
-            j = match.to(torch.int8).argmax(dim=1)  # (B, K')
+            # At most one j matches (rows are distinct prefixes): its index by a dot product.
+            j = (match.long() * torch.arange(k, device=lp.device)[None, :, None]).sum(dim=1)
             same = last.gather(1, j) == last
             from_j = torch.where(same, pb.gather(1, j), total.gather(1, j)) + lp_last
             stay_nb = torch.where(has, torch.logaddexp(stay_nb, from_j), stay_nb)
             pos_eq = cand[:, None, :] == last[:, :, None]  # (B, K', C)
             drop = has & pos_eq.any(dim=-1)
-            flat = torch.where(drop, j * n_cand + pos_eq.to(torch.int8).argmax(dim=-1), k * n_cand)
+            pos = (pos_eq.long() * torch.arange(n_cand, device=lp.device)).sum(dim=-1)
+            flat = torch.where(drop, j * n_cand + pos, k * n_cand)  # k * C: a dummy column
             ext = torch.cat([ext.flatten(1), ext.new_full((batch, 1), ninf)], dim=1)
             ext = ext.scatter(1, flat, ninf)[:, :-1]
         scores = torch.cat([torch.logaddexp(stay_b, stay_nb), ext.flatten(1)], dim=1)
@@ -204,6 +218,14 @@ class CTCPrefixBeamSearch:
             "parent_key": torch.where(is_ext, key, state.parent_key.gather(1, src)),
             "length": state.length.gather(1, src) + is_ext.long(),
         }
+        emitted = torch.where(is_ext, tok, -1)
+        if active is None:
+            state.blank, state.nonblank = new["blank"], new["nonblank"]
+            state.last, state.key = new["last"], new["key"]
+            state.parent_key, state.length = new["parent_key"], new["length"]
+            state.parents.append(src)
+            state.emitted.append(emitted)
+            return
         rows = active[:, None]
         # Inactive streams (past their length) keep everything; `pb`/`pnb` include a collapse
         # only for active streams, since skipped frames always precede a searched one.
@@ -215,7 +237,7 @@ class CTCPrefixBeamSearch:
         state.length = torch.where(rows, new["length"], state.length)
         identity = torch.arange(k, device=src.device).expand(batch, k)
         state.parents.append(torch.where(rows, src, identity))
-        state.emitted.append(torch.where(rows & is_ext, tok, -1))
+        state.emitted.append(torch.where(rows, emitted, -1))
 
     def finalize(self, state: CTCBeamState) -> list[list[Hypothesis]]:
         """The `nbest` best prefixes of each stream, best first, with total log-probs."""

@@ -1,0 +1,168 @@
+"""CTC beam search throughput: our batched prefix beam search against torchaudio's
+flashlight-text lexicon-free `ctc_decoder` (C++) and pyctcdecode (Python), on the same
+log-probs of a trained model, on CPU, at beams 10 and 50, with agreement of best hypotheses.
+
+    python bench/ctc_decoders.py --model BUNDLE --manifest M.jsonl [--limit 300] [--threads 1]
+
+Defaults: the synthetic recipe's BiLSTM-CTC bundle and held-out sentences. Every decoder gets
+the same settings: no LM, beam B, at most 16 tokens per frame. Last line (machine-readable):
+    ctc_beam10 vs_flashlight=<r1>x vs_pyctcdecode=<r2>x agree=<p>%
+(r: our utterances/s over the peer's; agree: utterances where our best transcript equals
+flashlight's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from asr.bundle import load_model
+from asr.data.dataset import SpeechDataset, collate
+from asr.data.manifest import read_manifest
+from asr.decoding.ctc import CTCPrefixBeamSearch
+from asr.decoding.options import DecodeOptions
+from asr.models.bilstm_ctc import BiLSTMCTC
+from asr.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENS_PER_FRAME = 16
+
+Decoder = Callable[[torch.Tensor, torch.Tensor], list[str]]
+
+
+def log_probs_of(
+    bundle_dir: Path, manifest: Path, limit: int
+) -> tuple[torch.Tensor, torch.Tensor, Tokenizer]:
+    """CTC log-probs (N, T', V) and lengths (N,) of the first `limit` utterances."""
+    bundle = load_model(bundle_dir)
+    if not isinstance(bundle.model, BiLSTMCTC):
+        raise SystemExit(f"{bundle_dir}: a BiLSTM-CTC bundle is needed, not {bundle.model_type}")
+    utterances = read_manifest(manifest)[:limit]
+    data = SpeechDataset(utterances, bundle.tokenizer, bundle.feature_config, bundle.cmvn)
+    outputs: list[torch.Tensor] = []
+    with torch.no_grad():
+        for start in range(0, len(data), 32):
+            batch = collate([data[i] for i in range(start, min(start + 32, len(data)))])
+            lp, lens = bundle.model.log_probs(batch.feats, batch.feat_lens)
+            outputs += [lp[i, : int(n)] for i, n in enumerate(lens)]
+    lengths = torch.tensor([o.shape[0] for o in outputs])
+    padded = torch.nn.utils.rnn.pad_sequence(outputs, batch_first=True)
+    return padded.contiguous(), lengths, bundle.tokenizer
+
+
+def ours(tokenizer: Tokenizer, beam: int, batch: int) -> Decoder:
+    search = CTCPrefixBeamSearch(DecodeOptions(beam=beam, prune_top_k=TOKENS_PER_FRAME))
+
+    def decode(lp: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        texts: list[str] = []
+        for start in range(0, lp.shape[0], batch):
+            part = slice(start, start + batch)
+            width = int(lengths[part].max())
+            hyps = search(lp[part, :width], lengths[part])
+            texts += [tokenizer.decode(h[0].tokens) for h in hyps]
+        return texts
+
+    return decode
+
+
+def flashlight(tokenizer: Tokenizer, beam: int) -> Decoder:
+    from torchaudio.models.decoder import ctc_decoder
+
+    pieces = tokenizer.pieces()
+    # Lexicon-free decoding needs a silence token; <unk> is one the model never has to emit.
+    decoder = ctc_decoder(
+        lexicon=None,
+        tokens=pieces,
+        beam_size=beam,
+        beam_size_token=TOKENS_PER_FRAME,
+        blank_token=pieces[tokenizer.blank_id],
+        sil_token=pieces[tokenizer.unk_id],
+        log_add=True,  # sum over merged paths, as prefix beam search does
+    )
+
+    def decode(lp: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        results = decoder(lp, lengths.int())
+        return [tokenizer.decode(_strip(r[0].tokens.tolist(), tokenizer)) for r in results]
+
+    return decode
+
+
+def _strip(ids: Sequence[int], tokenizer: Tokenizer) -> list[int]:
+    """flashlight brackets lexicon-free output with the silence token: drop it."""
+    return [i for i in ids if i != tokenizer.unk_id]
+
+
+def pyctcdecode(tokenizer: Tokenizer, beam: int) -> Decoder:
+    logging.getLogger("pyctcdecode").setLevel(logging.ERROR)  # "no kenlm" notices
+    from pyctcdecode import build_ctcdecoder
+
+    labels = tokenizer.pieces()
+    labels[tokenizer.blank_id] = ""  # how pyctcdecode spells blank
+    labels[tokenizer.unk_id] = "\u2581\u2047"
+    labels[tokenizer.sos_id] = "\u2581<sos/eos>"
+    decoder = build_ctcdecoder(labels)
+
+    def decode(lp: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        arrays = [lp[i, : int(n)].numpy() for i, n in enumerate(lengths)]
+        return [" ".join(decoder.decode(a, beam_width=beam).split()) for a in arrays]
+
+    return decode
+
+
+def timed(decode: Decoder, lp: torch.Tensor, lengths: torch.Tensor) -> tuple[list[str], float]:
+    """Texts and utterances per second (best of two runs after a warm-up on 8 utterances)."""
+    decode(lp[:8], lengths[:8])
+    best, texts = float("inf"), []
+    for _ in range(2):
+        start = time.perf_counter()
+        texts = decode(lp, lengths)
+        best = min(best, time.perf_counter() - start)
+    return texts, lp.shape[0] / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    synthetic = REPO / "exp/synthetic"
+    parser.add_argument("--model", type=Path, default=synthetic / "exp/ctc/bundle")
+    parser.add_argument(
+        "--manifest", type=Path, default=synthetic / "data/manifests/heldout-sentences.jsonl"
+    )
+    parser.add_argument("--limit", type=int, default=300, help="utterances to decode")
+    parser.add_argument("--beams", default="10,50")
+    parser.add_argument("--batch", type=int, default=256, help="our batch size (utterances)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (ours)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lp, lengths, tokenizer = log_probs_of(args.model, args.manifest, args.limit)
+    frames = int(lengths.sum())
+    print(f"{lp.shape[0]} utterances, {frames} frames, vocabulary {lp.shape[2]}, CPU")
+    summary = ""
+    for beam in [int(b) for b in args.beams.split(",")]:
+        our_texts, our_rate = timed(ours(tokenizer, beam, args.batch), lp, lengths)
+        fl_texts, fl_rate = timed(flashlight(tokenizer, beam), lp, lengths)
+        py_texts, py_rate = timed(pyctcdecode(tokenizer, beam), lp, lengths)
+        agree_fl = 100.0 * sum(a == b for a, b in zip(our_texts, fl_texts, strict=True)) / len(lp)
+        agree_py = 100.0 * sum(a == b for a, b in zip(our_texts, py_texts, strict=True)) / len(lp)
+        print(
+            f"beam {beam}: ours {our_rate:.1f} utt/s, flashlight {fl_rate:.1f} utt/s, "
+            f"pyctcdecode {py_rate:.1f} utt/s; same best transcript as flashlight "
+            f"{agree_fl:.1f} %, as pyctcdecode {agree_py:.1f} %"
+        )
+        line = (
+            f"ctc_beam{beam} vs_flashlight={our_rate / fl_rate:.2f}x "
+            f"vs_pyctcdecode={our_rate / py_rate:.2f}x agree={agree_fl:.1f}%"
+        )
+        print(line)
+        if beam == 10:
+            summary = line
+    if summary:
+        print(summary)
+
+
+if __name__ == "__main__":
+    main()

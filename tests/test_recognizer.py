@@ -1,0 +1,189 @@
+"""The Recognizer and `asr decode`: every method of both model types, two-pass rescoring across
+bundles, the files `asr decode` writes, and clear errors for options that cannot work."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from asr.audio import save_flac
+from asr.bundle import Bundle, BundleError, load_model, write_bundle
+from asr.cli import main
+from asr.data.manifest import Utterance, write_manifest
+from asr.decoding.options import DecodeOptions
+from asr.models.las import LASConfig, las
+from asr.recognizer import METHODS, Recognizer
+from asr.tokenizer import Tokenizer
+from tests.word_corpus import WordCorpus
+
+TRAINING = {
+    "experiment": {"model": {"preset": "test"}, "data": {"train": "words.jsonl"}},
+    "train_hours": 0.01,
+    "wall_seconds": 60,
+}
+
+
+def _save(bundle: Bundle, out: Path, model_type: str, config: dict[str, object]) -> Path:
+    return write_bundle(
+        out,
+        model_type=model_type,
+        model_config=config,
+        weights=bundle.model.state_dict(),
+        tokenizer=bundle.tokenizer,
+        cmvn=bundle.cmvn,
+        feature_config=bundle.feature_config,
+        training=TRAINING,
+        results={},
+    )
+
+
+@pytest.fixture(scope="module")
+def ctc_dir(word_model: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = word_model.model.config.to_dict()  # type: ignore[union-attr,operator]
+    return _save(word_model, tmp_path_factory.mktemp("ctc") / "bundle", "ctc", config)
+
+
+def _las_bundle(word_model: Bundle, tokenizer: Tokenizer) -> tuple[Bundle, dict[str, object]]:
+    """An untrained LAS over the same features (its outputs are arbitrary but well-formed)."""
+    torch.manual_seed(0)
+    config = LASConfig(
+        vocab_size=tokenizer.vocab_size,
+        listener="pyramid",
+        listener_hidden=32,
+        listener_layers=3,
+        attention_dim=32,
+        speller_hidden=32,
+        embedding_dim=16,
+    )
+    model = las(config).eval()
+    bundle = Bundle(
+        Path("<las>"), "las", model, tokenizer, word_model.cmvn, word_model.feature_config, {}
+    )
+    return bundle, config.to_dict()
+
+
+@pytest.fixture(scope="module")
+def las_dir(word_model: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    bundle, config = _las_bundle(word_model, word_model.tokenizer)
+    return _save(bundle, tmp_path_factory.mktemp("las") / "bundle", "las", config)
+
+
+@pytest.fixture(scope="module")
+def manifest(word_corpus: WordCorpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("audio")
+    rng = random.Random(7)
+    utterances = []
+    for i in range(12):
+        utt = word_corpus.utterance(rng)
+        path = root / f"utt{i}.flac"
+        save_flac(path, utt.audio)
+        utterances.append(
+            Utterance(f"utt{i}", str(path), utt.audio.numel() / 16000, utt.text, "s1")
+        )
+    write_manifest(root / "test.jsonl", utterances)
+    return root / "test.jsonl"
+
+
+def test_decode_writes_hypotheses_report_and_scores(
+    ctc_dir: Path, manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = tmp_path / "results.json"
+    for method in ("greedy", "beam"):
+        out = tmp_path / method
+        argv = ["decode", "--model", str(ctc_dir), "--manifest", str(manifest), "--out", str(out)]
+        assert main([*argv, "--method", method, "--results", str(results)]) == 0
+        line = capsys.readouterr().out
+        assert line.startswith(f"test: {method} WER ") and "RTF" in line
+        wer = json.loads((out / "wer.json").read_text())
+        assert wer["method"] == method and wer["utterances"] == 12
+        assert wer["wer"] <= 10.0  # the word model knows these words
+        assert {"substitutions", "deletions", "insertions", "cer", "rtf"} <= set(wer)
+        rows = [json.loads(line) for line in (out / "hyps.jsonl").read_text().splitlines()]
+        assert len(rows) == 12 and all(r["words"] for r in rows if r["text"])
+        starts = [w["start"] for w in rows[0]["words"]]
+        assert starts == sorted(starts)
+        assert (out / "errors.txt").read_text().startswith("WER ")
+        assert len((out / "hyps.tsv").read_text().splitlines()) == 13
+    merged = json.loads(results.read_text())
+    assert set(merged["methods"]) == {"greedy", "beam"}
+    assert merged["tests"]["test"]["method"] == "greedy"  # the table's greedy column
+    assert merged["model"] == "ctc" and merged["preset"] == "test"
+
+
+def test_two_pass_rescoring_across_bundles(
+    ctc_dir: Path, las_dir: Path, manifest: Path, tmp_path: Path
+) -> None:
+    argv = ["decode", "--model", str(ctc_dir), "--manifest", str(manifest)]
+    out = tmp_path / "rescore"
+    args = [*argv, "--out", str(out), "--method", "rescore", "--rescore-model", str(las_dir)]
+    assert main(args) == 0
+    wer = json.loads((out / "wer.json").read_text())
+    assert wer["method"] == "rescore" and wer["rescore_model"] == str(las_dir)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "joint"], "choose one of greedy, beam, rescore"),
+        (["--method", "rescore"], "needs a LAS bundle"),
+        (["--set", "bogus=1"], "unknown decoding option(s) bogus"),
+        (["--beam", "0"], "invalid decode options: beam=0"),
+    ],
+)
+def test_decode_rejects_options_that_cannot_work(
+    ctc_dir: Path,
+    manifest: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    argv = ["decode", "--model", str(ctc_dir), "--manifest", str(manifest), "--out", str(tmp_path)]
+    assert main([*argv, *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_rescorer_must_share_the_tokenizer(word_model: Bundle, ctc_dir: Path) -> None:
+    other = Tokenizer.train(["SOMETHING ELSE ENTIRELY", "QUITE DIFFERENT"], "char", 64)
+    las_bundle, _ = _las_bundle(word_model, other)
+    with pytest.raises(BundleError, match="tokenizer differs"):
+        Recognizer(load_model(ctc_dir), DecodeOptions(method="rescore"), rescorer=las_bundle)
+    with pytest.raises(BundleError, match="must be LAS"):
+        Recognizer(load_model(ctc_dir), rescorer=load_model(ctc_dir))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS["las"]))
+def test_every_las_method_returns_typed_transcripts(
+    word_model: Bundle, word_corpus: WordCorpus, method: str
+) -> None:
+    bundle, _ = _las_bundle(word_model, word_model.tokenizer)
+    rec = Recognizer(bundle, DecodeOptions(method=method, beam=3, nbest=2, max_len_ratio=0.5))
+    rng = random.Random(3)
+    feats = [rec.features(word_corpus.utterance(rng).audio) for _ in range(2)]
+    lengths = torch.tensor([f.shape[0] for f in feats])
+    transcripts = rec.decode(torch.nn.utils.rnn.pad_sequence(feats, batch_first=True), lengths)
+    assert len(transcripts) == 2
+    for t in transcripts:
+        assert 1 <= len(t.nbest) <= 2 and t.nbest[0].tokens == t.tokens
+        assert t.text == word_model.tokenizer.decode(t.tokens)
+        json.dumps(t.to_dict())  # serialisable as is
+
+
+def test_ctc_transcripts_carry_nbest_and_confidence(
+    word_model: Bundle, word_corpus: WordCorpus
+) -> None:
+    rec = Recognizer(word_model, DecodeOptions(method="beam", nbest=3))
+    utt = word_corpus.utterance(random.Random(5))
+    feats = rec.features(utt.audio)
+    [t] = rec.decode(feats[None], torch.tensor([feats.shape[0]]))
+    assert t.text == utt.text
+    assert len(t.nbest) == 3 and [a.score for a in t.nbest] == sorted(
+        [a.score for a in t.nbest], reverse=True
+    )
+    assert 0.5 < t.confidence <= 1.0
+    greedy = rec.decode(feats[None], torch.tensor([feats.shape[0]]), DecodeOptions(method="greedy"))
+    assert greedy[0].text == utt.text and len(greedy[0].nbest) == 1
