@@ -333,6 +333,35 @@ def _add_results(path: Path, config: dict[str, Any], name: str, summary: dict[st
     path.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def _add_results_table(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", type=Path, nargs="+", help="results.json files of experiments")
+
+
+def _run_results_table(args: argparse.Namespace) -> int:
+    """A Markdown table: one row per model and method, WER / CER per test set."""
+    experiments = []
+    for path in args.results:
+        try:
+            experiments.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: not a results file ({err})") from err
+    sets = list(
+        dict.fromkeys(s for e in experiments for m in e.get("methods", {}).values() for s in m)
+    )
+    print("| model | method | " + " | ".join(sets) + " |")
+    print("|---|---|" + "---|" * len(sets))
+    for e in experiments:
+        label = f"{e.get('model')} {e.get('preset')}"
+        for method, by_set in e.get("methods", {}).items():
+            cells = [
+                f"{by_set[s]['wer']:.2f} / {by_set[s]['cer']:.2f}" if s in by_set else "-"
+                for s in sets
+            ]
+            print(f"| {label} | {method} | " + " | ".join(cells) + " |")
+    print("(WER / CER in %)")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -352,6 +381,9 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train a model (run under torchrun for DDP)", _add_train, _run_train),
     "export": Command("write a model bundle from an experiment", _add_export, _run_export),
     "decode": Command("transcribe a manifest with a bundle and score it", _add_decode, _run_decode),
+    "results": Command(
+        "print experiments' results.json as a WER table", _add_results_table, _run_results_table
+    ),
 }
 
 

@@ -112,6 +112,10 @@ def test_decode_writes_hypotheses_report_and_scores(
     assert set(merged["methods"]) == {"greedy", "beam"}
     assert merged["tests"]["test"]["method"] == "greedy"  # the table's greedy column
     assert merged["model"] == "ctc" and merged["preset"] == "test"
+    assert main(["results", str(results)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| model | method | test |"
+    assert table[2].startswith("| ctc test | greedy | ") and table[3].startswith("| ctc test | beam |")
 
 
 def test_two_pass_rescoring_across_bundles(

@@ -14,8 +14,10 @@
 #   2 cmvn       asr cmvn --manifest DATA/manifests/train.jsonl --out DATA/cmvn.json
 #   3 train      torchrun --nproc_per_node=NGPU -m asr.cli train --exp-dir EXP --model M --preset P ...
 #   4 export     asr export --exp-dir EXP --average N --out EXP/bundle
-#   5 decode     asr decode --model EXP/bundle --manifest DATA/manifests/TEST.jsonl --out EXP/decode/TEST
-#                (greedy WER/CER per test set, collected in EXP/results.json)
+#   5 decode     asr decode --model EXP/bundle --manifest DATA/manifests/TEST.jsonl --method M \
+#                    --beam 10 --out EXP/decode/M/TEST --results EXP/results.json
+#                for each method (ctc: greedy, beam, and rescore with --rescore-model LAS_BUNDLE;
+#                las: greedy, beam, joint, rescore), then `asr results` prints the WER table
 # Export comes before decode so the numbers are those of the bundle users get.
 set -euo pipefail
 
@@ -34,6 +36,9 @@ data_dir=data
 exp_dir=
 average=5
 epochs=                     # empty: the preset's
+methods=                    # decode stage; empty: greedy,beam (ctc), greedy,beam,joint,rescore (las)
+beam=10
+rescore_model=              # a LAS bundle: adds two-pass "rescore" to a ctc model's methods
 jobs=$(nproc)
 train_args=()               # extra `asr train` arguments after --, e.g. -- --set lr=5e-4
 
@@ -54,9 +59,12 @@ while [[ $# -gt 0 ]]; do
     --exp-dir) exp_dir=$2; shift 2 ;;
     --average) average=$2; shift 2 ;;
     --epochs) epochs=$2; shift 2 ;;
+    --methods) methods=$2; shift 2 ;;
+    --beam) beam=$2; shift 2 ;;
+    --rescore-model) rescore_model=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
     --) shift; train_args=("$@"); break ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -101,9 +109,20 @@ fi
 
 if in_stage 5; then
   IFS=, read -ra tests <<< "$test_sets"
-  for t in "${tests[@]}"; do
-    run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$t.jsonl" \
-      --out "$exp_dir/decode/$t" --name "$t" --results "$exp_dir/results.json"
+  if [[ -z $methods ]]; then
+    methods=greedy,beam
+    [[ $model == las ]] && methods=greedy,beam,joint,rescore
+    [[ $model == ctc && -n $rescore_model ]] && methods=greedy,beam,rescore
+  fi
+  IFS=, read -ra method_list <<< "$methods"
+  for m in "${method_list[@]}"; do
+    rescore_args=()
+    [[ $m == rescore && $model == ctc ]] && rescore_args=(--rescore-model "$rescore_model")
+    for t in "${tests[@]}"; do
+      run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$t.jsonl" \
+        --method "$m" --beam "$beam" "${rescore_args[@]}" \
+        --out "$exp_dir/decode/$m/$t" --name "$t" --results "$exp_dir/results.json"
+    done
   done
-  cat "$exp_dir/results.json"
+  run asr results "$exp_dir/results.json"
 fi

@@ -13,7 +13,8 @@
 #             test sentences (heldout-sentences); a voice never used in training speaks them
 #             too (heldout-voice)
 #   2+        recipes/librispeech/run.sh --data-root WORK/LibriSpeech --preset cpu-small ...
-#             (prepare, tokenizer, cmvn, train, export, decode; results in EXP/results.json)
+#             (prepare, tokenizer, cmvn, train, export, decode; results in EXP/results.json),
+#             then BiLSTM-CTC n-best rescored by the LAS bundle, and the WER table
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -47,7 +48,7 @@ while [[ $# -gt 0 ]]; do
     --jobs) jobs=$2; shift 2 ;;
     --vocab-size) vocab_size=$2; shift 2 ;;
     --epochs) epochs=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -99,3 +100,10 @@ for m in "${models[@]}"; do
       --average 3 --jobs "$jobs" ${epochs:+--epochs "$epochs"}
   fi
 done
+# Two-pass decoding of the BiLSTM-CTC n-best with the LAS attention decoder (same tokenizer).
+if [[ $stop_stage -ge 7 && -d $work/exp/las/bundle && -d $work/exp/ctc/bundle ]]; then
+  run "$repo/recipes/librispeech/run.sh" --stage 5 --stop-stage 5 \
+    --test-sets heldout-sentences,heldout-voice --model ctc --data-dir "$work/data" \
+    --exp-dir "$work/exp/ctc" --methods rescore --rescore-model "$work/exp/las/bundle"
+  run asr results "$work/exp/ctc/results.json" "$work/exp/las/results.json"
+fi
