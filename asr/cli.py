@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -211,10 +211,10 @@ def _add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="directory for hypotheses and scores")
     p.add_argument(
         "--method",
-        default="greedy",
-        help="greedy | beam | joint (LAS) | rescore (LAS, or CTC with --rescore-model)",
+        help="greedy | beam | joint (LAS) | rescore (LAS, or CTC with --rescore-model); "
+        "default: the bundle's (beam for BiLSTM-CTC, joint for LAS)",
     )
-    p.add_argument("--beam", type=int, help="beam size (default: the bundle's, else 10)")
+    p.add_argument("--beam", type=int, help="beam size (default: the bundle's, 10)")
     p.add_argument("--ctc-weight", type=float, help="CTC weight for joint and rescore")
     p.add_argument("--rescore-model", type=Path, help="LAS bundle for two-pass CTC decoding")
     p.add_argument(
@@ -226,21 +226,21 @@ def _add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def _decode_options(args: argparse.Namespace, bundle_defaults: dict[str, Any]) -> DecodeOptions:
+def _decode_options(args: argparse.Namespace, base: DecodeOptions) -> DecodeOptions:
+    """The bundle's decoding options with the command line's on top."""
     flags = {"method": args.method, "beam": args.beam, "ctc_weight": args.ctc_weight}
-    values = bundle_defaults | {k: v for k, v in flags.items() if v is not None}
+    values = {k: v for k, v in flags.items() if v is not None}
     values |= _parse_overrides(args.set, "decoding")
-    known = {f.name for f in fields(DecodeOptions)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - {f.name for f in fields(DecodeOptions)})
     if unknown:
         raise ValueError(f"unknown decoding option(s) {', '.join(unknown)}")
-    return DecodeOptions(**values)
+    return replace(base, **values)
 
 
 def _run_decode(args: argparse.Namespace) -> int:
     bundle = load_model(args.model, device=args.device)
     rescorer = load_model(args.rescore_model, device=args.device) if args.rescore_model else None
-    options = _decode_options(args, bundle.config.get("decoding", {}))
+    options = _decode_options(args, Recognizer(bundle).options)
     recognizer = Recognizer(bundle, options, rescorer)
     utterances = read_manifest(args.manifest)
     start = time.time()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -128,6 +129,13 @@ METHODS: dict[str, dict[str, SearchFn]] = {
 }
 
 
+def default_options(model_type: str, model_config: dict[str, Any]) -> DecodeOptions:
+    """What a bundle decodes with unless told otherwise: the most accurate method it has."""
+    if model_type == "las" and model_config.get("ctc_weight", 0) > 0:
+        return DecodeOptions(method="joint")
+    return DecodeOptions(method="beam")
+
+
 class Recognizer:
     """A loaded bundle (plus, for two-pass CTC decoding, a LAS bundle) and decoding options."""
 
@@ -136,7 +144,11 @@ class Recognizer:
     ) -> None:
         self.bundle = bundle
         self.rescorer = rescorer
-        self.options = options or DecodeOptions(**bundle.config.get("decoding", {}))
+        stored = bundle.config.get("decoding") or {}
+        model_config = bundle.config.get("model", {}).get("config", {})
+        self.options = options or (
+            DecodeOptions(**stored) if stored else default_options(bundle.model_type, model_config)
+        )
         self.check(self.options)
         if rescorer is not None:
             if rescorer.model_type != "las":

@@ -191,3 +191,8 @@ def test_ctc_transcripts_carry_nbest_and_confidence(
     assert 0.5 < t.confidence <= 1.0
     greedy = rec.decode(feats[None], torch.tensor([feats.shape[0]]), DecodeOptions(method="greedy"))
     assert greedy[0].text == utt.text and len(greedy[0].nbest) == 1
+
+
+def test_bundles_decode_with_their_best_method_by_default(ctc_dir: Path, las_dir: Path) -> None:
+    assert Recognizer(load_model(ctc_dir)).options.method == "beam"
+    assert Recognizer(load_model(las_dir)).options.method == "joint"  # it has a CTC head

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from asr.data.manifest import read_manifest
 from asr.evaluation import evaluate
 from asr.features import CMVN
 from asr.models import build_model
+from asr.recognizer import default_options
 from asr.tokenizer import Tokenizer
 from asr.training import checkpoint as ckpt
 from asr.training.trainer import Experiment
@@ -68,4 +70,5 @@ def export_experiment(exp_dir: str | Path, out_dir: str | Path, *, average: int 
         feature_config=experiment.feature_config,
         training=training,
         results=results,
+        decoding=asdict(default_options(experiment.model_type, experiment.model_config)),
     )
