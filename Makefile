@@ -7,7 +7,7 @@ SYSTEM_PACKAGES := libsndfile1 sox espeak-ng flite
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps lint format typecheck test test-slow check bench clean
+.PHONY: setup system-deps proto proto-check lint format typecheck test test-slow check bench clean
 
 setup: $(VENV)/.installed  ## system packages, virtualenv, the package with dev extras
 
@@ -30,6 +30,18 @@ $(VENV)/.installed: .stamps/system pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
+PROTOS := $(wildcard proto/asr/v1/*.proto)
+PROTOC := $(BIN)/python -m grpc_tools.protoc -I proto
+
+proto: setup  ## regenerate asr/v1/*_pb2*.py from proto/ (the generated code is checked in)
+	$(PROTOC) --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
+proto-check: setup  ## the checked-in generated code is what `make proto` writes now
+	@tmp=$$(mktemp -d); $(PROTOC) --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTOS) \
+		&& diff -r -x __init__.py -x __pycache__ $$tmp/asr/v1 asr/v1 \
+		&& echo "generated gRPC code is up to date"; status=$$?; rm -rf $$tmp; \
+		[ $$status = 0 ] || { echo "asr/v1 is stale: run make proto"; exit 1; }
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -47,7 +59,7 @@ test: setup  ## the default suite (slow tests excluded)
 test-slow: setup
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
-check: lint typecheck test  ## what the README's test command and CI run
+check: proto-check lint typecheck test  ## what the README's test command and CI run
 
 bench: setup  ## benchmarks that need a trained model take it from exp/synthetic (the recipe)
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'

@@ -115,7 +115,8 @@ def test_decode_writes_hypotheses_report_and_scores(
     assert main(["results", str(results)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "| model | method | test |"
-    assert table[2].startswith("| ctc test | greedy | ") and table[3].startswith("| ctc test | beam |")
+    assert table[2].startswith("| ctc test | greedy | ")
+    assert table[3].startswith("| ctc test | beam | ")
 
 
 def test_two_pass_rescoring_across_bundles(
