@@ -1,5 +1,6 @@
-"""A small trained BiLSTM-CTC for decoding tests: audio concatenated from single-word espeak-ng
-clips with silences of known length, so every word's true start and end are known.
+"""A small trained latency-controlled BiLSTM-CTC for decoding and streaming tests: audio
+concatenated from single-word espeak-ng clips with silences of known length, so every word's
+true start and end are known.
 
 Training takes well under a minute on two cores; the model then transcribes held-out
 arrangements of the same words almost perfectly, which is what tests of beam search against
@@ -23,7 +24,9 @@ from asr.features import CMVNAccumulator, FeatureConfig, log_mel
 from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCConfig
 from asr.tokenizer import Tokenizer
 
-WORDS = ("apple", "river", "morning", "garden", "yellow", "window", "simple", "basket", "ocean")
+# Spelled as they sound: a silent letter (the g of "morning") has no acoustic cue, and a small
+# character model learns to emit it at the end of the audio instead.
+WORDS = ("apple", "river", "tiger", "garden", "yellow", "window", "simple", "basket", "ocean")
 VOICES = ("espeak:en-us+m1", "espeak:en-us+f1")
 
 
@@ -46,10 +49,14 @@ class WordCorpus:
         parts = [torch.zeros(round(rng.uniform(0.05, 0.5) * SAMPLE_RATE))]
         at = parts[0].numel() / SAMPLE_RATE
         words = []
-        for word in rng.sample(WORDS, rng.randint(2, 5)):
+        chosen = rng.sample(WORDS, rng.randint(2, 5))
+        for i, word in enumerate(chosen):
             clip = self.clips[(voice, word)]
             words.append((word.upper(), at, at + clip.numel() / SAMPLE_RATE))
-            gap = torch.zeros(round(rng.uniform(0.15, 0.6) * SAMPLE_RATE))
+            # Pauses between words, sometimes long ones (streams have them): a model that only
+            # ever saw short pauses holds a word's last token back until the audio ends.
+            long = i == len(chosen) - 1 or rng.random() < 0.2
+            gap = torch.zeros(round(rng.uniform(0.15, 3.0 if long else 0.6) * SAMPLE_RATE))
             parts += [clip, gap]
             at += (clip.numel() + gap.numel()) / SAMPLE_RATE
         return Utterance(torch.cat(parts), words)
@@ -86,8 +93,13 @@ def train_model(corpus: WordCorpus, steps: int = 250, seed: int = 0) -> Bundle:
     for f in feats:
         acc.add(f)
     cmvn = acc.result()
+    # Latency-controlled (320 ms chunks, 160 ms look-ahead), so the model also streams.
     config = BiLSTMCTCConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=96, num_layers=2, projection_size=0
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=96,
+        num_layers=2,
+        chunk_size=8,
+        right_context=4,
     )
     model = BiLSTMCTC(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

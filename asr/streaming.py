@@ -1,0 +1,231 @@
+"""StreamingSession: audio chunks in, interim and final results out, for one stream.
+
+Samples go through incremental log-mel features, the latency-controlled BiLSTM-CTC encoder
+(`BiLSTMCTCStream`) and the incremental CTC prefix beam search, so the work per chunk is
+proportional to the chunk, never to the audio so far. Endpointing follows the CTC output: once
+a segment has speech (a non-blank best token), a run of blank frames as long as
+`trailing_silence`, or a segment reaching `max_segment`, closes it; its final result is the
+beam search's n-best (optionally rescored by the recognizer's LAS bundle: two-pass), with word
+timings counted from the start of the stream. Memory is bounded by one segment.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from asr.decoding.alignment import word_timings
+from asr.decoding.attention import rescore
+from asr.decoding.ctc import CTCBeamState, CTCPrefixBeamSearch
+from asr.decoding.options import Alternative, DecodeOptions, Hypothesis, Transcript
+from asr.features import StreamingFeatures
+from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCStream
+from asr.models.las import LAS
+from asr.recognizer import Recognizer
+from asr.tokenizer import BLANK_ID
+
+LEAD_SECONDS = 0.3  # silence kept before the first speech of a segment
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """When a segment ends (rules like sherpa-onnx's)."""
+
+    trailing_silence: float = 0.8  # seconds of blank output after speech
+    max_segment: float = 30.0  # seconds; a segment is cut here even without a pause
+
+    def __post_init__(self) -> None:
+        if not (self.trailing_silence > 0 and self.max_segment > 0):
+            raise ValueError(
+                f"endpoint durations must be positive: trailing_silence="
+                f"{self.trailing_silence}, max_segment={self.max_segment}"
+            )
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """An interim (is_final False) or final result of the current segment."""
+
+    transcript: Transcript
+    is_final: bool
+    stability: float  # interim: probability share of the best prefix in the beam; final: 1
+    start: float  # segment start, seconds from the start of the stream
+    end: float  # end of the audio this result covers
+
+
+class StreamingSession:
+    """One stream through a recognizer whose model is a latency-controlled BiLSTM-CTC."""
+
+    def __init__(
+        self,
+        recognizer: Recognizer,
+        options: DecodeOptions | None = None,
+        endpoint: EndpointConfig | None = None,
+        *,
+        interim_results: bool = True,
+    ) -> None:
+        model = recognizer.bundle.model
+        if not isinstance(model, BiLSTMCTC) or not model.config.chunk_size:
+            raise ValueError(
+                f"{recognizer.bundle.path}: streaming needs a latency-controlled BiLSTM-CTC "
+                "model (chunk_size > 0)"
+            )
+        self.recognizer = recognizer
+        self.options = options or recognizer.options
+        recognizer.check(self.options)
+        self.endpoint = endpoint or EndpointConfig()
+        self.interim_results = interim_results
+        self.model = model
+        # Beam search for every method: greedy is its first-best, rescore rescores its n-best.
+        beam = 1 if self.options.method == "greedy" else self.options.beam
+        wide = self.options.method == "rescore"
+        self.search = CTCPrefixBeamSearch(
+            replace(self.options, beam=beam, nbest=beam if wide else self.options.nbest)
+        )
+        self.features = StreamingFeatures(recognizer.bundle.feature_config)
+        self.encoder = BiLSTMCTCStream(model)
+        self.frame_seconds = recognizer.frame_seconds * model.time_reduction
+        self.frames = 0  # encoder frames consumed in the stream
+        self.finished = False
+        self._new_segment(0)
+
+    def _new_segment(self, frame: int) -> None:
+        self.segment_start = frame  # encoder frames from the start of the stream
+        self.state: CTCBeamState = self.search.init(1, self.model.head.weight.device)
+        self.log_probs: list[torch.Tensor] = []  # (n, V) per consumed piece
+        self.raw: list[torch.Tensor] = []  # (n, F) feature frames of the segment
+        self.blank_run = 0
+        self.has_speech = False
+
+    def accept(self, samples: torch.Tensor) -> list[StreamResult]:
+        """Feed (N,) float 16 kHz samples; returns the finals of segments that ended and, with
+        interim results on, the current partial."""
+        if self.finished:
+            raise RuntimeError("the stream is finished")
+        feats = self.features.accept(samples)  # (T, F)
+        results = self._consume_features(feats)
+        if self.interim_results and self.has_speech:
+            results.append(self._partial())
+        return results
+
+    def finish(self) -> list[StreamResult]:
+        """End of audio: the final result of the last segment (if it had speech)."""
+        if self.finished:
+            return []
+        self.finished = True
+        results = self._consume(self.encoder.flush()[0])
+        if self.has_speech:
+            results.append(self._final())
+        return results
+
+    def _consume_features(self, feats: torch.Tensor) -> list[StreamResult]:
+        if feats.shape[0] == 0:
+            return []
+        self.raw.append(feats)
+        normed = self.recognizer.bundle.cmvn.apply(feats)
+        return self._consume(self.encoder.accept(normed[None])[0])
+
+    def _consume(self, log_probs: torch.Tensor) -> list[StreamResult]:
+        """Advance over new encoder frames (n, V), closing segments at endpoints."""
+        results = []
+        best = log_probs.argmax(dim=-1).tolist()
+        silence = math.ceil(self.endpoint.trailing_silence / self.frame_seconds)
+        longest = math.ceil(self.endpoint.max_segment / self.frame_seconds)
+        lead = math.ceil(LEAD_SECONDS / self.frame_seconds)
+        base, start = self.frames, 0
+        for i, token in enumerate(best):
+            if token == BLANK_ID:
+                self.blank_run += 1
+            else:
+                self.blank_run, self.has_speech = 0, True
+            end = base + i + 1
+            length = end - self.segment_start
+            if self.has_speech and (self.blank_run >= silence or length >= longest):
+                self._advance(log_probs[start : i + 1])
+                results.append(self._final())
+                start = i + 1
+                self._restart(end)
+            elif not self.has_speech and length >= 2 * lead:
+                # Nothing said yet: keep only the last `lead` frames before speech starts, so
+                # buffers stay bounded and max_segment counts from (just before) the speech.
+                self._advance(log_probs[start : i + 1])
+                start = i + 1
+                self._restart(end - lead)
+        self._advance(log_probs[start:])
+        self.frames = base + len(best)
+        return results
+
+    def _restart(self, frame: int) -> None:
+        """A new segment from encoder frame `frame`, keeping what the old one holds of it."""
+        raw = torch.cat(self.raw) if self.raw else None
+        log_probs = torch.cat(self.log_probs) if self.log_probs else None
+        offset = frame - self.segment_start
+        self._new_segment(frame)
+        if raw is not None and raw.shape[0] > offset * self.model.time_reduction:
+            self.raw.append(raw[offset * self.model.time_reduction :])
+        if log_probs is not None and log_probs.shape[0] > offset:
+            self._advance(log_probs[offset:])
+
+    def _advance(self, log_probs: torch.Tensor) -> None:
+        if log_probs.shape[0]:
+            self.log_probs.append(log_probs)
+            self.search.advance(self.state, log_probs[None], torch.tensor([log_probs.shape[0]]))
+
+    def _partial(self) -> StreamResult:
+        scores = torch.logaddexp(self.state.blank, self.state.nonblank)[0]  # (K,)
+        share = float((scores.max() - scores.logsumexp(dim=0)).exp())
+        tokens = tuple(self.search.best(self.state)[0])
+        text = self.recognizer.bundle.tokenizer.decode(tokens)
+        transcript = Transcript(text=text, tokens=tokens, score=float(scores.max()))
+        return StreamResult(transcript, False, round(share, 4), *self._span())
+
+    def _span(self) -> tuple[float, float]:
+        end = self.segment_start + sum(lp.shape[0] for lp in self.log_probs)
+        return self.segment_start * self.frame_seconds, end * self.frame_seconds
+
+    def _final(self) -> StreamResult:
+        hyps = self.search.finalize(self.state) or [[]]
+        nbest = hyps[0] or [Hypothesis((), 0.0)]
+        log_probs = torch.cat(self.log_probs) if self.log_probs else torch.zeros(0, 1)
+        frames = log_probs.shape[0] * self.model.time_reduction
+        raw = torch.cat(self.raw)[:frames] if self.raw else torch.zeros(0, 1)
+        if self.options.method == "rescore" and self.recognizer.rescorer is not None:
+            nbest = self._rescore(nbest, raw)
+        nbest = nbest[: self.options.nbest]
+        start, end = self._span()
+        tokenizer = self.recognizer.bundle.tokenizer
+        words = (
+            word_timings(
+                log_probs,
+                nbest[0].tokens,
+                tokenizer,
+                self.recognizer.frame_seconds,
+                self.model.time_reduction,
+                raw.mean(dim=-1) if raw.numel() else None,
+                offset=start,
+            )
+            if self.options.word_timings
+            else ()
+        )
+        transcript = Transcript(
+            text=tokenizer.decode(nbest[0].tokens),
+            tokens=nbest[0].tokens,
+            score=nbest[0].score,
+            words=words,
+            nbest=tuple(Alternative(tokenizer.decode(h.tokens), h.tokens, h.score) for h in nbest),
+            confidence=round(sum(w.confidence for w in words) / len(words), 4) if words else 0.0,
+        )
+        return StreamResult(transcript, True, 1.0, start, end)
+
+    def _rescore(self, nbest: list[Hypothesis], raw: torch.Tensor) -> list[Hypothesis]:
+        """Second pass over the segment's features with the LAS rescorer."""
+        rescorer = self.recognizer.rescorer
+        assert rescorer is not None and isinstance(rescorer.model, LAS)
+        if raw.shape[0] < 8 * rescorer.model.time_reduction:
+            return nbest  # too short for the listener's x8 reduction
+        feats = rescorer.cmvn.apply(raw)[None]
+        with torch.no_grad():
+            enc = rescorer.model.encode(feats, torch.tensor([raw.shape[0]]))
+            return rescore(rescorer.model, enc, [nbest], self.options)[0]
