@@ -4,6 +4,7 @@ endpoints split segments at pauses with stream-relative times, and buffers stay 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from asr.audio import SAMPLE_RATE
 from asr.bundle import Bundle
 from asr.decoding.options import DecodeOptions
+from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.recognizer import Recognizer
 from asr.streaming import EndpointConfig, StreamingSession, StreamResult
 from tests.word_corpus import Utterance, WordCorpus
@@ -99,11 +101,8 @@ def test_max_segment_cuts_long_speech(word_model: Bundle, utterances: list[Utter
 
 
 def test_streaming_needs_a_latency_controlled_ctc_model(word_model: Bundle) -> None:
-    from dataclasses import replace
-
-    from asr.models.bilstm_ctc import BiLSTMCTC
-
-    offline = BiLSTMCTC(replace(word_model.model.config, chunk_size=0, right_context=0))  # type: ignore[union-attr, arg-type]
+    assert isinstance(word_model.model, BiLSTMCTC)
+    offline = BiLSTMCTC(replace(word_model.model.config, chunk_size=0, right_context=0))
     bundle = replace(word_model, model=offline)
     with pytest.raises(ValueError, match="latency-controlled"):
         StreamingSession(Recognizer(bundle))
