@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from asr.bundle import load_model
 from asr.data import synth
 from asr.data.dataset import manifest_cmvn
@@ -362,6 +364,119 @@ def _run_results_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=BUNDLE_DIR",
+        help="a model to serve (repeatable; the first is the default)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on ([::] for all)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--max-streams", type=int, default=64, help="concurrent streams")
+    p.add_argument("--max-stream-seconds", type=float, default=3600.0)
+    p.add_argument("--max-unary-seconds", type=float, default=600.0)
+    p.add_argument("--torch-threads", type=int, default=1, help="model worker threads")
+    p.add_argument("--max-batch", type=int, default=16, help="Recognize calls per batch")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="batch collection window")
+    p.add_argument("--grace-seconds", type=float, default=10.0, help="drain time on SIGTERM")
+    p.add_argument("--trailing-silence", type=float, default=0.8, help="endpoint rule (s)")
+    p.add_argument("--max-segment", type=float, default=30.0, help="endpoint rule (s)")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from asr.streaming import EndpointConfig
+    from server.app import serve
+    from server.config import ServerConfig
+
+    models = []
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--model {item!r} is not NAME=BUNDLE_DIR")
+        models.append((name, path))
+    config = ServerConfig(
+        models=tuple(models),
+        host=args.host,
+        port=args.port,
+        max_concurrent_streams=args.max_streams,
+        max_stream_seconds=args.max_stream_seconds,
+        max_unary_seconds=args.max_unary_seconds,
+        torch_threads=args.torch_threads,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        grace_seconds=args.grace_seconds,
+        endpoint=EndpointConfig(args.trailing_silence, args.max_segment),
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(serve(config))
+    return 0
+
+
+def _add_client(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", type=Path, help="audio files (WAV, FLAC, OGG)")
+    p.add_argument("--server", default="localhost:50051", help="HOST:PORT")
+    p.add_argument("--model", default="", help="model name (default: the server's default)")
+    p.add_argument("--stream", action="store_true", help="StreamingRecognize, with interim results")
+    p.add_argument("--realtime", action="store_true", help="send audio at real-time pace")
+    p.add_argument("--words", action="store_true", help="print word timings")
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    import grpc
+
+    from asr.audio import load_audio
+    from asr.client import AsrClient
+
+    failed = 0
+    with AsrClient(args.server) as client:
+        for path in args.files:
+            try:
+                if args.stream:
+                    print(f"{path}:")
+                    _stream_file(client, load_audio(path), args)
+                else:
+                    response = client.recognize(
+                        path.read_bytes(), model=args.model, word_time_offsets=args.words
+                    )
+                    text = " ".join(r.alternatives[0].transcript for r in response.results)
+                    print(f"{path}: {text}")
+                    if args.words:
+                        _print_words(response.results)
+            except grpc.RpcError as err:
+                print(f"{path}: {err.code().name}: {err.details()}", file=sys.stderr)
+                failed += 1
+            except OSError as err:  # AudioError (a ValueError) and unreadable files
+                print(f"{path}: {err}", file=sys.stderr)
+                failed += 1
+    return 1 if failed else 0
+
+
+def _stream_file(client: Any, samples: torch.Tensor, args: argparse.Namespace) -> None:
+    responses = client.stream(
+        samples, model=args.model, realtime=args.realtime, word_time_offsets=args.words
+    )
+    for response in responses:
+        for result in response.results:
+            text = result.alternatives[0].transcript if result.alternatives else ""
+            end = result.result_end_time.ToNanoseconds() / 1e9
+            kind = "final" if result.is_final else f"interim (stability {result.stability:.2f})"
+            print(f"  [{end:7.2f} s] {kind}: {text}", flush=True)
+            if result.is_final and args.words:
+                _print_words([result])
+
+
+def _print_words(results: Any) -> None:
+    for result in results:
+        for w in result.alternatives[0].words:
+            start, end = w.start_offset.ToNanoseconds() / 1e9, w.end_offset.ToNanoseconds() / 1e9
+            print(f"  {start:7.2f} {end:7.2f} {w.confidence:.2f} {w.word}")
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -381,6 +496,8 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train a model (run under torchrun for DDP)", _add_train, _run_train),
     "export": Command("write a model bundle from an experiment", _add_export, _run_export),
     "decode": Command("transcribe a manifest with a bundle and score it", _add_decode, _run_decode),
+    "serve": Command("serve models over gRPC (batch and streaming)", _add_serve, _run_serve),
+    "client": Command("transcribe files with a running server", _add_client, _run_client),
     "results": Command(
         "print experiments' results.json as a WER table", _add_results_table, _run_results_table
     ),

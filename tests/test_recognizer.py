@@ -11,43 +11,22 @@ import pytest
 import torch
 
 from asr.audio import save_flac
-from asr.bundle import Bundle, BundleError, load_model, write_bundle
+from asr.bundle import Bundle, BundleError, load_model
 from asr.cli import main
 from asr.data.manifest import Utterance, write_manifest
 from asr.decoding.options import DecodeOptions
 from asr.models.las import LASConfig, las
 from asr.recognizer import METHODS, Recognizer
 from asr.tokenizer import Tokenizer
-from tests.word_corpus import WordCorpus
-
-TRAINING = {
-    "experiment": {"model": {"preset": "test"}, "data": {"train": "words.jsonl"}},
-    "train_hours": 0.01,
-    "wall_seconds": 60,
-}
-
-
-def _save(bundle: Bundle, out: Path, model_type: str, config: dict[str, object]) -> Path:
-    return write_bundle(
-        out,
-        model_type=model_type,
-        model_config=config,
-        weights=bundle.model.state_dict(),
-        tokenizer=bundle.tokenizer,
-        cmvn=bundle.cmvn,
-        feature_config=bundle.feature_config,
-        training=TRAINING,
-        results={},
-    )
+from tests.word_corpus import WordCorpus, save_bundle
 
 
 @pytest.fixture(scope="module")
 def ctc_dir(word_model: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = word_model.model.config.to_dict()  # type: ignore[union-attr,operator]
-    return _save(word_model, tmp_path_factory.mktemp("ctc") / "bundle", "ctc", config)
+    return save_bundle(word_model, tmp_path_factory.mktemp("ctc") / "bundle")
 
 
-def _las_bundle(word_model: Bundle, tokenizer: Tokenizer) -> tuple[Bundle, dict[str, object]]:
+def _las_bundle(word_model: Bundle, tokenizer: Tokenizer) -> Bundle:
     """An untrained LAS over the same features (its outputs are arbitrary but well-formed)."""
     torch.manual_seed(0)
     config = LASConfig(
@@ -60,16 +39,15 @@ def _las_bundle(word_model: Bundle, tokenizer: Tokenizer) -> tuple[Bundle, dict[
         embedding_dim=16,
     )
     model = las(config).eval()
-    bundle = Bundle(
+    return Bundle(
         Path("<las>"), "las", model, tokenizer, word_model.cmvn, word_model.feature_config, {}
     )
-    return bundle, config.to_dict()
 
 
 @pytest.fixture(scope="module")
 def las_dir(word_model: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    bundle, config = _las_bundle(word_model, word_model.tokenizer)
-    return _save(bundle, tmp_path_factory.mktemp("las") / "bundle", "las", config)
+    bundle = _las_bundle(word_model, word_model.tokenizer)
+    return save_bundle(bundle, tmp_path_factory.mktemp("las") / "bundle")
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +132,7 @@ def test_decode_rejects_options_that_cannot_work(
 
 def test_rescorer_must_share_the_tokenizer(word_model: Bundle, ctc_dir: Path) -> None:
     other = Tokenizer.train(["SOMETHING ELSE ENTIRELY", "QUITE DIFFERENT"], "char", 64)
-    las_bundle, _ = _las_bundle(word_model, other)
+    las_bundle = _las_bundle(word_model, other)
     with pytest.raises(BundleError, match="tokenizer differs"):
         Recognizer(load_model(ctc_dir), DecodeOptions(method="rescore"), rescorer=las_bundle)
     with pytest.raises(BundleError, match="must be LAS"):
@@ -165,7 +143,7 @@ def test_rescorer_must_share_the_tokenizer(word_model: Bundle, ctc_dir: Path) ->
 def test_every_las_method_returns_typed_transcripts(
     word_model: Bundle, word_corpus: WordCorpus, method: str
 ) -> None:
-    bundle, _ = _las_bundle(word_model, word_model.tokenizer)
+    bundle = _las_bundle(word_model, word_model.tokenizer)
     rec = Recognizer(bundle, DecodeOptions(method=method, beam=3, nbest=2, max_len_ratio=0.5))
     rng = random.Random(3)
     feats = [rec.features(word_corpus.utterance(rng).audio) for _ in range(2)]

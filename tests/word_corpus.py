@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from asr.audio import SAMPLE_RATE, load_audio
-from asr.bundle import Bundle
+from asr.bundle import Bundle, write_bundle
 from asr.data.synth import Voice, synthesize, trim_silence
 from asr.features import CMVNAccumulator, FeatureConfig, log_mel
 from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCConfig
@@ -130,4 +130,26 @@ def train_model(corpus: WordCorpus, steps: int = 250, seed: int = 0) -> Bundle:
         cmvn=cmvn,
         feature_config=feature_config,
         config={"decoding": {}},
+    )
+
+
+TRAINING = {
+    "experiment": {"model": {"preset": "test"}, "data": {"train": "words.jsonl"}},
+    "train_hours": 0.01,
+    "wall_seconds": 60,
+}
+
+
+def save_bundle(bundle: Bundle, out: Path) -> Path:
+    """Write an in-memory bundle (e.g. the trained word model) as a bundle directory."""
+    return write_bundle(
+        out,
+        model_type=bundle.model_type,
+        model_config=bundle.model.config.to_dict(),  # type: ignore[union-attr, operator]
+        weights=bundle.model.state_dict(),
+        tokenizer=bundle.tokenizer,
+        cmvn=bundle.cmvn,
+        feature_config=bundle.feature_config,
+        training=TRAINING,
+        results={},
     )

@@ -1,0 +1,87 @@
+"""Build and run the gRPC server: models, the Recognizer service, health, reflection, and a
+graceful stop on SIGTERM/SIGINT (health NOT_SERVING, new calls refused, in-flight calls get
+`grace_seconds` to finish)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from asr.bundle import load_model
+from asr.recognizer import Recognizer
+from asr.v1 import asr_pb2, asr_pb2_grpc
+from server.config import ServerConfig
+from server.engine import Engine
+from server.servicer import Model, RecognizerServicer
+
+log = logging.getLogger("asr.server")
+SERVICE = asr_pb2.DESCRIPTOR.services_by_name["Recognizer"].full_name
+
+
+@dataclass
+class Running:
+    server: grpc.aio.Server
+    port: int
+    health: health.HealthServicer
+    engine: Engine
+    servicer: RecognizerServicer
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking calls, let in-flight ones finish within `grace` seconds, then exit."""
+        self.health.enter_graceful_shutdown()  # every service NOT_SERVING
+        await self.server.stop(grace)
+        await self.engine.stop()
+
+
+def load_models(config: ServerConfig) -> list[Model]:
+    return [Model(name, Recognizer(load_model(path))) for name, path in config.models]
+
+
+async def start(config: ServerConfig, models: list[Model] | None = None) -> Running:
+    """Load the models (unless given), then listen; health turns SERVING only after that."""
+    models = models if models is not None else load_models(config)
+    engine = Engine(
+        torch_threads=config.torch_threads,
+        max_batch=config.max_batch,
+        max_wait_ms=config.max_wait_ms,
+    )
+    engine.start()
+    size = config.max_message_bytes
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+    )
+    servicer = RecognizerServicer(models, engine, config)
+    asr_pb2_grpc.add_RecognizerServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}")
+    await server.start()
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Running(server, port, health_servicer, engine, servicer)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    running = await start(config)
+    names = ", ".join(f"{n}={p}" for n, p in config.models)
+    log.info("serving %s on %s:%d", names, config.host, running.port)
+    print(f"asr serve: listening on {config.host}:{running.port} with {names}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print(f"asr serve: stopping (up to {config.grace_seconds:.0f} s for calls in flight)")
+    await running.stop(config.grace_seconds)

@@ -1,0 +1,41 @@
+"""Server settings: what to load, limits, batching, threads. One frozen dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from asr.streaming import EndpointConfig
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    models: tuple[tuple[str, str], ...]  # (name, bundle directory); the first is the default
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (tests)
+    max_concurrent_streams: int = 64  # more get RESOURCE_EXHAUSTED
+    max_stream_seconds: float = 3600.0  # audio per stream; more gets OUT_OF_RANGE
+    max_unary_seconds: float = 600.0  # audio per Recognize; more gets INVALID_ARGUMENT
+    max_message_bytes: int = 32 * 1024 * 1024  # larger messages get RESOURCE_EXHAUSTED
+    torch_threads: int = 1  # intra-op threads of the model worker
+    max_batch: int = 16  # Recognize calls decoded together (dynamic micro-batching)
+    max_wait_ms: float = 10.0  # how long the first call of a batch waits for company
+    grace_seconds: float = 10.0  # on SIGTERM, in-flight calls get this long to finish
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("at least one model (NAME=BUNDLE_DIR) is needed")
+        names = [name for name, _ in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique: {', '.join(names)}")
+        positive = {
+            "max_concurrent_streams": self.max_concurrent_streams,
+            "max_stream_seconds": self.max_stream_seconds,
+            "max_unary_seconds": self.max_unary_seconds,
+            "max_message_bytes": self.max_message_bytes,
+            "torch_threads": self.torch_threads,
+            "max_batch": self.max_batch,
+        }
+        bad = [f"{k}={v}" for k, v in positive.items() if v <= 0]
+        if bad or self.max_wait_ms < 0 or self.grace_seconds < 0:
+            raise ValueError(f"invalid server settings: {', '.join(bad) or 'negative times'}")

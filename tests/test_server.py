@@ -1,0 +1,309 @@
+"""The gRPC server over a real localhost socket, with the trained word model: every RPC, the
+error paths, micro-batching, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from asr.audio import SAMPLE_RATE
+from asr.bundle import Bundle
+from asr.models.bilstm_ctc import BiLSTMCTC
+from asr.recognizer import Recognizer
+from asr.v1 import asr_pb2, asr_pb2_grpc
+from server.app import Running, start
+from server.config import ServerConfig
+from server.servicer import Model
+from tests.word_corpus import Utterance, WordCorpus
+
+Config = asr_pb2.RecognitionConfig
+
+
+class Server:
+    """The server on its own event loop in a thread, as `asr serve` runs it."""
+
+    def __init__(self, config: ServerConfig, models: list[Model]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.running: Running = self.call(start(config, models))
+        self.target = f"127.0.0.1:{self.running.port}"
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.call(self.running.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def pcm16(audio: torch.Tensor) -> bytes:
+    return (audio.clamp(-1, 1) * 32767).to(torch.int16).numpy().tobytes()
+
+
+def flac(audio: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, audio.numpy(), SAMPLE_RATE, format="FLAC")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def utterances(word_corpus: WordCorpus) -> list[Utterance]:
+    rng = random.Random(31)
+    return [word_corpus.utterance(rng) for _ in range(4)]
+
+
+@pytest.fixture(scope="module")
+def server(word_model: Bundle) -> Iterator[Server]:
+    config = ServerConfig(
+        models=(("words", "<memory>"), ("offline", "<memory>")),
+        port=0,
+        max_concurrent_streams=2,
+        max_stream_seconds=20.0,
+        max_unary_seconds=30.0,
+        max_message_bytes=2_000_000,
+        max_wait_ms=50.0,
+    )
+    assert isinstance(word_model.model, BiLSTMCTC)
+    offline_model = BiLSTMCTC(replace(word_model.model.config, chunk_size=0, right_context=0))
+    offline_model.load_state_dict(word_model.model.state_dict())
+    offline_model.eval()
+    models = [
+        Model("words", Recognizer(word_model)),
+        Model("offline", Recognizer(replace(word_model, model=offline_model))),
+    ]
+    srv = Server(config, models)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server: Server) -> Iterator[asr_pb2_grpc.RecognizerStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield asr_pb2_grpc.RecognizerStub(channel)
+
+
+def recognize(
+    stub: asr_pb2_grpc.RecognizerStub, audio: bytes, **config: Any
+) -> asr_pb2.RecognizeResponse:
+    return stub.Recognize(
+        asr_pb2.RecognizeRequest(config=Config(**config), audio=audio), timeout=60
+    )
+
+
+def test_recognize_flac_and_linear16(
+    stub: asr_pb2_grpc.RecognizerStub, utterances: list[Utterance]
+) -> None:
+    utt = utterances[0]
+    response = recognize(stub, flac(utt.audio), enable_word_time_offsets=True, max_alternatives=3)
+    assert response.model == "words" and response.request_id
+    [result] = response.results
+    assert result.alternatives[0].transcript == utt.text
+    assert 1 <= len(result.alternatives) <= 3
+    words = result.alternatives[0].words
+    assert [w.word for w in words] == utt.text.split()
+    assert abs(words[0].start_offset.ToNanoseconds() / 1e9 - utt.words[0][1]) < 0.1
+    raw = recognize(stub, pcm16(utt.audio), encoding=Config.LINEAR16, sample_rate_hertz=16000)
+    assert raw.results[0].alternatives[0].transcript == utt.text
+    assert not raw.results[0].alternatives[0].words  # only when asked for
+
+
+def test_concurrent_recognize_calls_are_batched(
+    server: Server, stub: asr_pb2_grpc.RecognizerStub, utterances: list[Utterance]
+) -> None:
+    server.running.engine.batches.clear()
+    futures = [
+        stub.Recognize.future(asr_pb2.RecognizeRequest(config=Config(), audio=flac(u.audio)))
+        for u in utterances * 2
+    ]
+    texts = [f.result(timeout=60).results[0].alternatives[0].transcript for f in futures]
+    assert texts == [u.text for u in utterances * 2]
+    assert max(server.running.engine.batches) > 1
+
+
+def stream_requests(
+    audio: torch.Tensor, **config: object
+) -> Iterator[asr_pb2.StreamingRecognizeRequest]:
+    settings = asr_pb2.StreamingRecognitionConfig(
+        config=Config(encoding=Config.LINEAR16, sample_rate_hertz=16000, **config),  # type: ignore[arg-type]
+        interim_results=True,
+    )
+    yield asr_pb2.StreamingRecognizeRequest(streaming_config=settings, request_id="stream-1")
+    data = pcm16(audio)
+    for at in range(0, len(data), 3201):  # odd sizes: samples split across messages
+        yield asr_pb2.StreamingRecognizeRequest(audio_content=data[at : at + 3201])
+
+
+def test_streaming_final_equals_recognize(
+    stub: asr_pb2_grpc.RecognizerStub, utterances: list[Utterance]
+) -> None:
+    utt = utterances[1]
+    unary = recognize(stub, flac(utt.audio)).results[0].alternatives[0].transcript
+    responses = list(stub.StreamingRecognize(stream_requests(utt.audio), timeout=60))
+    assert all(r.request_id == "stream-1" for r in responses)
+    finals = [r.results[0] for r in responses if r.results and r.results[0].is_final]
+    interim = [r.results[0] for r in responses if r.results and not r.results[0].is_final]
+    assert interim and [f.alternatives[0].transcript for f in finals] == [unary] == [utt.text]
+
+
+def test_list_models(stub: asr_pb2_grpc.RecognizerStub) -> None:
+    models = stub.ListModels(asr_pb2.ListModelsRequest()).models
+    assert [m.name for m in models] == ["words", "offline"]
+    assert models[0].is_default and models[0].streaming and not models[1].streaming
+    assert "beam" in models[0].decoding_methods and models[0].parameters > 0
+
+
+def test_health_and_reflection(server: Server) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "asr.v1.Recognizer"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        [answer] = list(reflect.ServerReflectionInfo(iter([request])))
+        names = {s.name for s in answer.list_services_response.service}
+        assert {"asr.v1.Recognizer", "grpc.health.v1.Health"} <= names
+
+
+def _code(call: object) -> grpc.StatusCode:
+    assert isinstance(call, grpc.RpcError)
+    return call.code()
+
+
+@pytest.mark.parametrize(
+    ("audio", "config", "code", "message"),
+    [
+        (b"not audio at all", {}, grpc.StatusCode.INVALID_ARGUMENT, "cannot decode audio"),
+        (b"", {}, grpc.StatusCode.INVALID_ARGUMENT, "empty input"),
+        (
+            b"\x01\x02\x03",
+            {"encoding": Config.LINEAR16, "sample_rate_hertz": 16000},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "whole number",
+        ),
+        (
+            b"\x00\x00" * 100,
+            {"encoding": Config.LINEAR16},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "needs sample_rate_hertz",
+        ),
+        (
+            b"\x00\x00" * 100,
+            {"encoding": Config.LINEAR16, "sample_rate_hertz": 1000},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unsupported sample rate",
+        ),
+        (b"\x00\x00" * 100, {"model": "nope"}, grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
+        (
+            b"\x00\x00" * 100,
+            {"decoding_method": "joint"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "choose one of",
+        ),
+        (
+            b"\x00\x00" * 16000 * 31,
+            {"encoding": Config.LINEAR16, "sample_rate_hertz": 16000},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "Recognize takes at most 30 s",
+        ),
+        (
+            b"\x00\x00" * 1_500_000,  # 3 MB: over the 2 MB message limit
+            {"encoding": Config.LINEAR16, "sample_rate_hertz": 16000},
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "",
+        ),
+    ],
+)
+def test_recognize_errors(
+    stub: asr_pb2_grpc.RecognizerStub,
+    audio: bytes,
+    config: dict[str, Any],
+    code: grpc.StatusCode,
+    message: str,
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        recognize(stub, audio, **config)
+    assert _code(info.value) == code
+    assert message in info.value.details()
+
+
+def test_nan_float_audio_is_rejected(stub: asr_pb2_grpc.RecognizerStub) -> None:
+    buf = io.BytesIO()
+    sf.write(
+        buf, np.full(1600, np.nan, dtype=np.float32), SAMPLE_RATE, format="WAV", subtype="FLOAT"
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        recognize(stub, buf.getvalue())
+    assert _code(info.value) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "NaN" in info.value.details()
+
+
+def _stream_error(
+    stub: asr_pb2_grpc.RecognizerStub, requests: list[asr_pb2.StreamingRecognizeRequest]
+) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.StreamingRecognize(iter(requests), timeout=60))
+    return info.value
+
+
+def test_streaming_errors(stub: asr_pb2_grpc.RecognizerStub, utterances: list[Utterance]) -> None:
+    audio = asr_pb2.StreamingRecognizeRequest(audio_content=b"\x00\x00" * 1600)
+    config = next(stream_requests(torch.zeros(10)))
+    err = _stream_error(stub, [audio, config])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "audio before config" in err.details()
+    err = _stream_error(stub, [config, audio, config])
+    assert (
+        err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "second streaming_config" in err.details()
+    )
+    long_audio = [asr_pb2.StreamingRecognizeRequest(audio_content=b"\x00\x00" * 16000)] * 21
+    err = _stream_error(stub, [config, *long_audio])
+    assert err.code() == grpc.StatusCode.OUT_OF_RANGE
+    offline = next(stream_requests(torch.zeros(10), model="offline"))
+    err = _stream_error(stub, [offline])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot stream" in err.details()
+    # The server is still serving after all of that.
+    assert recognize(stub, flac(utterances[0].audio)).results[0].alternatives[0].transcript
+
+
+def test_too_many_streams(server: Server, stub: asr_pb2_grpc.RecognizerStub) -> None:
+    config = next(stream_requests(torch.zeros(10)))
+    gates = [threading.Event() for _ in range(2)]
+
+    def held(gate: threading.Event) -> Iterator[asr_pb2.StreamingRecognizeRequest]:
+        yield config
+        gate.wait(30)
+
+    calls = [stub.StreamingRecognize(held(g), timeout=60) for g in gates]
+    try:
+        for _ in range(100):  # wait until both streams are open on the server
+            if server.running.servicer.active_streams == 2:
+                break
+            threading.Event().wait(0.05)
+        err = _stream_error(stub, [config])
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        for g, c in zip(gates, calls, strict=True):
+            g.set()
+            c.cancel()
+    for _ in range(100):  # cancellation frees the slots
+        if server.running.servicer.active_streams == 0:
+            break
+        threading.Event().wait(0.05)
+    assert server.running.servicer.active_streams == 0
