@@ -29,7 +29,7 @@ def test_serve_stream_and_stop(word_model: Bundle, word_corpus: WordCorpus, tmp_
         text=True,
     )
     try:
-        assert server.stdout is not None
+        assert server.stdout is not None and server.stderr is not None
         line = server.stdout.readline()
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
         assert match, (line, server.stderr.read() if server.poll() is not None else "")
