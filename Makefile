@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SYSTEM_PACKAGES := libsndfile1 sox espeak-ng flite
+# Node.js and npm (for the test with a Node gRPC client) count as present when the commands are,
+# whatever package provided them.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
@@ -16,6 +18,7 @@ system-deps: .stamps/system
 .stamps/system:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v node >/dev/null && command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 		command -v apt-get >/dev/null || { echo "install these first:$$missing"; exit 1; }; \
 		echo "installing system packages:$$missing"; \
