@@ -6,9 +6,10 @@ log-probs of a trained model, on CPU, at beams 10 and 50, with agreement of best
 
 Defaults: the synthetic recipe's BiLSTM-CTC bundle and held-out sentences. Every decoder gets
 the same settings: no LM, beam B, at most 16 tokens per frame. Last line (machine-readable):
-    ctc_beam10 vs_flashlight=<r1>x vs_pyctcdecode=<r2>x agree=<p>%
-(r: our utterances/s over the peer's; agree: utterances where our best transcript equals
-flashlight's).
+    ctc_beam10 vs_flashlight=<r1>x vs_pyctcdecode=<r2>x agree=<p>% ours_more_probable=<a>/<n>
+(r: our utterances/s over the peer's; agree: utterances whose best hypothesis equals
+flashlight's; of the n that differ, a where ours has the higher CTC probability, since
+flashlight ranks a prefix's blank and non-blank endings apart instead of summing them).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +34,8 @@ from asr.tokenizer import Tokenizer
 REPO = Path(__file__).resolve().parents[1]
 TOKENS_PER_FRAME = 16
 
-Decoder = Callable[[torch.Tensor, torch.Tensor], list[str]]
+# Best hypothesis per utterance: token ids (ours, flashlight) or text (pyctcdecode).
+Decoder = Callable[[torch.Tensor, torch.Tensor], list[Any]]
 
 
 def log_probs_of(
@@ -58,14 +61,13 @@ def log_probs_of(
 def ours(tokenizer: Tokenizer, beam: int, batch: int) -> Decoder:
     search = CTCPrefixBeamSearch(DecodeOptions(beam=beam, prune_top_k=TOKENS_PER_FRAME))
 
-    def decode(lp: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        texts: list[str] = []
+    def decode(lp: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+        best: list[list[int]] = []
         for start in range(0, lp.shape[0], batch):
             part = slice(start, start + batch)
             width = int(lengths[part].max())
-            hyps = search(lp[part, :width], lengths[part])
-            texts += [tokenizer.decode(h[0].tokens) for h in hyps]
-        return texts
+            best += [list(h[0].tokens) for h in search(lp[part, :width], lengths[part])]
+        return best
 
     return decode
 
@@ -85,9 +87,8 @@ def flashlight(tokenizer: Tokenizer, beam: int) -> Decoder:
         log_add=True,  # sum over merged paths, as prefix beam search does
     )
 
-    def decode(lp: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        results = decoder(lp, lengths.int())
-        return [tokenizer.decode(_strip(r[0].tokens.tolist(), tokenizer)) for r in results]
+    def decode(lp: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+        return [_strip(r[0].tokens.tolist(), tokenizer) for r in decoder(lp, lengths.int())]
 
     return decode
 
@@ -114,15 +115,31 @@ def pyctcdecode(tokenizer: Tokenizer, beam: int) -> Decoder:
     return decode
 
 
-def timed(decode: Decoder, lp: torch.Tensor, lengths: torch.Tensor) -> tuple[list[str], float]:
-    """Texts and utterances per second (best of two runs after a warm-up on 8 utterances)."""
+def timed(decode: Decoder, lp: torch.Tensor, lengths: torch.Tensor) -> tuple[list[Any], float]:
+    """Best hypotheses and utterances per second (best of two runs after a warm-up)."""
     decode(lp[:8], lengths[:8])
-    best, texts = float("inf"), []
+    best, out = float("inf"), []
     for _ in range(2):
         start = time.perf_counter()
-        texts = decode(lp, lengths)
+        out = decode(lp, lengths)
         best = min(best, time.perf_counter() - start)
-    return texts, lp.shape[0] / best
+    return out, lp.shape[0] / best
+
+
+def ctc_log_likelihood(lp: torch.Tensor, length: int, tokens: list[int]) -> float:
+    """log P(tokens | x) summed over all CTC alignments: the quantity both searches approximate."""
+    if not tokens:
+        return float(lp[:length, 0].sum())
+    return -float(
+        torch.nn.functional.ctc_loss(
+            lp[None, :length].transpose(0, 1),
+            torch.tensor([tokens]),
+            torch.tensor([length]),
+            torch.tensor([len(tokens)]),
+            reduction="sum",
+            zero_infinity=True,
+        )
+    )
 
 
 def main() -> None:
@@ -143,19 +160,37 @@ def main() -> None:
     print(f"{lp.shape[0]} utterances, {frames} frames, vocabulary {lp.shape[2]}, CPU")
     summary = ""
     for beam in [int(b) for b in args.beams.split(",")]:
-        our_texts, our_rate = timed(ours(tokenizer, beam, args.batch), lp, lengths)
-        fl_texts, fl_rate = timed(flashlight(tokenizer, beam), lp, lengths)
+        our_best, our_rate = timed(ours(tokenizer, beam, args.batch), lp, lengths)
+        fl_best, fl_rate = timed(flashlight(tokenizer, beam), lp, lengths)
         py_texts, py_rate = timed(pyctcdecode(tokenizer, beam), lp, lengths)
-        agree_fl = 100.0 * sum(a == b for a, b in zip(our_texts, fl_texts, strict=True)) / len(lp)
-        agree_py = 100.0 * sum(a == b for a, b in zip(our_texts, py_texts, strict=True)) / len(lp)
+        differ = [i for i, (a, b) in enumerate(zip(our_best, fl_best, strict=True)) if a != b]
+        # Where the two disagree, which found the labelling the model finds more probable?
+        ours_better = sum(
+            ctc_log_likelihood(lp[i], int(lengths[i]), our_best[i])
+            >= ctc_log_likelihood(lp[i], int(lengths[i]), fl_best[i])
+            for i in differ
+        )
+        agree_fl = 100.0 * (len(lp) - len(differ)) / len(lp)
+        our_texts = [tokenizer.decode(t) for t in our_best]
+        # pyctcdecode renders subwords to words itself: compare without spaces.
+        agree_py = (
+            100.0
+            * sum(
+                a.replace(" ", "") == b.replace(" ", "")
+                for a, b in zip(our_texts, py_texts, strict=True)
+            )
+            / len(lp)
+        )
         print(
             f"beam {beam}: ours {our_rate:.1f} utt/s, flashlight {fl_rate:.1f} utt/s, "
-            f"pyctcdecode {py_rate:.1f} utt/s; same best transcript as flashlight "
-            f"{agree_fl:.1f} %, as pyctcdecode {agree_py:.1f} %"
+            f"pyctcdecode {py_rate:.1f} utt/s; same best hypothesis as flashlight "
+            f"{agree_fl:.1f} % (of the {len(differ)} others, ours is at least as probable "
+            f"under the model in {ours_better}), same text as pyctcdecode {agree_py:.1f} %"
         )
         line = (
             f"ctc_beam{beam} vs_flashlight={our_rate / fl_rate:.2f}x "
-            f"vs_pyctcdecode={our_rate / py_rate:.2f}x agree={agree_fl:.1f}%"
+            f"vs_pyctcdecode={our_rate / py_rate:.2f}x agree={agree_fl:.1f}% "
+            f"ours_more_probable={ours_better}/{len(differ)}"
         )
         print(line)
         if beam == 10:
