@@ -83,6 +83,16 @@ def features(utterances: list[Utterance], config: FeatureConfig) -> list[torch.T
 
 def train_model(corpus: WordCorpus, steps: int = 250, seed: int = 0) -> Bundle:
     """A BiLSTM-CTC over characters trained on random arrangements of the words."""
+    # One thread: as fast for a model this small, and immune to a busy machine's contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(corpus, steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(corpus: WordCorpus, steps: int, seed: int) -> Bundle:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     feature_config = FeatureConfig()
