@@ -98,16 +98,20 @@ class StreamingSession:
         self.raw: list[torch.Tensor] = []  # (n, F) feature frames of the segment
         self.blank_run = 0
         self.has_speech = False
+        self.last_partial = ""
 
     def accept(self, samples: torch.Tensor) -> list[StreamResult]:
         """Feed (N,) float 16 kHz samples; returns the finals of segments that ended and, with
-        interim results on, the current partial."""
+        interim results on, the current partial when its text changed."""
         if self.finished:
             raise RuntimeError("the stream is finished")
         feats = self.features.accept(samples)  # (T, F)
         results = self._consume_features(feats)
         if self.interim_results and self.has_speech:
-            results.append(self._partial())
+            partial = self._partial()
+            if partial.transcript.text != self.last_partial:  # only news goes to the client
+                self.last_partial = partial.transcript.text
+                results.append(partial)
         return results
 
     def finish(self) -> list[StreamResult]:
