@@ -72,6 +72,12 @@ class CTCPrefixScorer:
         steps = torch.arange(frames, device=log_probs.device)
         self.valid = steps[:, None] < self.lengths  # (T', N)
 
+    def select(self, rows: torch.Tensor) -> CTCPrefixScorer:
+        """The scorer of hypotheses `rows` (N',) only."""
+        out = CTCPrefixScorer.__new__(CTCPrefixScorer)
+        out.x, out.lengths, out.valid = self.x[:, rows], self.lengths[rows], self.valid[:, rows]
+        return out
+
     def initial(self) -> CTCPrefixState:
         """The empty prefix: only blanks so far."""
         blank = self.x[:, :, BLANK_ID].cumsum(dim=0)  # (T', N)
@@ -180,6 +186,7 @@ def attention_beam_search(
     finished: list[list[tuple[float, float, tuple[int, ...]]]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     offsets = (torch.arange(batch, device=device) * k)[:, None]  # (B, 1)
+    utts = list(range(batch))  # the utterance of each row of the (shrinking) batch
 
     for i in range(int(max_len.max())):
         log_probs, state = model.step(enc_k, state, tokens)  # (N, V)
@@ -223,12 +230,12 @@ def attention_beam_search(
             if coverage is not None:
                 attended = coverage[b * k + beam] > options.coverage_threshold
                 ranked += options.coverage_weight * float(attended.sum())
-            finished[b].append((ranked, raw, tuple(seq)))
-        done |= last_step | torch.tensor([len(f) >= k for f in finished], device=device)
+            finished[utts[b]].append((ranked, raw, tuple(seq)))
+        enough = torch.tensor([len(finished[u]) >= k for u in utts], device=device)
+        done |= last_step | enough
         if bool(done.all()):
             break
         live, live_idx = total.masked_fill(is_eos, -math.inf).topk(k, dim=1)  # (B, K)
-        live = live.masked_fill(done[:, None], -math.inf)
         beam_idx = live_idx // width
         rows = (offsets + beam_idx).reshape(n)
         tokens = cand_tokens.gather(1, live_idx).reshape(n)
@@ -247,6 +254,21 @@ def attention_beam_search(
             dim=2,
         )
         scores = live
+        if bool(done.any()):
+            # Finished utterances leave the batch; the rest go on as a smaller one.
+            keep = (~done).nonzero()[:, 0]  # (B',)
+            rows = (keep[:, None] * k + torch.arange(k, device=device)).reshape(-1)
+            enc_k, state, tokens = enc_k.select(rows), state.select(rows), tokens[rows]
+            if coverage is not None:
+                coverage = coverage.index_select(0, rows)
+            if ctc is not None and ctc_state is not None:
+                ctc, ctc_state = ctc.select(rows), ctc_state.select(rows)
+            history, scores = history[keep], scores[keep]
+            min_len, max_len = min_len[keep], max_len[keep]
+            utts = [utts[b] for b in keep.tolist()]
+            batch, n = len(utts), len(utts) * k
+            offsets = (torch.arange(batch, device=device) * k)[:, None]
+            done = torch.zeros(batch, dtype=torch.bool, device=device)
     nbest = min(options.nbest, k)
     results = []
     for hyps in finished:
