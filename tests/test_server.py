@@ -307,3 +307,67 @@ def test_too_many_streams(server: Server, stub: asr_pb2_grpc.RecognizerStub) -> 
             break
         threading.Event().wait(0.05)
     assert server.running.servicer.active_streams == 0
+
+
+def test_deadline_ends_a_stream_and_frees_it(
+    server: Server, stub: asr_pb2_grpc.RecognizerStub
+) -> None:
+    config = next(stream_requests(torch.zeros(10)))
+    gate = threading.Event()
+
+    def slow() -> Iterator[asr_pb2.StreamingRecognizeRequest]:
+        yield config
+        gate.wait(10)
+
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.StreamingRecognize(slow(), timeout=1.0))
+    gate.set()
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(100):
+        if server.running.servicer.active_streams == 0:
+            break
+        threading.Event().wait(0.05)
+    assert server.running.servicer.active_streams == 0
+
+
+def test_shutdown_drains_in_flight_calls(word_model: Bundle, utterances: list[Utterance]) -> None:
+    srv = Server(
+        ServerConfig(models=(("words", "<memory>"),), port=0),
+        [Model("words", Recognizer(word_model))],
+    )
+    with grpc.insecure_channel(srv.target) as channel:
+        stub = asr_pb2_grpc.RecognizerStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        utt = utterances[2]
+        requests = list(stream_requests(utt.audio))
+        gate = threading.Event()
+
+        def held() -> Iterator[asr_pb2.StreamingRecognizeRequest]:
+            yield requests[0]
+            yield requests[1]
+            gate.wait(20)  # the rest is sent after the server starts stopping
+            yield from requests[2:]
+
+        call = stub.StreamingRecognize(held(), timeout=60)
+        for _ in range(100):
+            if srv.running.servicer.active_streams == 1:
+                break
+            threading.Event().wait(0.05)
+        stopping = asyncio.run_coroutine_threadsafe(srv.running.stop(10.0), srv.loop)
+        for _ in range(100):  # health flips first
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+            except grpc.RpcError:
+                break  # already refusing new calls
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            threading.Event().wait(0.05)
+        with pytest.raises(grpc.RpcError) as info:
+            recognize(stub, flac(utt.audio))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        gate.set()  # the in-flight stream finishes within the grace period
+        finals = [r.results[0] for r in call if r.results and r.results[0].is_final]
+        assert " ".join(f.alternatives[0].transcript for f in finals) == utt.text
+        stopping.result(timeout=30)
+    srv.loop.call_soon_threadsafe(srv.loop.stop)
+    srv.thread.join(timeout=10)
