@@ -383,6 +383,11 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace-seconds", type=float, default=10.0, help="drain time on SIGTERM")
     p.add_argument("--trailing-silence", type=float, default=0.8, help="endpoint rule (s)")
     p.add_argument("--max-segment", type=float, default=30.0, help="endpoint rule (s)")
+    p.add_argument(
+        "--auth-token-file",
+        type=Path,
+        help="require `authorization: Bearer <token>` with the token in this file",
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -411,10 +416,21 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         grace_seconds=args.grace_seconds,
         endpoint=EndpointConfig(args.trailing_silence, args.max_segment),
+        auth_token=_read_token(args.auth_token_file),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     asyncio.run(serve(config))
     return 0
+
+
+def _read_token(path: Path | None) -> str | None:
+    """A token from a file (not the command line, where `ps` would show it)."""
+    if path is None:
+        return None
+    token = path.read_text().strip()
+    if not token:
+        raise ValueError(f"{path}: the token file is empty")
+    return token
 
 
 def _add_client(p: argparse.ArgumentParser) -> None:
@@ -424,6 +440,7 @@ def _add_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="StreamingRecognize, with interim results")
     p.add_argument("--realtime", action="store_true", help="send audio at real-time pace")
     p.add_argument("--words", action="store_true", help="print word timings")
+    p.add_argument("--token-file", type=Path, help="bearer token for a server that needs one")
 
 
 def _run_client(args: argparse.Namespace) -> int:
@@ -433,7 +450,7 @@ def _run_client(args: argparse.Namespace) -> int:
     from asr.client import AsrClient
 
     failed = 0
-    with AsrClient(args.server) as client:
+    with AsrClient(args.server, token=_read_token(args.token_file)) as client:
         for path in args.files:
             try:
                 if args.stream:

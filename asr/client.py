@@ -34,10 +34,12 @@ def _config(model: str, alternatives: int, word_time_offsets: bool, **fields: ob
 class AsrClient:
     """Recognize, StreamingRecognize and ListModels against one server."""
 
-    def __init__(self, target: str, *, timeout: float | None = 300.0) -> None:
+    def __init__(
+        self, target: str, *, token: str | None = None, timeout: float | None = 300.0
+    ) -> None:
         self.channel = grpc.insecure_channel(target)
         self.stub = asr_pb2_grpc.RecognizerStub(self.channel)
-        self.metadata: list[tuple[str, str]] | None = None
+        self.metadata = [("authorization", f"Bearer {token}")] if token else None
         self.timeout = timeout
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from asr.bundle import load_model
 from asr.recognizer import Recognizer
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from server.auth import TokenAuth
 from server.config import ServerConfig
 from server.engine import Engine
 from server.servicer import Model, RecognizerServicer
@@ -54,7 +55,8 @@ async def start(config: ServerConfig, models: list[Model] | None = None) -> Runn
     engine.start()
     size = config.max_message_bytes
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
+        interceptors=[TokenAuth(config.auth_token)] if config.auth_token else None,
     )
     servicer = RecognizerServicer(models, engine, config)
     asr_pb2_grpc.add_RecognizerServicer_to_server(servicer, server)

@@ -21,6 +21,7 @@ class ServerConfig:
     max_wait_ms: float = 10.0  # how long the first call of a batch waits for company
     grace_seconds: float = 10.0  # on SIGTERM, in-flight calls get this long to finish
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    auth_token: str | None = None  # if set, calls need `authorization: Bearer <token>`
 
     def __post_init__(self) -> None:
         if not self.models:

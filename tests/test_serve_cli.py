@@ -81,3 +81,25 @@ def test_serve_rejects_a_bad_model_argument(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 2 and "model bundle directory not found" in done.stderr
+
+
+def test_serve_rejects_an_empty_token_file(word_model: Bundle, tmp_path: Path) -> None:
+    bundle = save_bundle(word_model, tmp_path / "bundle")
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asr.cli",
+            "serve",
+            "--model",
+            f"w={bundle}",
+            "--auth-token-file",
+            str(empty),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "the token file is empty" in done.stderr

@@ -371,3 +371,35 @@ def test_shutdown_drains_in_flight_calls(word_model: Bundle, utterances: list[Ut
         stopping.result(timeout=30)
     srv.loop.call_soon_threadsafe(srv.loop.stop)
     srv.thread.join(timeout=10)
+
+
+def test_bearer_token_is_required_when_configured(
+    word_model: Bundle, utterances: list[Utterance]
+) -> None:
+    config = ServerConfig(models=(("words", "<memory>"),), port=0, auth_token="s3cret")
+    srv = Server(config, [Model("words", Recognizer(word_model))])
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = asr_pb2_grpc.RecognizerStub(channel)
+            request = asr_pb2.RecognizeRequest(config=Config(), audio=flac(utterances[0].audio))
+            for metadata in (
+                None,
+                [("authorization", "Bearer wrong")],
+                [("authorization", "s3cret")],
+            ):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Recognize(request, metadata=metadata, timeout=60)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "bearer token" in info.value.details()
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.StreamingRecognize(stream_requests(utterances[0].audio), timeout=60))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            good = [("authorization", "Bearer s3cret")]
+            response = stub.Recognize(request, metadata=good, timeout=60)
+            assert response.results[0].alternatives[0].transcript == utterances[0].text
+            # Health checks stay open: load balancers probe without credentials.
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        srv.stop()
