@@ -383,6 +383,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace-seconds", type=float, default=10.0, help="drain time on SIGTERM")
     p.add_argument("--trailing-silence", type=float, default=0.8, help="endpoint rule (s)")
     p.add_argument("--max-segment", type=float, default=30.0, help="endpoint rule (s)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument(
         "--auth-token-file",
         type=Path,
@@ -417,6 +418,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         grace_seconds=args.grace_seconds,
         endpoint=EndpointConfig(args.trailing_silence, args.max_segment),
         auth_token=_read_token(args.auth_token_file),
+        metrics_port=args.metrics_port,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     asyncio.run(serve(config))

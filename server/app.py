@@ -19,6 +19,7 @@ from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.auth import TokenAuth
 from server.config import ServerConfig
 from server.engine import Engine
+from server.metrics import Metrics
 from server.servicer import Model, RecognizerServicer
 
 log = logging.getLogger("asr.server")
@@ -32,6 +33,7 @@ class Running:
     health: health.HealthServicer
     engine: Engine
     servicer: RecognizerServicer
+    metrics_port: int | None
 
     async def stop(self, grace: float) -> None:
         """Stop taking calls, let in-flight ones finish within `grace` seconds, then exit."""
@@ -58,7 +60,8 @@ async def start(config: ServerConfig, models: list[Model] | None = None) -> Runn
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
         interceptors=[TokenAuth(config.auth_token)] if config.auth_token else None,
     )
-    servicer = RecognizerServicer(models, engine, config)
+    metrics = Metrics()
+    servicer = RecognizerServicer(models, engine, config, metrics)
     asr_pb2_grpc.add_RecognizerServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -69,9 +72,12 @@ async def start(config: ServerConfig, models: list[Model] | None = None) -> Runn
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     await server.start()
+    metrics_port = None
+    if config.metrics_port is not None:
+        metrics_port = metrics.serve(config.host, config.metrics_port)
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, health_servicer, engine, servicer)
+    return Running(server, port, health_servicer, engine, servicer, metrics_port)
 
 
 async def serve(config: ServerConfig) -> None:
@@ -80,6 +86,8 @@ async def serve(config: ServerConfig) -> None:
     names = ", ".join(f"{n}={p}" for n, p in config.models)
     log.info("serving %s on %s:%d", names, config.host, running.port)
     print(f"asr serve: listening on {config.host}:{running.port} with {names}", flush=True)
+    if running.metrics_port is not None:
+        print(f"asr serve: metrics on http://{config.host}:{running.metrics_port}/metrics")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -22,6 +22,7 @@ class ServerConfig:
     grace_seconds: float = 10.0  # on SIGTERM, in-flight calls get this long to finish
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     auth_token: str | None = None  # if set, calls need `authorization: Bearer <token>`
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP (0: any free port)
 
     def __post_init__(self) -> None:
         if not self.models:

@@ -8,6 +8,7 @@ logged and returned as INTERNAL. No request can stop the server.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -26,6 +27,7 @@ from asr.streaming import StreamingSession, StreamResult
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.config import ServerConfig
 from server.engine import Engine
+from server.metrics import Metrics
 
 log = logging.getLogger("asr.server")
 Config = asr_pb2.RecognitionConfig
@@ -82,11 +84,14 @@ class PCMStream:
 
 
 class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
-    def __init__(self, models: list[Model], engine: Engine, config: ServerConfig) -> None:
+    def __init__(
+        self, models: list[Model], engine: Engine, config: ServerConfig, metrics: Metrics
+    ) -> None:
         self.models = {m.name: m for m in models}
         self.default = models[0].name
         self.engine = engine
         self.config = config
+        self.metrics = metrics
         self.active_streams = 0
 
     # -- helpers ----------------------------------------------------------------------------
@@ -160,11 +165,15 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
             )
         return alternatives
 
-    async def _fail(self, context: grpc.aio.ServicerContext, err: Exception, rid: str) -> NoReturn:
+    async def _fail(
+        self, context: grpc.aio.ServicerContext, err: Exception, rid: str, method: str
+    ) -> NoReturn:
         if isinstance(err, RequestError):
             log.info("request %s: %s: %s", rid, err.code.name, err.message)
+            self.metrics.requests.labels(method, err.code.name).inc()
             await context.abort(err.code, err.message)
         log.exception("request %s failed", rid)
+        self.metrics.requests.labels(method, "INTERNAL").inc()
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {err}")
         raise AssertionError("context.abort returned")  # it always raises
 
@@ -174,6 +183,7 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
         self, request: asr_pb2.RecognizeRequest, context: grpc.aio.ServicerContext
     ) -> asr_pb2.RecognizeResponse:
         rid = request.request_id or uuid.uuid4().hex
+        started = time.perf_counter()
         try:
             model = self._model(request.config)
             options = self._options(model, request.config)
@@ -186,7 +196,12 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                 )
             transcript = await self.engine.recognize(model.recognizer, audio, options)
         except Exception as err:
-            await self._fail(context, err, rid)
+            await self._fail(context, err, rid, "Recognize")
+        elapsed = time.perf_counter() - started
+        self.metrics.requests.labels("Recognize", "OK").inc()
+        self.metrics.audio_seconds.labels("Recognize").inc(seconds)
+        self.metrics.latency.labels("Recognize").observe(elapsed)
+        self.metrics.rtf.labels("Recognize").observe(elapsed / max(seconds, 1e-3))
         result = asr_pb2.SpeechRecognitionResult(
             alternatives=self._results(transcript, request.config),
             result_end_time=_duration(seconds),
@@ -206,11 +221,14 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
     ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
         rid = "-"
         if self.active_streams >= self.config.max_concurrent_streams:
+            self.metrics.requests.labels("StreamingRecognize", "RESOURCE_EXHAUSTED").inc()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many concurrent streams (limit {self.config.max_concurrent_streams})",
             )
         self.active_streams += 1
+        self.metrics.active_streams.inc()
+        model_seconds = 0.0
         try:
             first = await anext(aiter(request_iterator), None)
             if first is None:
@@ -256,9 +274,10 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                         grpc.StatusCode.OUT_OF_RANGE,
                         f"stream longer than {self.config.max_stream_seconds:.0f} s of audio",
                     )
-                for response in self._responses(
-                    await self.engine.run(session.accept, samples), rid, config
-                ):
+                started = time.perf_counter()
+                results = await self.engine.run(session.accept, samples)
+                model_seconds += time.perf_counter() - started
+                for response in self._responses(results, rid, config):
                     yield response
                     if settings.single_utterance and response.results[0].is_final:
                         yield asr_pb2.StreamingRecognizeResponse(
@@ -266,13 +285,22 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                             request_id=rid,
                         )
                         return
-            for response in self._responses(await self.engine.run(session.finish), rid, config):
+            started = time.perf_counter()
+            results = await self.engine.run(session.finish)
+            elapsed = time.perf_counter() - started  # last audio to final result
+            for response in self._responses(results, rid, config):
                 yield response
+            self.metrics.requests.labels("StreamingRecognize", "OK").inc()
+            self.metrics.audio_seconds.labels("StreamingRecognize").inc(pcm.seconds)
+            self.metrics.latency.labels("StreamingRecognize").observe(elapsed)
+            rtf = (model_seconds + elapsed) / max(pcm.seconds, 1e-3)
+            self.metrics.rtf.labels("StreamingRecognize").observe(rtf)
             log.info("request %s: stream of %.2f s with %s", rid, pcm.seconds, model.name)
         except Exception as err:
-            await self._fail(context, err, rid)
+            await self._fail(context, err, rid, "StreamingRecognize")
         finally:
             self.active_streams -= 1
+            self.metrics.active_streams.dec()
 
     def _responses(
         self, results: list[StreamResult], rid: str, config: Config

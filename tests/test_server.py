@@ -7,6 +7,7 @@ import asyncio
 import io
 import random
 import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -76,6 +77,7 @@ def server(word_model: Bundle) -> Iterator[Server]:
         max_unary_seconds=30.0,
         max_message_bytes=2_000_000,
         max_wait_ms=50.0,
+        metrics_port=0,
     )
     assert isinstance(word_model.model, BiLSTMCTC)
     offline_model = BiLSTMCTC(replace(word_model.model.config, chunk_size=0, right_context=0))
@@ -403,3 +405,27 @@ def test_bearer_token_is_required_when_configured(
             assert status == health_pb2.HealthCheckResponse.SERVING
     finally:
         srv.stop()
+
+
+def test_metrics_count_requests_errors_and_audio(
+    server: Server, stub: asr_pb2_grpc.RecognizerStub, utterances: list[Utterance]
+) -> None:
+    recognize(stub, flac(utterances[0].audio))
+    with pytest.raises(grpc.RpcError):
+        recognize(stub, b"not audio")
+    list(stub.StreamingRecognize(stream_requests(utterances[1].audio), timeout=60))
+    port = server.running.metrics_port
+    assert port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values['asr_requests_total{code="OK",method="Recognize"}'] >= 1
+    assert values['asr_requests_total{code="INVALID_ARGUMENT",method="Recognize"}'] >= 1
+    assert values['asr_requests_total{code="OK",method="StreamingRecognize"}'] >= 1
+    assert values['asr_audio_seconds_total{method="StreamingRecognize"}'] > 1.0
+    assert values['asr_real_time_factor_count{method="Recognize"}'] >= 1
+    assert values["asr_active_streams"] == 0
