@@ -218,26 +218,20 @@ class CTCPrefixBeamSearch:
             "parent_key": torch.where(is_ext, key, state.parent_key.gather(1, src)),
             "length": state.length.gather(1, src) + is_ext.long(),
         }
-        emitted = torch.where(is_ext, tok, -1)
-        if active is None:
-            state.blank, state.nonblank = new["blank"], new["nonblank"]
-            state.last, state.key = new["last"], new["key"]
-            state.parent_key, state.length = new["parent_key"], new["length"]
-            state.parents.append(src)
-            state.emitted.append(emitted)
-            return
-        rows = active[:, None]
-        # Inactive streams (past their length) keep everything; `pb`/`pnb` include a collapse
-        # only for active streams, since skipped frames always precede a searched one.
-        state.blank = torch.where(rows, new["blank"], state.blank)
-        state.nonblank = torch.where(rows, new["nonblank"], state.nonblank)
-        state.last = torch.where(rows, new["last"], state.last)
-        state.key = torch.where(rows, new["key"], state.key)
-        state.parent_key = torch.where(rows, new["parent_key"], state.parent_key)
-        state.length = torch.where(rows, new["length"], state.length)
-        identity = torch.arange(k, device=src.device).expand(batch, k)
-        state.parents.append(torch.where(rows, src, identity))
-        state.emitted.append(torch.where(rows, emitted, -1))
+        parents, emitted = src, torch.where(is_ext, tok, -1)
+        if active is not None:
+            # Inactive streams (past their length) keep everything; `pb`/`pnb` include a
+            # collapse only for active streams, since skipped frames precede a searched one.
+            rows = active[:, None]
+            new = {
+                name: torch.where(rows, value, getattr(state, name)) for name, value in new.items()
+            }
+            parents = torch.where(rows, src, torch.arange(k, device=src.device).expand(batch, k))
+            emitted = torch.where(rows, emitted, -1)
+        for name, value in new.items():
+            setattr(state, name, value)
+        state.parents.append(parents)
+        state.emitted.append(emitted)
 
     def finalize(self, state: CTCBeamState) -> list[list[Hypothesis]]:
         """The `nbest` best prefixes of each stream, best first, with total log-probs."""
