@@ -7,7 +7,7 @@ sequences plus the CTC posteriors that word timings are aligned to.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,6 +27,7 @@ from asr.decoding.options import (
 from asr.features import log_mel
 from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.models.las import LAS
+from asr.tokenizer import Tokenizer
 
 
 @dataclass
@@ -222,12 +223,20 @@ class Recognizer:
                 search.time_reduction,
                 energy,
             )
-        confidence = sum(w.confidence for w in words) / len(words) if words else 0.0
-        return Transcript(
-            text=tokenizer.decode(best.tokens),
-            tokens=best.tokens,
-            score=best.score,
-            words=words,
-            nbest=tuple(Alternative(tokenizer.decode(h.tokens), h.tokens, h.score) for h in hyps),
-            confidence=round(confidence, 4),
-        )
+        return build_transcript(tokenizer, hyps, words)
+
+
+def build_transcript(
+    tokenizer: Tokenizer, hyps: Sequence[Hypothesis], words: tuple[WordTiming, ...]
+) -> Transcript:
+    """The typed result of n-best `hyps` (best first, at least one) and the best's words."""
+    best = hyps[0]
+    confidence = sum(w.confidence for w in words) / len(words) if words else 0.0
+    return Transcript(
+        text=tokenizer.decode(best.tokens),
+        tokens=best.tokens,
+        score=best.score,
+        words=words,
+        nbest=tuple(Alternative(tokenizer.decode(h.tokens), h.tokens, h.score) for h in hyps),
+        confidence=round(confidence, 4),
+    )

@@ -19,11 +19,11 @@ import torch
 from asr.decoding.alignment import word_timings
 from asr.decoding.attention import rescore
 from asr.decoding.ctc import CTCBeamState, CTCPrefixBeamSearch
-from asr.decoding.options import Alternative, DecodeOptions, Hypothesis, Transcript
+from asr.decoding.options import DecodeOptions, Hypothesis, Transcript
 from asr.features import StreamingFeatures
 from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCStream
 from asr.models.las import LAS
-from asr.recognizer import Recognizer
+from asr.recognizer import Recognizer, build_transcript
 from asr.tokenizer import BLANK_ID
 
 LEAD_SECONDS = 0.3  # silence kept before the first speech of a segment
@@ -213,15 +213,7 @@ class StreamingSession:
             if self.options.word_timings
             else ()
         )
-        transcript = Transcript(
-            text=tokenizer.decode(nbest[0].tokens),
-            tokens=nbest[0].tokens,
-            score=nbest[0].score,
-            words=words,
-            nbest=tuple(Alternative(tokenizer.decode(h.tokens), h.tokens, h.score) for h in nbest),
-            confidence=round(sum(w.confidence for w in words) / len(words), 4) if words else 0.0,
-        )
-        return StreamResult(transcript, True, 1.0, start, end)
+        return StreamResult(build_transcript(tokenizer, nbest, words), True, 1.0, start, end)
 
     def _rescore(self, nbest: list[Hypothesis], raw: torch.Tensor) -> list[Hypothesis]:
         """Second pass over the segment's features with the LAS rescorer."""
