@@ -242,11 +242,12 @@ def _decode_options(args: argparse.Namespace, base: DecodeOptions) -> DecodeOpti
 def _run_decode(args: argparse.Namespace) -> int:
     bundle = load_model(args.model, device=args.device)
     rescorer = load_model(args.rescore_model, device=args.device) if args.rescore_model else None
-    options = _decode_options(args, Recognizer(bundle).options)
-    recognizer = Recognizer(bundle, options, rescorer)
+    recognizer = Recognizer(bundle, rescorer=rescorer)
+    options = _decode_options(args, recognizer.options)
+    recognizer.check(options)
     utterances = read_manifest(args.manifest)
     start = time.time()
-    transcripts = transcribe_manifest(recognizer, utterances)
+    transcripts = transcribe_manifest(recognizer, utterances, options)
     seconds = time.time() - start
     ids = [u.id for u in utterances]
     refs = [u.text for u in utterances]

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from asr.data.dataset import SpeechDataset, collate
+from asr.data.dataset import Batch, SpeechDataset, collate
 from asr.data.manifest import Utterance
 from asr.data.sampler import BucketingBatchSampler
 from asr.decoding.options import DecodeOptions, Transcript
@@ -30,6 +31,17 @@ class Evaluation:
         return {"valid_loss": self.loss} | self.rates.to_dict()
 
 
+def _in_order(data: SpeechDataset, max_frames: int) -> Iterable[Batch]:
+    """Length-bucketed batches of every utterance, without shuffling or augmentation.
+
+    An utterance longer than the budget simply forms a batch of its own.
+    """
+    sampler = BucketingBatchSampler(
+        [min(n, max_frames) for n in data.num_frames], max_frames=max_frames, shuffle=False
+    )
+    return DataLoader(data, batch_sampler=sampler, collate_fn=collate)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -45,14 +57,9 @@ def evaluate(
     """Greedy-decode every utterance (no augmentation), with loss and corpus WER/CER."""
     model.eval()
     data = SpeechDataset(utterances, tokenizer, feature_config, cmvn)
-    # Every utterance is scored: one longer than the budget simply forms a batch of its own.
-    sampler = BucketingBatchSampler(
-        [min(n, max_frames) for n in data.num_frames], max_frames=max_frames, shuffle=False
-    )
-    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate)
     loss, batches = 0.0, 0
     hyps: dict[str, str] = {}
-    for batch in loader:
+    for batch in _in_order(data, max_frames):
         b = batch.to(device)
         out = model(b.feats, b.feat_lens, b.targets, b.target_lens)
         if out.loss is not None and torch.isfinite(out.loss):
@@ -78,12 +85,8 @@ def transcribe_manifest(
     data = SpeechDataset(
         utterances, recognizer.bundle.tokenizer, recognizer.bundle.feature_config, None
     )
-    sampler = BucketingBatchSampler(
-        [min(n, max_frames) for n in data.num_frames], max_frames=max_frames, shuffle=False
-    )
-    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate)
     out: dict[str, Transcript] = {}
-    for batch in loader:
+    for batch in _in_order(data, max_frames):
         for utt_id, transcript in zip(
             batch.ids, recognizer.decode(batch.feats, batch.feat_lens, options), strict=True
         ):
