@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -20,33 +19,12 @@ from asr.decoding.attention import (
     rescore,
 )
 from asr.decoding.options import DecodeOptions, Hypothesis
-from asr.models.las import LAS, EncoderOutput, LASConfig, las
+from asr.models.las import LAS, EncoderOutput, las
 from asr.tokenizer import SOS_EOS_ID
 from tests.test_decoding_ctc import exhaustive
+from tests.test_las import TINY_PYRAMID, one_thread  # noqa: F401 (autouse fixture)
 
-VOCAB = 12
-CONFIG = LASConfig(
-    vocab_size=VOCAB,
-    input_dim=20,
-    listener="pyramid",
-    listener_hidden=16,
-    listener_layers=3,
-    attention_dim=16,
-    location_channels=3,
-    location_kernel=5,
-    speller_hidden=24,
-    speller_layers=2,
-    embedding_dim=8,
-    ctc_weight=0.3,
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+CONFIG = TINY_PYRAMID  # with its auxiliary CTC head (ctc_weight 0.3), for joint decoding
 
 
 @pytest.fixture(scope="module")
