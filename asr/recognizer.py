@@ -94,7 +94,7 @@ def _las_search(joint: bool) -> SearchFn:
         model = _las(rec.bundle)
         enc = model.encode(rec.bundle.cmvn.apply(raw), lens)
         hyps = attention_beam_search(model, enc, opts, joint=joint)
-        return Search(hyps, enc.ctc_log_probs, enc.lengths, model.time_reduction)
+        return Search(hyps, enc.ctc_log_probs, enc.ctc_lengths, model.ctc_time_reduction)
 
     return search
 
@@ -114,9 +114,9 @@ def _las_rescore(
     enc = model.encode(rec.bundle.cmvn.apply(raw), lens)
     if enc.ctc_log_probs is None:
         raise ValueError("method 'rescore' needs a LAS model with a CTC head (ctc_weight > 0)")
-    first = CTCPrefixBeamSearch(replace(opts, nbest=opts.beam))(enc.ctc_log_probs, enc.lengths)
+    first = CTCPrefixBeamSearch(replace(opts, nbest=opts.beam))(enc.ctc_log_probs, enc.ctc_lengths)
     hyps = rescore(model, enc, first, opts)
-    return Search(hyps, enc.ctc_log_probs, enc.lengths, model.time_reduction)
+    return Search(hyps, enc.ctc_log_probs, enc.ctc_lengths, model.ctc_time_reduction)
 
 
 METHODS: dict[str, dict[str, SearchFn]] = {

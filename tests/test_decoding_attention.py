@@ -66,14 +66,24 @@ def test_joint_with_ctc_weight_zero_equals_attention_beam_search(
         assert a.score == pytest.approx(b.score, abs=1e-5)
 
 
-def test_ctc_weight_one_scores_are_ctc_log_likelihoods(model: LAS, encoded: EncoderOutput) -> None:
+@pytest.mark.parametrize("upsample", [1, 2])
+def test_ctc_weight_one_scores_are_ctc_log_likelihoods(
+    model: LAS, encoded: EncoderOutput, upsample: int
+) -> None:
+    if upsample != 1:  # the CTC head emits `upsample` frames per listener frame
+        torch.manual_seed(0)
+        model = las(replace(CONFIG, ctc_upsample=upsample)).eval()
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            encoded = model.encode(torch.randn(2, 160, 20, generator=gen), torch.tensor([160, 96]))
     hyps = attention_beam_search(
         model, encoded, DecodeOptions(beam=3, nbest=3, ctc_weight=1.0), joint=True
     )
     assert encoded.ctc_log_probs is not None
     for b, utt in enumerate(hyps):
+        frames = int(encoded.ctc_lengths[b])
+        assert frames == upsample * int(encoded.lengths[b])
         for h in utt:
-            frames = int(encoded.lengths[b])
             nll = F.ctc_loss(
                 encoded.ctc_log_probs[b : b + 1, :frames].transpose(0, 1),
                 torch.tensor([h.tokens]),

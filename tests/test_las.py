@@ -102,6 +102,7 @@ def test_config_round_trips_through_json() -> None:
         ("scheduled_sampling", 1.5),
         ("ctc_weight", -0.5),
         ("speller_layers", 0),
+        ("ctc_upsample", 3),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(field: str, value: Any) -> None:
@@ -283,6 +284,24 @@ def test_forward_without_targets_returns_ctc_log_probs_only() -> None:
     assert out.out_lens.tolist() == [10, 7]
     with pytest.raises(ValueError, match="together"):
         model(feats, lens, torch.ones(2, 3, dtype=torch.long))
+
+
+def test_upsampled_ctc_head_fits_more_tokens_than_listener_frames() -> None:
+    feats, lens, _, _ = batch([90, 61], [1, 1])  # 10 and 7 listener frames
+    targets = torch.arange(3, 15).repeat(2, 1)  # 12 distinct tokens: more than 10 frames
+    target_lens = torch.tensor([12, 12])
+    ctc_only = replace(TINY, ctc_weight=1.0)
+    plain = make_model(ctc_only)(feats[:1], lens[:1], targets[:1], target_lens[:1]).loss
+    assert plain is not None and plain.item() == 0.0  # no CTC path: zero_infinity gives 0
+
+    model = make_model(replace(ctc_only, ctc_upsample=2))
+    assert model.ctc_time_reduction == 4
+    out = model(feats, lens)
+    assert out.log_probs is not None and out.log_probs.shape == (2, 20, VOCAB)
+    assert out.out_lens.tolist() == [20, 14]
+    torch.testing.assert_close(out.log_probs.exp().sum(-1), torch.ones(2, 20))
+    loss = model(feats[:1], lens[:1], targets[:1], target_lens[:1]).loss
+    assert loss is not None and 0.0 < loss.item() < float("inf")
 
 
 def test_loss_weights_ctc_and_attention() -> None:

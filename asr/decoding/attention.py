@@ -21,7 +21,8 @@ from asr.tokenizer import BLANK_ID, SOS_EOS_ID
 
 class Encoded(Protocol):
     lengths: torch.Tensor  # (B,) valid encoder frames
-    ctc_log_probs: torch.Tensor | None  # (B, T', V) or None without a CTC head
+    ctc_log_probs: torch.Tensor | None  # (B, T_ctc, V) or None without a CTC head
+    ctc_lengths: torch.Tensor  # (B,) valid frames of ctc_log_probs
 
     def select(self, rows: torch.Tensor) -> Self: ...
 
@@ -180,7 +181,7 @@ def attention_beam_search(
     if weight > 0:
         if enc_k.ctc_log_probs is None:
             raise ValueError("joint decoding needs a model with a CTC head (ctc_weight > 0)")
-        ctc = CTCPrefixScorer(enc_k.ctc_log_probs, enc_k.lengths)
+        ctc = CTCPrefixScorer(enc_k.ctc_log_probs, enc_k.ctc_lengths)
         ctc_state = ctc.initial()
     n_cand = options.joint_candidates or max(int(1.5 * k), 1)
     finished: list[list[tuple[float, float, tuple[int, ...]]]] = [[] for _ in range(batch)]
