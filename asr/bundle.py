@@ -107,7 +107,7 @@ def write_bundle(
     return out
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle directory written by `asr export`; the model is in eval mode."""
     root = Path(path)
     if not root.is_dir():

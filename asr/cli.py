@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
-from asr.bundle import load_model
+from asr.bundle import load_bundle
 from asr.data import synth
 from asr.data.dataset import manifest_cmvn
 from asr.data.librispeech import prepare
 from asr.data.manifest import Utterance, read_manifest
 from asr.decoding.options import DecodeOptions, Transcript
-from asr.evaluation import transcribe_manifest
+from asr.evaluation import stream_manifest, transcribe_manifest
 from asr.features import FeatureConfig
 from asr.metrics import ErrorRates, error_rates, utterance_errors
 from asr.models import MODELS, model_config
@@ -222,6 +222,12 @@ def _add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any DecodeOptions field"
     )
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="send each utterance through a streaming session in 100 ms chunks, as the server "
+        "does (latency-controlled BiLSTM-CTC); results are filed as method streaming-METHOD",
+    )
     p.add_argument("--name", help="test set name in --results (default: manifest file stem)")
     p.add_argument("--results", type=Path, help="results.json to add this test set to")
     p.add_argument("--worst", type=int, default=20, help="worst utterances in the report")
@@ -240,22 +246,24 @@ def _decode_options(args: argparse.Namespace, base: DecodeOptions) -> DecodeOpti
 
 
 def _run_decode(args: argparse.Namespace) -> int:
-    bundle = load_model(args.model, device=args.device)
-    rescorer = load_model(args.rescore_model, device=args.device) if args.rescore_model else None
+    bundle = load_bundle(args.model, device=args.device)
+    rescorer = load_bundle(args.rescore_model, device=args.device) if args.rescore_model else None
     recognizer = Recognizer(bundle, rescorer=rescorer)
     options = _decode_options(args, recognizer.options)
     recognizer.check(options)
     utterances = read_manifest(args.manifest)
     start = time.time()
-    transcripts = transcribe_manifest(recognizer, utterances, options)
+    decode = stream_manifest if args.streaming else transcribe_manifest
+    transcripts = decode(recognizer, utterances, options)
     seconds = time.time() - start
+    method = f"streaming-{options.method}" if args.streaming else options.method
     ids = [u.id for u in utterances]
     refs = [u.text for u in utterances]
     hyps = [transcripts[i].text for i in ids]
     rates = error_rates(refs, hyps)
     audio_seconds = sum(u.duration for u in utterances)
     summary = rates.to_dict() | {
-        "method": options.method,
+        "method": method,
         "beam": 1 if options.method == "greedy" else options.beam,
         "options": asdict(options),
         "manifest": str(args.manifest),
@@ -269,7 +277,7 @@ def _run_decode(args: argparse.Namespace) -> int:
     if args.results is not None:
         _add_results(args.results, bundle.config, name, summary)
     print(
-        f"{name}: {options.method} WER {rates.wer:.2f} % CER {rates.cer:.2f} % "
+        f"{name}: {method} WER {rates.wer:.2f} % CER {rates.cer:.2f} % "
         f"(S {rates.substitutions} D {rates.deletions} I {rates.insertions} over "
         f"{rates.words} words, {rates.utterances} utterances, {seconds:.1f} s, "
         f"RTF {summary['rtf']:.3f}) -> {args.out}"
@@ -390,24 +398,31 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="require `authorization: Bearer <token>` with the token in this file",
     )
+    p.add_argument(
+        "--rescore-model",
+        action="append",
+        default=[],
+        metavar="NAME=LAS_BUNDLE_DIR",
+        help="two-pass decoding: model NAME's n-best rescored by this LAS bundle (repeatable)",
+    )
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS only")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log lines on stderr"
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from asr.streaming import EndpointConfig
     from server.app import serve
     from server.config import ServerConfig
+    from server.logs import configure as configure_logging
 
-    models = []
-    for item in args.model:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--model {item!r} is not NAME=BUNDLE_DIR")
-        models.append((name, path))
     config = ServerConfig(
-        models=tuple(models),
+        models=_name_paths(args.model, "--model"),
+        rescorers=_name_paths(args.rescore_model, "--rescore-model"),
         host=args.host,
         port=args.port,
         max_concurrent_streams=args.max_streams,
@@ -420,10 +435,22 @@ def _run_serve(args: argparse.Namespace) -> int:
         endpoint=EndpointConfig(args.trailing_silence, args.max_segment),
         auth_token=_read_token(args.auth_token_file),
         metrics_port=args.metrics_port,
+        tls_cert=None if args.tls_cert is None else str(args.tls_cert),
+        tls_key=None if args.tls_key is None else str(args.tls_key),
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging(args.log_format)
     asyncio.run(serve(config))
     return 0
+
+
+def _name_paths(items: list[str], flag: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{flag} {item!r} is not NAME=BUNDLE_DIR")
+        pairs.append((name, path))
+    return tuple(pairs)
 
 
 def _read_token(path: Path | None) -> str | None:
@@ -444,6 +471,8 @@ def _add_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--realtime", action="store_true", help="send audio at real-time pace")
     p.add_argument("--words", action="store_true", help="print word timings")
     p.add_argument("--token-file", type=Path, help="bearer token for a server that needs one")
+    p.add_argument("--tls", action="store_true", help="connect over TLS (system CAs)")
+    p.add_argument("--tls-ca", type=Path, help="connect over TLS trusting this PEM CA bundle")
 
 
 def _run_client(args: argparse.Namespace) -> int:
@@ -453,7 +482,10 @@ def _run_client(args: argparse.Namespace) -> int:
     from asr.client import AsrClient
 
     failed = 0
-    with AsrClient(args.server, token=_read_token(args.token_file)) as client:
+    ca = None if args.tls_ca is None else args.tls_ca.read_bytes()
+    with AsrClient(
+        args.server, token=_read_token(args.token_file), tls=args.tls, root_certificates=ca
+    ) as client:
         for path in args.files:
             try:
                 if args.stream:
@@ -497,6 +529,18 @@ def _print_words(results: Any) -> None:
             print(f"  {start:7.2f} {end:7.2f} {w.confidence:.2f} {w.word}")
 
 
+def _add_transcribe(p: argparse.ArgumentParser) -> None:
+    from asr import transcribe
+
+    transcribe.add_arguments(p)
+
+
+def _run_transcribe(args: argparse.Namespace) -> int:
+    from asr import transcribe
+
+    return transcribe.run(args, _parse_overrides(args.set, "decoding"))
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -516,6 +560,11 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train a model (run under torchrun for DDP)", _add_train, _run_train),
     "export": Command("write a model bundle from an experiment", _add_export, _run_export),
     "decode": Command("transcribe a manifest with a bundle and score it", _add_decode, _run_decode),
+    "transcribe": Command(
+        "transcribe files, directories or manifests (txt, jsonl, srt, vtt); resumable",
+        _add_transcribe,
+        _run_transcribe,
+    ),
     "serve": Command("serve models over gRPC (batch and streaming)", _add_serve, _run_serve),
     "client": Command("transcribe files with a running server", _add_client, _run_client),
     "results": Command(

@@ -35,9 +35,20 @@ class AsrClient:
     """Recognize, StreamingRecognize and ListModels against one server."""
 
     def __init__(
-        self, target: str, *, token: str | None = None, timeout: float | None = 300.0
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        timeout: float | None = 300.0,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
     ) -> None:
-        self.channel = grpc.insecure_channel(target)
+        """tls: connect over TLS, trusting the system's CAs or `root_certificates` (PEM)."""
+        if tls or root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self.channel = grpc.secure_channel(target, credentials)
+        else:
+            self.channel = grpc.insecure_channel(target)
         self.stub = asr_pb2_grpc.RecognizerStub(self.channel)
         self.metadata = [("authorization", f"Bearer {token}")] if token else None
         self.timeout = timeout

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, overload
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
+from asr.audio import AudioInput, as_samples
 from asr.bundle import Bundle, BundleError
+from asr.data.sampler import BucketingBatchSampler
 from asr.decoding.alignment import word_timings
 from asr.decoding.attention import attention_beam_search, rescore
 from asr.decoding.ctc import CTCPrefixBeamSearch, ctc_greedy
@@ -130,6 +133,10 @@ METHODS: dict[str, dict[str, SearchFn]] = {
 }
 
 
+# Padded feature frames per decoded batch: 200 s of audio at a 10 ms hop (as `asr decode`).
+BATCH_FRAMES = 20_000
+
+
 def default_options(model_type: str, model_config: dict[str, Any]) -> DecodeOptions:
     """What a bundle decodes with unless told otherwise: the most accurate method it has."""
     if model_type == "las" and model_config.get("ctc_weight", 0) > 0:
@@ -150,6 +157,8 @@ class Recognizer:
         self.options = options or (
             DecodeOptions(**stored) if stored else default_options(bundle.model_type, model_config)
         )
+        if options is None and rescorer is not None:  # given a second pass, use it
+            self.options = replace(self.options, method="rescore")
         self.check(self.options)
         if rescorer is not None:
             if rescorer.model_type != "las":
@@ -205,6 +214,61 @@ class Recognizer:
             self._transcript(search, b, opts, energy[b, : int(lengths[b])])
             for b in range(len(search.hyps))
         ]
+
+    @overload
+    def transcribe(self, audio: AudioInput, **decode_options: Any) -> Transcript: ...
+
+    @overload
+    def transcribe(
+        self, audio: list[AudioInput] | tuple[AudioInput, ...], **decode_options: Any
+    ) -> list[Transcript]: ...
+
+    def transcribe(
+        self,
+        audio: AudioInput | list[AudioInput] | tuple[AudioInput, ...],
+        **decode_options: Any,
+    ) -> Transcript | list[Transcript]:
+        """Transcribe one input, or a list of them (decoded in length-sorted batches).
+
+        An input is a file path (str or Path), a file's bytes (WAV/FLAC/OGG/...), or mono
+        float samples at 16 kHz (numpy array or tensor, shape (N,)). decode_options are
+        `DecodeOptions` fields over this recognizer's options (method="greedy", beam=8,
+        nbest=3, ...). Raises `AudioError` for unusable audio, TypeError for an unknown option.
+
+            recognizer.transcribe("utt.flac").text  # "HELLO WORLD"
+            [t.nbest for t in recognizer.transcribe([samples, Path("b.wav")], nbest=2)]
+        """
+        options = self.options.override(**decode_options)
+        self.check(options)
+        batch = isinstance(audio, list | tuple)
+        inputs = list(audio) if isinstance(audio, list | tuple) else [audio]
+        feats = [self.features(as_samples(a)) for a in inputs]
+        transcripts = self.transcribe_features(feats, options)
+        return transcripts if batch else transcripts[0]
+
+    def transcribe_features(
+        self,
+        feats: Sequence[torch.Tensor],
+        options: DecodeOptions | None = None,
+        *,
+        max_frames: int = BATCH_FRAMES,
+    ) -> list[Transcript]:
+        """Log-mel features [(T_i, F)] before CMVN of any number of utterances -> transcripts in
+        the same order, decoded in batches of similar length under a padded-frame budget."""
+        if not feats:
+            return []
+        lengths = [f.shape[0] for f in feats]
+        # An utterance over the budget still gets a batch of its own.
+        sampler = BucketingBatchSampler(
+            [max(1, min(n, max_frames)) for n in lengths], max_frames=max_frames, shuffle=False
+        )
+        out: dict[int, Transcript] = {}
+        for batch in sampler:
+            padded = pad_sequence([feats[i] for i in batch], batch_first=True)  # (B, T, F)
+            lens = torch.tensor([lengths[i] for i in batch])  # (B,)
+            for i, transcript in zip(batch, self.decode(padded, lens, options), strict=True):
+                out[i] = transcript
+        return [out[i] for i in range(len(feats))]
 
     def _transcript(
         self, search: Search, b: int, opts: DecodeOptions, energy: torch.Tensor

@@ -19,7 +19,7 @@ import torch
 from asr.decoding.alignment import word_timings
 from asr.decoding.attention import rescore
 from asr.decoding.ctc import CTCBeamState, CTCPrefixBeamSearch
-from asr.decoding.options import DecodeOptions, Hypothesis, Transcript
+from asr.decoding.options import Alternative, DecodeOptions, Hypothesis, Transcript
 from asr.features import StreamingFeatures
 from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCStream
 from asr.models.las import LAS
@@ -106,8 +106,11 @@ class StreamingSession:
         if self.finished:
             raise RuntimeError("the stream is finished")
         feats = self.features.accept(samples)  # (T, F)
+        frames = self.frames
         results = self._consume_features(feats)
-        if self.interim_results and self.has_speech:
+        # The encoder emits whole blocks, so most chunks add no frame and cannot change the
+        # partial; the backtrack behind it is skipped for them.
+        if self.interim_results and self.has_speech and self.frames != frames:
             partial = self._partial()
             if partial.transcript.text != self.last_partial:  # only news goes to the client
                 self.last_partial = partial.transcript.text
@@ -225,3 +228,21 @@ class StreamingSession:
         with torch.no_grad():
             enc = rescorer.model.encode(feats, torch.tensor([raw.shape[0]]))
             return rescore(rescorer.model, enc, [nbest], self.options)[0]
+
+
+def join_finals(finals: list[StreamResult]) -> Transcript:
+    """The final results of a stream's segments as one transcript of the whole stream (word
+    times are already counted from the stream's start); one alternative, the best path."""
+    spoken = [f.transcript for f in finals if f.transcript.text]
+    words = tuple(w for t in spoken for w in t.words)
+    text = " ".join(t.text for t in spoken)
+    tokens = tuple(token for t in spoken for token in t.tokens)
+    score = sum(t.score for t in spoken)
+    return Transcript(
+        text=text,
+        tokens=tokens,
+        score=score,
+        words=words,
+        nbest=(Alternative(text, tokens, score),),
+        confidence=round(sum(w.confidence for w in words) / len(words), 4) if words else 0.0,
+    )

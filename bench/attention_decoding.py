@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from asr.bundle import load_model
+from asr.bundle import load_bundle
 from asr.data.dataset import SpeechDataset, collate
 from asr.data.manifest import read_manifest
 from asr.decoding.attention import attention_beam_search
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def encode(bundle_dir: Path, manifest: Path, limit: int) -> tuple[LAS, EncoderOutput]:
-    bundle = load_model(bundle_dir)
+    bundle = load_bundle(bundle_dir)
     if not isinstance(bundle.model, LAS):
         raise SystemExit(f"{bundle_dir}: a LAS bundle is needed, not {bundle.model_type}")
     utterances = read_manifest(manifest)[:limit]

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from asr.bundle import load_model
+from asr.bundle import load_bundle
 from asr.data.dataset import SpeechDataset, collate
 from asr.data.manifest import read_manifest
 from asr.decoding.ctc import CTCPrefixBeamSearch
@@ -42,7 +42,7 @@ def log_probs_of(
     bundle_dir: Path, manifest: Path, limit: int
 ) -> tuple[torch.Tensor, torch.Tensor, Tokenizer]:
     """CTC log-probs (N, T', V) and lengths (N,) of the first `limit` utterances."""
-    bundle = load_model(bundle_dir)
+    bundle = load_bundle(bundle_dir)
     if not isinstance(bundle.model, BiLSTMCTC):
         raise SystemExit(f"{bundle_dir}: a BiLSTM-CTC bundle is needed, not {bundle.model_type}")
     utterances = read_manifest(manifest)[:limit]

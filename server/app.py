@@ -8,17 +8,19 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from asr.bundle import load_model
+from asr.bundle import load_bundle
 from asr.recognizer import Recognizer
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.auth import TokenAuth
 from server.config import ServerConfig
 from server.engine import Engine
+from server.logs import fields
 from server.metrics import Metrics
 from server.servicer import Model, RecognizerServicer
 
@@ -43,11 +45,41 @@ class Running:
 
 
 def load_models(config: ServerConfig) -> list[Model]:
-    return [Model(name, Recognizer(load_model(path))) for name, path in config.models]
+    rescorers = dict(config.rescorers)
+    return [
+        Model(
+            name,
+            Recognizer(
+                load_bundle(path),
+                rescorer=load_bundle(rescorers[name]) if name in rescorers else None,
+            ),
+        )
+        for name, path in config.models
+    ]
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the TLS {what} ({err.strerror})") from err
+    if b"-----BEGIN" not in data:
+        raise ValueError(f"{path}: the TLS {what} is not PEM")
+    return data
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials when configured, read before anything slow so a bad file fails fast."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    key = _read_pem(config.tls_key, "private key")
+    cert = _read_pem(config.tls_cert, "certificate")
+    return grpc.ssl_server_credentials([(key, cert)])
 
 
 async def start(config: ServerConfig, models: list[Model] | None = None) -> Running:
     """Load the models (unless given), then listen; health turns SERVING only after that."""
+    credentials = _credentials(config)
     models = models if models is not None else load_models(config)
     engine = Engine(
         torch_threads=config.torch_threads,
@@ -68,9 +100,13 @@ async def start(config: ServerConfig, models: list[Model] | None = None) -> Runn
     reflection.enable_server_reflection(
         (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}")
+        raise OSError(f"cannot listen on {address}")
     await server.start()
     metrics_port = None
     if config.metrics_port is not None:
@@ -84,8 +120,15 @@ async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
     running = await start(config)
     names = ", ".join(f"{n}={p}" for n, p in config.models)
-    log.info("serving %s on %s:%d", names, config.host, running.port)
-    print(f"asr serve: listening on {config.host}:{running.port} with {names}", flush=True)
+    scheme = "TLS" if config.tls_cert else "plaintext"
+    log.info(
+        "serving",
+        extra=fields(models=names, host=config.host, port=running.port, transport=scheme),
+    )
+    print(
+        f"asr serve: listening on {config.host}:{running.port} ({scheme}) with {names}",
+        flush=True,
+    )
     if running.metrics_port is not None:
         print(f"asr serve: metrics on http://{config.host}:{running.metrics_port}/metrics")
     stop = asyncio.Event()

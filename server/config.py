@@ -10,6 +10,9 @@ from asr.streaming import EndpointConfig
 @dataclass(frozen=True)
 class ServerConfig:
     models: tuple[tuple[str, str], ...]  # (name, bundle directory); the first is the default
+    # (model name, LAS bundle directory): that CTC model's final results are its n-best
+    # rescored by the LAS attention decoder (two-pass), for Recognize and streaming alike.
+    rescorers: tuple[tuple[str, str], ...] = ()
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (tests)
     max_concurrent_streams: int = 64  # more get RESOURCE_EXHAUSTED
@@ -23,6 +26,8 @@ class ServerConfig:
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     auth_token: str | None = None  # if set, calls need `authorization: Bearer <token>`
     metrics_port: int | None = None  # Prometheus /metrics over HTTP (0: any free port)
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key the port speaks TLS only
+    tls_key: str | None = None  # PEM private key
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -30,6 +35,11 @@ class ServerConfig:
         names = [name for name, _ in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique: {', '.join(names)}")
+        for name, _ in self.rescorers:
+            if name not in names:
+                raise ValueError(f"rescorer for unknown model {name!r}; models: {', '.join(names)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a private key")
         positive = {
             "max_concurrent_streams": self.max_concurrent_streams,
             "max_stream_seconds": self.max_stream_seconds,

@@ -27,6 +27,7 @@ from asr.streaming import StreamingSession, StreamResult
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.config import ServerConfig
 from server.engine import Engine
+from server.logs import fields
 from server.metrics import Metrics
 
 log = logging.getLogger("asr.server")
@@ -135,7 +136,7 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                     channels=config.audio_channel_count or 1,
                     name="audio",
                 )
-            samples = load_audio(audio, name="audio")
+            samples = load_audio(audio, name="audio", declared_rate=config.sample_rate_hertz)
         except AudioError as err:
             raise _invalid(str(err)) from err
         return samples
@@ -169,10 +170,17 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
         self, context: grpc.aio.ServicerContext, err: Exception, rid: str, method: str
     ) -> NoReturn:
         if isinstance(err, RequestError):
-            log.info("request %s: %s: %s", rid, err.code.name, err.message)
+            log.info(
+                "%s failed: %s",
+                method,
+                err.message,
+                extra=fields(request_id=rid, rpc=method, code=err.code.name),
+            )
             self.metrics.requests.labels(method, err.code.name).inc()
             await context.abort(err.code, err.message)
-        log.exception("request %s failed", rid)
+        log.exception(
+            "%s failed", method, extra=fields(request_id=rid, rpc=method, code="INTERNAL")
+        )
         self.metrics.requests.labels(method, "INTERNAL").inc()
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {err}")
         raise AssertionError("context.abort returned")  # it always raises
@@ -206,7 +214,17 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
             alternatives=self._results(transcript, request.config),
             result_end_time=_duration(seconds),
         )
-        log.info("request %s: Recognize %.2f s with %s", rid, seconds, model.name)
+        log.info(
+            "Recognize done",
+            extra=fields(
+                request_id=rid,
+                rpc="Recognize",
+                code="OK",
+                model=model.name,
+                audio_s=round(seconds, 3),
+                latency_ms=round(elapsed * 1000, 1),
+            ),
+        )
         return asr_pb2.RecognizeResponse(
             results=[result] if transcript.text else [],
             request_id=rid,
@@ -295,7 +313,18 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
             self.metrics.latency.labels("StreamingRecognize").observe(elapsed)
             rtf = (model_seconds + elapsed) / max(pcm.seconds, 1e-3)
             self.metrics.rtf.labels("StreamingRecognize").observe(rtf)
-            log.info("request %s: stream of %.2f s with %s", rid, pcm.seconds, model.name)
+            log.info(
+                "StreamingRecognize done",
+                extra=fields(
+                    request_id=rid,
+                    rpc="StreamingRecognize",
+                    code="OK",
+                    model=model.name,
+                    audio_s=round(pcm.seconds, 3),
+                    final_latency_ms=round(elapsed * 1000, 1),
+                    rtf=round(rtf, 4),
+                ),
+            )
         except Exception as err:
             await self._fail(context, err, rid, "StreamingRecognize")
         finally:

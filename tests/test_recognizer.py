@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from asr.audio import save_flac
-from asr.bundle import Bundle, BundleError, load_model
+from asr.bundle import Bundle, BundleError, load_bundle
 from asr.cli import main
 from asr.data.manifest import Utterance, write_manifest
 from asr.decoding.options import DecodeOptions
-from asr.models.las import LASConfig, las
 from asr.recognizer import METHODS, Recognizer
 from asr.tokenizer import Tokenizer
-from tests.word_corpus import WordCorpus, save_bundle
+from tests.word_corpus import WordCorpus, save_bundle, untrained_las
 
 
 @pytest.fixture(scope="module")
@@ -26,27 +25,9 @@ def ctc_dir(word_model: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return save_bundle(word_model, tmp_path_factory.mktemp("ctc") / "bundle")
 
 
-def _las_bundle(word_model: Bundle, tokenizer: Tokenizer) -> Bundle:
-    """An untrained LAS over the same features (its outputs are arbitrary but well-formed)."""
-    torch.manual_seed(0)
-    config = LASConfig(
-        vocab_size=tokenizer.vocab_size,
-        listener="pyramid",
-        listener_hidden=32,
-        listener_layers=3,
-        attention_dim=32,
-        speller_hidden=32,
-        embedding_dim=16,
-    )
-    model = las(config).eval()
-    return Bundle(
-        Path("<las>"), "las", model, tokenizer, word_model.cmvn, word_model.feature_config, {}
-    )
-
-
 @pytest.fixture(scope="module")
 def las_dir(word_model: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    bundle = _las_bundle(word_model, word_model.tokenizer)
+    bundle = untrained_las(word_model, word_model.tokenizer)
     return save_bundle(bundle, tmp_path_factory.mktemp("las") / "bundle")
 
 
@@ -97,6 +78,27 @@ def test_decode_writes_hypotheses_report_and_scores(
     assert table[3].startswith("| ctc test | beam | ")
 
 
+def test_streaming_decode_reports_the_streaming_gap(
+    ctc_dir: Path, manifest: Path, tmp_path: Path
+) -> None:
+    argv = ["decode", "--model", str(ctc_dir), "--manifest", str(manifest)]
+    results = tmp_path / "results.json"
+    for extra in ([], ["--streaming"]):
+        assert (
+            main(
+                [*argv, "--out", str(tmp_path / str(len(extra))), "--results", str(results), *extra]
+            )
+            == 0
+        )
+    merged = json.loads(results.read_text())["methods"]
+    whole, streamed = merged["beam"]["test"], merged["streaming-beam"]["test"]
+    # The latency-controlled model decodes the same audio alike whole or in chunks; endpoints
+    # cut only at long pauses, so the word model's streamed transcripts hardly differ.
+    assert streamed["wer"] <= whole["wer"] + 2.0
+    rows = [json.loads(x) for x in (tmp_path / "1" / "hyps.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["words"] and len(r["nbest"]) == 1 for r in rows if r["text"])
+
+
 def test_two_pass_rescoring_across_bundles(
     ctc_dir: Path, las_dir: Path, manifest: Path, tmp_path: Path
 ) -> None:
@@ -132,18 +134,18 @@ def test_decode_rejects_options_that_cannot_work(
 
 def test_rescorer_must_share_the_tokenizer(word_model: Bundle, ctc_dir: Path) -> None:
     other = Tokenizer.train(["SOMETHING ELSE ENTIRELY", "QUITE DIFFERENT"], "char", 64)
-    las_bundle = _las_bundle(word_model, other)
+    las_bundle = untrained_las(word_model, other)
     with pytest.raises(BundleError, match="tokenizer differs"):
-        Recognizer(load_model(ctc_dir), DecodeOptions(method="rescore"), rescorer=las_bundle)
+        Recognizer(load_bundle(ctc_dir), DecodeOptions(method="rescore"), rescorer=las_bundle)
     with pytest.raises(BundleError, match="must be LAS"):
-        Recognizer(load_model(ctc_dir), rescorer=load_model(ctc_dir))
+        Recognizer(load_bundle(ctc_dir), rescorer=load_bundle(ctc_dir))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS["las"]))
 def test_every_las_method_returns_typed_transcripts(
     word_model: Bundle, word_corpus: WordCorpus, method: str
 ) -> None:
-    bundle = _las_bundle(word_model, word_model.tokenizer)
+    bundle = untrained_las(word_model, word_model.tokenizer)
     rec = Recognizer(bundle, DecodeOptions(method=method, beam=3, nbest=2, max_len_ratio=0.5))
     rng = random.Random(3)
     feats = [rec.features(word_corpus.utterance(rng).audio) for _ in range(2)]
@@ -173,5 +175,5 @@ def test_ctc_transcripts_carry_nbest_and_confidence(
 
 
 def test_bundles_decode_with_their_best_method_by_default(ctc_dir: Path, las_dir: Path) -> None:
-    assert Recognizer(load_model(ctc_dir)).options.method == "beam"
-    assert Recognizer(load_model(las_dir)).options.method == "joint"  # it has a CTC head
+    assert Recognizer(load_bundle(ctc_dir)).options.method == "beam"
+    assert Recognizer(load_bundle(las_dir)).options.method == "joint"  # it has a CTC head

@@ -3,6 +3,7 @@ with interim and final results, and a graceful stop on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import signal
@@ -14,7 +15,8 @@ import pytest
 
 from asr.audio import save_flac
 from asr.bundle import Bundle
-from tests.word_corpus import WordCorpus, save_bundle
+from tests.certs import make_tls_files
+from tests.word_corpus import WordCorpus, save_bundle, untrained_las
 
 
 def test_serve_stream_and_stop(word_model: Bundle, word_corpus: WordCorpus, tmp_path: Path) -> None:
@@ -103,3 +105,46 @@ def test_serve_rejects_an_empty_token_file(word_model: Bundle, tmp_path: Path) -
         timeout=60,
     )
     assert done.returncode == 2 and "the token file is empty" in done.stderr
+
+
+def test_serve_over_tls_with_json_logs_and_a_rescorer(
+    word_model: Bundle, word_corpus: WordCorpus, tmp_path: Path
+) -> None:
+    bundle = save_bundle(word_model, tmp_path / "bundle")
+    las = save_bundle(untrained_las(word_model, word_model.tokenizer), tmp_path / "las")
+    ca, cert, key = make_tls_files(tmp_path)
+    audio = tmp_path / "utt.flac"
+    save_flac(audio, word_corpus.utterance(random.Random(9)).audio)
+    server = subprocess.Popen(
+        [
+            *[sys.executable, "-m", "asr.cli", "serve", "--port", "0", "--log-format", "json"],
+            *["--model", f"words={bundle}", "--rescore-model", f"words={las}"],
+            *["--tls-cert", str(cert), "--tls-key", str(key)],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(TLS\)", line)
+        assert match, line
+        client = [sys.executable, "-m", "asr.cli", "client", "--server", f"localhost:{match[1]}"]
+        secure = subprocess.run(
+            [*client, "--tls-ca", str(ca), "--stream", str(audio)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert secure.returncode == 0 and "final: " in secure.stdout, secure.stderr
+        plain = subprocess.run([*client, str(audio)], capture_output=True, text=True, timeout=120)
+        assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    entries = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    serving = next(e for e in entries if e["message"] == "serving")
+    assert serving["transport"] == "TLS" and serving["level"] == "INFO"
+    streams = [e for e in entries if e.get("rpc") == "StreamingRecognize" and e["code"] == "OK"]
+    assert streams and streams[0]["request_id"] and streams[0]["audio_s"] > 0

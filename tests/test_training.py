@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from asr.bundle import load_model
+from asr.bundle import load_bundle
 from asr.data.librispeech import prepare
 from asr.data.manifest import read_manifest
 from asr.data.synth import Sentence, Voice, synthesize_corpus
@@ -227,7 +227,7 @@ def test_export_round_trip(corpus: dict[str, Path], reference_run: Path, tmp_pat
         "model.safetensors",
         "tokenizer.model",
     ]
-    bundle = load_model(bundle_dir)
+    bundle = load_bundle(bundle_dir)
     config = json.loads((bundle_dir / "config.json").read_text())
     last_two = ckpt.list_checkpoints(reference_run)[-2:]
     assert config["training"]["checkpoints_averaged"] == [p.name for p in last_two]

@@ -22,6 +22,7 @@ from asr.bundle import Bundle, write_bundle
 from asr.data.synth import Voice, synthesize, trim_silence
 from asr.features import CMVNAccumulator, FeatureConfig, log_mel
 from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCConfig
+from asr.models.las import LASConfig, las
 from asr.tokenizer import Tokenizer
 
 # Spelled as they sound: a silent letter (the g of "morning") has no acoustic cue, and a small
@@ -162,4 +163,28 @@ def save_bundle(bundle: Bundle, out: Path) -> Path:
         feature_config=bundle.feature_config,
         training=TRAINING,
         results={},
+    )
+
+
+def untrained_las(word_model: Bundle, tokenizer: Tokenizer) -> Bundle:
+    """An untrained LAS over the word model's features (its outputs are arbitrary but
+    well-formed): a second-pass rescorer to test the plumbing with."""
+    torch.manual_seed(0)
+    config = LASConfig(
+        vocab_size=tokenizer.vocab_size,
+        listener="pyramid",
+        listener_hidden=32,
+        listener_layers=3,
+        attention_dim=32,
+        speller_hidden=32,
+        embedding_dim=16,
+    )
+    return Bundle(
+        Path("<las>"),
+        "las",
+        las(config).eval(),
+        tokenizer,
+        word_model.cmvn,
+        word_model.feature_config,
+        {},
     )

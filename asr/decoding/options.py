@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,18 @@ class DecodeOptions:
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise ValueError(f"invalid decode options: {values}")
+
+    def override(self, **changes: Any) -> DecodeOptions:
+        """`replace(self, **changes)` for options named by a user: an unknown name is a
+        TypeError that lists the valid ones, a bad value the ValueError above."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(
+                f"unknown decoding option(s) {', '.join(unknown)}; "
+                f"DecodeOptions has {', '.join(sorted(names))}"
+            )
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
