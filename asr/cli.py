@@ -405,6 +405,15 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         metavar="NAME=LAS_BUNDLE_DIR",
         help="two-pass decoding: model NAME's n-best rescored by this LAS bundle (repeatable)",
     )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        help="run BiLSTM-CTC models latency-controlled with blocks of this many encoder frames "
+        "(40 ms each) instead of their bundles': smaller gives earlier partial results",
+    )
+    p.add_argument(
+        "--right-context", type=int, help="look-ahead frames with --chunk-size (default: half)"
+    )
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument(
@@ -423,6 +432,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         models=_name_paths(args.model, "--model"),
         rescorers=_name_paths(args.rescore_model, "--rescore-model"),
+        chunking=_chunking(args.chunk_size, args.right_context),
         host=args.host,
         port=args.port,
         max_concurrent_streams=args.max_streams,
@@ -441,6 +451,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)
     asyncio.run(serve(config))
     return 0
+
+
+def _chunking(chunk_size: int | None, right_context: int | None) -> tuple[int, int] | None:
+    if chunk_size is None:
+        if right_context is not None:
+            raise ValueError("--right-context needs --chunk-size")
+        return None
+    return chunk_size, chunk_size // 2 if right_context is None else right_context
 
 
 def _name_paths(items: list[str], flag: str) -> tuple[tuple[str, str], ...]:

@@ -13,6 +13,9 @@ class ServerConfig:
     # (model name, LAS bundle directory): that CTC model's final results are its n-best
     # rescored by the LAS attention decoder (two-pass), for Recognize and streaming alike.
     rescorers: tuple[tuple[str, str], ...] = ()
+    # (chunk_size, right_context) in encoder frames for every BiLSTM-CTC model, instead of
+    # its bundle's: shorter latency-controlled blocks give earlier partial results.
+    chunking: tuple[int, int] | None = None
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (tests)
     max_concurrent_streams: int = 64  # more get RESOURCE_EXHAUSTED
@@ -38,6 +41,10 @@ class ServerConfig:
         for name, _ in self.rescorers:
             if name not in names:
                 raise ValueError(f"rescorer for unknown model {name!r}; models: {', '.join(names)}")
+        if self.chunking is not None and (self.chunking[0] < 1 or self.chunking[1] < 0):
+            raise ValueError(
+                f"chunking needs chunk_size >= 1 and right_context >= 0: {self.chunking}"
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a private key")
         positive = {

@@ -45,13 +45,6 @@ def tiny(**overrides: Any) -> BiLSTMCTC:
     return bilstm_ctc(replace(TINY, **overrides)).eval()
 
 
-def in_mode(model: BiLSTMCTC, **overrides: Any) -> BiLSTMCTC:
-    """The same weights run with other settings (the state dict does not depend on the mode)."""
-    other = bilstm_ctc(replace(model.config, **overrides)).eval()
-    other.load_state_dict(model.state_dict())
-    return other
-
-
 def batch(lengths: list[int], dim: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     feats = torch.randn(len(lengths), max(lengths) + 9, dim, generator=gen)  # extra padding
@@ -250,12 +243,15 @@ def test_lc_with_one_chunk_covering_the_utterance_is_offline(context: int) -> No
     # backward one at the last, exactly the offline computation.
     model = tiny(**OFFLINE)
     feats, lens = batch([150, 97, 31])
-    lc = in_mode(model, chunk_size=40, right_context=context)  # 36 subsampled frames at most
+    lc = model.with_chunking(40, context)  # 36 subsampled frames at most
     with torch.no_grad():
         assert torch.equal(lc.log_probs(feats, lens)[0], model.log_probs(feats, lens)[0])
-        short_chunks = in_mode(model, chunk_size=5, right_context=context)
+        short_chunks = model.with_chunking(5, context)
         diff = (short_chunks.log_probs(feats, lens)[0] - model.log_probs(feats, lens)[0]).abs()
     assert diff.max() > 1e-3  # short chunks do limit what each frame sees
+    # Rechunked models share the parameters rather than copying them.
+    assert lc.head.weight.data_ptr() == model.head.weight.data_ptr()
+    assert lc.config == replace(model.config, chunk_size=40, right_context=context)
 
 
 def test_lc_lookahead_is_right_context_whatever_the_depth() -> None:

@@ -83,6 +83,13 @@ def test_serve_rejects_a_bad_model_argument(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 2 and "model bundle directory not found" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "asr.cli", "serve", "--model", "x=dir", "--right-context", "4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "--right-context needs --chunk-size" in done.stderr
 
 
 def test_serve_rejects_an_empty_token_file(word_model: Bundle, tmp_path: Path) -> None:

@@ -87,9 +87,7 @@ def server(word_model: Bundle) -> Iterator[Server]:
         metrics_port=0,
     )
     assert isinstance(word_model.model, BiLSTMCTC)
-    offline_model = BiLSTMCTC(replace(word_model.model.config, chunk_size=0, right_context=0))
-    offline_model.load_state_dict(word_model.model.state_dict())
-    offline_model.eval()
+    offline_model = word_model.model.with_chunking(0, 0)
     models = [
         Model("words", Recognizer(word_model)),
         Model("offline", Recognizer(replace(word_model, model=offline_model))),
@@ -538,7 +536,7 @@ def test_tls_settings_are_checked(tmp_path: Path) -> None:
         asyncio.run(start(config, []))
 
 
-def test_a_configured_rescorer_makes_two_pass_the_default(
+def test_configured_rescorer_and_chunking(
     word_model: Bundle, utterances: list[Utterance], tmp_path: Path
 ) -> None:
     words = save_bundle(word_model, tmp_path / "words")
@@ -546,10 +544,14 @@ def test_a_configured_rescorer_makes_two_pass_the_default(
     config = ServerConfig(
         models=(("words", str(words)), ("plain", str(words))),
         rescorers=(("words", str(rescorer)),),
+        chunking=(4, 2),  # shorter blocks than the word model's 8 + 4, as asr serve allows
         port=0,
     )
     models = load_models(config)
     assert models[0].recognizer.rescorer is not None and models[1].recognizer.rescorer is None
+    model = models[0].recognizer.bundle.model
+    assert isinstance(model, BiLSTMCTC) and model.config.chunk_size == 4
+    assert model.config.right_context == 2
     srv = Server(config, models)
     try:
         with AsrClient(srv.target) as client:
