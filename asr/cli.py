@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -207,10 +207,8 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_decode(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="bundle directory")
-    p.add_argument("--manifest", required=True, type=Path, help="JSONL manifest to transcribe")
-    p.add_argument("--out", required=True, type=Path, help="directory for hypotheses and scores")
+def _add_decode_options(p: argparse.ArgumentParser) -> None:
+    """Decoding flags shared by `asr decode` and `asr transcribe`."""
     p.add_argument(
         "--method",
         help="greedy | beam | joint (LAS) | rescore (LAS, or CTC with --rescore-model); "
@@ -222,6 +220,21 @@ def _add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any DecodeOptions field"
     )
+
+
+def _decode_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """DecodeOptions fields the command line sets (validated by `DecodeOptions.override`)."""
+    flags = {"method": args.method, "beam": args.beam, "ctc_weight": args.ctc_weight}
+    return {k: v for k, v in flags.items() if v is not None} | _parse_overrides(
+        args.set, "decoding"
+    )
+
+
+def _add_decode(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="bundle directory")
+    p.add_argument("--manifest", required=True, type=Path, help="JSONL manifest to transcribe")
+    p.add_argument("--out", required=True, type=Path, help="directory for hypotheses and scores")
+    _add_decode_options(p)
     p.add_argument(
         "--streaming",
         action="store_true",
@@ -236,13 +249,10 @@ def _add_decode(p: argparse.ArgumentParser) -> None:
 
 def _decode_options(args: argparse.Namespace, base: DecodeOptions) -> DecodeOptions:
     """The bundle's decoding options with the command line's on top."""
-    flags = {"method": args.method, "beam": args.beam, "ctc_weight": args.ctc_weight}
-    values = {k: v for k, v in flags.items() if v is not None}
-    values |= _parse_overrides(args.set, "decoding")
-    unknown = sorted(set(values) - {f.name for f in fields(DecodeOptions)})
-    if unknown:
-        raise ValueError(f"unknown decoding option(s) {', '.join(unknown)}")
-    return replace(base, **values)
+    try:
+        return base.override(**_decode_overrides(args))
+    except TypeError as err:  # an unknown option name is a bad argument
+        raise ValueError(str(err)) from err
 
 
 def _run_decode(args: argparse.Namespace) -> int:
@@ -551,12 +561,13 @@ def _add_transcribe(p: argparse.ArgumentParser) -> None:
     from asr import transcribe
 
     transcribe.add_arguments(p)
+    _add_decode_options(p)
 
 
 def _run_transcribe(args: argparse.Namespace) -> int:
     from asr import transcribe
 
-    return transcribe.run(args, _parse_overrides(args.set, "decoding"))
+    return transcribe.run(args, _decode_overrides(args))
 
 
 @dataclass(frozen=True)

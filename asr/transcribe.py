@@ -837,13 +837,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="padded audio per decoded batch (memory grows with it)",
     )
     p.add_argument("--nbest", type=int, default=1, help="alternatives in jsonl output")
-    p.add_argument("--method", help="decoding method (default: the bundle's; see asr decode)")
-    p.add_argument("--beam", type=int, help="beam size")
-    p.add_argument("--ctc-weight", type=float, help="CTC weight for joint and rescore")
-    p.add_argument("--rescore-model", type=Path, help="LAS bundle for two-pass CTC decoding")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="any DecodeOptions field"
-    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument(
@@ -864,17 +857,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
-def _options(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
-    flags = {"method": args.method, "beam": args.beam, "ctc_weight": args.ctc_weight}
-    return {k: v for k, v in flags.items() if v is not None} | overrides
-
-
 def _engine(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Engine, AsrClient | None]:
     """The engine, and the client to close when done."""
     if args.server is not None:
         from asr.client import AsrClient
 
-        if _options(args, overrides) or args.rescore_model:
+        if overrides or args.rescore_model:
             raise ValueError("with --server, decoding options are the server's")
         token = args.token_file.read_text().strip() if args.token_file else None
         if token == "":
@@ -891,7 +879,7 @@ def _engine(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Engine
             args.model,
             args.device,
             rescorer=args.rescore_model,
-            **_options(args, overrides) | {"nbest": args.nbest},
+            **overrides | {"nbest": args.nbest},
         )
     except TypeError as err:  # an unknown option name: a bad argument
         raise ValueError(str(err)) from err
@@ -905,7 +893,8 @@ def _engine(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Engine
 
 
 def run(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> int:
-    """`asr transcribe`; `overrides` are DecodeOptions fields (from `--set`)."""
+    """`asr transcribe`; `overrides` are DecodeOptions fields (--method, --beam, --set, ...:
+    the decoding flags `asr.cli` adds to this command as to `asr decode`)."""
     index, count = parse_shard(args.shard)
     suffix = "" if args.out is None else Path(args.out).suffix[1:]
     fmt = args.format or (suffix if suffix in FORMATS else "txt")
