@@ -151,6 +151,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         "--model-set", action="append", default=[], metavar="KEY=VALUE", help="model config field"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="start from these weights (bundle directory or checkpoint): fine-tuning; tensors "
+        "whose shapes differ (e.g. a new output layer) start fresh",
+    )
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -174,6 +180,7 @@ def _run_train(args: argparse.Namespace) -> int:
         train_manifest=str(args.train.resolve()),
         dev_manifest=str(args.dev.resolve()),
         preset=args.preset,
+        init="" if args.init is None else str(args.init.resolve()),
     )
     trainer = Trainer(
         args.exp_dir,

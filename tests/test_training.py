@@ -278,3 +278,23 @@ def test_ddp_two_ranks_gloo(corpus: dict[str, Path], tmp_path: Path) -> None:
     )
     assert ranks[0]["steps"] == ranks[1]["steps"] > 0
     assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_init_transfers_matching_tensors_and_reports_the_rest(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    base = model_config("las", "cpu-small", vocab_size=40, ctc_upsample=1)
+    source = build_model("las", base.to_dict())
+    save_file(source.state_dict(), str(tmp_path / "model.safetensors"))
+    target = build_model("las", (model_config("las", "cpu-small", vocab_size=40)).to_dict())
+    fresh = ckpt.transfer(target, ckpt.initial_weights(tmp_path))  # a bundle-like directory
+    assert fresh == ["ctc.bias", "ctc.weight"]  # the 40 ms head predicts 2 x 40 outputs
+    for name, value in target.state_dict().items():
+        if name not in fresh:
+            assert torch.equal(value, source.state_dict()[name]), name
+    other = build_model("ctc", model_config("ctc", "cpu-small", vocab_size=40).to_dict())
+    with pytest.raises(ValueError, match="share no tensor"):
+        ckpt.transfer(other, ckpt.initial_weights(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="no model weights"):
+        ckpt.initial_weights(tmp_path / "missing")

@@ -77,3 +77,29 @@ def average_models(paths: list[Path]) -> dict[str, torch.Tensor]:
         name: (total[name] / len(paths)).to(value.dtype) if name in total else value
         for name, value in first.items()
     }
+
+
+def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights to start training from: a bundle directory (its model.safetensors), a
+    .safetensors file, or a training checkpoint (.pt)."""
+    from safetensors.torch import load_file
+
+    source = Path(path)
+    if source.is_dir():
+        source = source / "model.safetensors"
+    if not source.is_file():
+        raise ValueError(f"{path}: no model weights (a bundle directory or a checkpoint file)")
+    if source.suffix == ".safetensors":
+        return load_file(str(source))
+    return dict(load(source)["model"])
+
+
+def transfer(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """Copy every tensor of `weights` whose name and shape match into `model`; returns the
+    names of the model's tensors left as initialised (new or reshaped layers), for the log."""
+    own = model.state_dict()
+    matching = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    if not matching:
+        raise ValueError("the initial weights share no tensor with this model")
+    model.load_state_dict(matching, strict=False)
+    return sorted(set(own) - set(matching))

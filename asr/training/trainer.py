@@ -59,10 +59,13 @@ class Experiment:
     dev_manifest: str
     feature_config: FeatureConfig = field(default_factory=FeatureConfig)
     preset: str = ""
+    init: str = ""  # weights the run started from (fine-tuning): a bundle or checkpoint path
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": {"type": self.model_type, "preset": self.preset, "config": self.model_config},
+            # "init" only when set, so experiments written before it existed still resume
+            "model": {"type": self.model_type, "preset": self.preset, "config": self.model_config}
+            | ({"init": self.init} if self.init else {}),
             "train": self.train.to_dict(),
             "data": {"train": self.train_manifest, "dev": self.dev_manifest},
             "features": asdict(self.feature_config),
@@ -78,6 +81,7 @@ class Experiment:
             dev_manifest=data["data"]["dev"],
             feature_config=FeatureConfig.from_dict(data["features"]),
             preset=data["model"].get("preset", ""),
+            init=data["model"].get("init", ""),
         )
 
 
@@ -311,6 +315,14 @@ class Trainer:
             dist.barrier()
         return path if self.dist.main else None
 
+    def _initialise(self, path: Path) -> None:
+        """Start from another model's weights (fine-tuning): every tensor whose name and shape
+        match; the rest keep their fresh initialisation. Only a run without checkpoints."""
+        fresh = ckpt.transfer(self.model, ckpt.initial_weights(path))
+        if self.dist.main:
+            rest = f"; freshly initialised: {', '.join(fresh)}" if fresh else ""
+            print(f"initialised from {path}{rest}")
+
     def resume(self) -> bool:
         """Load the newest checkpoint in exp_dir, if any."""
         found = ckpt.list_checkpoints(self.exp_dir)
@@ -378,7 +390,8 @@ class Trainer:
         Returns the per-epoch validation history. Raises `TrainingInterrupted` after
         checkpointing if SIGTERM/SIGINT arrives.
         """
-        self.resume()
+        if not self.resume() and self.exp.init:
+            self._initialise(Path(self.exp.init))
         self._started = time.time()
         if self.dist.main:
             print(
