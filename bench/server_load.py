@@ -500,7 +500,7 @@ async def run_unary(target: str, pid: int, utterances: list[Audio], callers: int
 def pocketsphinx_rtf(utterances: list[Audio]) -> tuple[float, float, float, list[str], str]:
     """(RTF, CPU s, audio s, hypotheses, version): one thread, 100 ms chunks per utterance."""
     try:
-        import pocketsphinx  # type: ignore[import-untyped]
+        import pocketsphinx
     except ImportError as err:
         raise SystemExit(
             f"pocketsphinx is needed for the peer ({err}): pip install -e '.[bench]'"
