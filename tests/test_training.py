@@ -284,10 +284,10 @@ def test_init_transfers_matching_tensors_and_reports_the_rest(tmp_path: Path) ->
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    base = model_config("las", "cpu-small", vocab_size=40, ctc_upsample=1)
-    source = build_model("las", base.to_dict())
+    source = build_model("las", model_config("las", "cpu-small", vocab_size=40).to_dict())
     save_file(source.state_dict(), str(tmp_path / "model.safetensors"))
-    target = build_model("las", (model_config("las", "cpu-small", vocab_size=40)).to_dict())
+    upsampled = model_config("las", "cpu-small", vocab_size=40, ctc_upsample=2)
+    target = build_model("las", upsampled.to_dict())
     fresh = ckpt.transfer(target, ckpt.initial_weights(tmp_path))  # a bundle-like directory
     assert fresh == ["ctc.bias", "ctc.weight"]  # the 40 ms head predicts 2 x 40 outputs
     for name, value in target.state_dict().items():
