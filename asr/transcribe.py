@@ -795,9 +795,10 @@ class Progress:
     def summary(self, skipped: int) -> str:
         wall = time.monotonic() - self.start
         resumed = f", {skipped} already done" if skipped else ""
+        rtf = f" (RTF {self.rtf:.3f})" if self.seconds else ""  # none when nothing was decoded
         return (
             f"asr transcribe: {self.ok} files done, {self.failed} failed{resumed}; "
-            f"{self.seconds / 3600:.3f} h of audio in {wall:.1f} s (RTF {self.rtf:.3f})"
+            f"{self.seconds / 3600:.3f} h of audio in {wall:.1f} s{rtf}"
         )
 
     def close(self) -> None:
