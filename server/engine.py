@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,7 +26,8 @@ class _Job:
     recognizer: Recognizer
     options: DecodeOptions
     audio: torch.Tensor  # (N,) 16 kHz
-    future: asyncio.Future[Transcript] = field(repr=False)
+    # the transcript and this job's share of its batch's model time (by audio length)
+    future: asyncio.Future[tuple[Transcript, float]] = field(repr=False)
 
 
 class Engine:
@@ -38,7 +41,8 @@ class Engine:
         self._executor.submit(torch.set_num_threads, torch_threads).result()
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task[None] | None = None
-        self.batches: list[int] = []  # sizes of the batches decoded (for tests and metrics)
+        # sizes of the latest batches decoded (for tests); bounded: the server runs for months
+        self.batches: deque[int] = deque(maxlen=1000)
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -55,11 +59,24 @@ class Engine:
         """Call fn(*args) on the model thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def run_timed(self, fn: Callable[..., T], *args: object) -> tuple[T, float]:
+        """fn(*args) on the model thread, and the seconds it took there (not queueing)."""
+
+        def timed() -> tuple[T, float]:
+            start = time.perf_counter()
+            return fn(*args), time.perf_counter() - start
+
+        return await self.run(timed)
+
     async def recognize(
         self, recognizer: Recognizer, audio: torch.Tensor, options: DecodeOptions
-    ) -> Transcript:
+    ) -> tuple[Transcript, float]:
+        """The transcript of `audio`, decoded in a micro-batch, and its share of the batch's
+        model seconds (in proportion to its length)."""
         assert self._queue is not None, "Engine.start() first"
-        future: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[Transcript, float]] = (
+            asyncio.get_running_loop().create_future()
+        )
         await self._queue.put(_Job(recognizer, options, audio, future))
         return await future
 
@@ -88,16 +105,17 @@ class Engine:
     async def _decode(self, jobs: list[_Job]) -> None:
         self.batches.append(len(jobs))
         try:
-            transcripts = await self.run(_decode_batch, jobs)
+            transcripts, seconds = await self.run_timed(_decode_batch, jobs)
         except Exception as err:  # a model failure fails these calls, not the server
             log.exception("decoding a batch of %d failed", len(jobs))
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(err)
             return
+        total = sum(job.audio.numel() for job in jobs)
         for job, transcript in zip(jobs, transcripts, strict=True):
             if not job.future.done():
-                job.future.set_result(transcript)
+                job.future.set_result((transcript, seconds * job.audio.numel() / max(total, 1)))
 
 
 def _decode_batch(jobs: list[_Job]) -> list[Transcript]:

@@ -36,7 +36,8 @@ class Metrics:
         )
         self.rtf = Histogram(
             "asr_real_time_factor",
-            "Model seconds per second of audio",
+            "Model-thread seconds per second of audio (queueing excluded; a micro-batch's time "
+            "shared by audio length)",
             ["method"],
             buckets=RTF_BUCKETS,
             registry=r,

@@ -202,14 +202,16 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                     f"audio is {seconds:.1f} s; Recognize takes at most "
                     f"{self.config.max_unary_seconds:.0f} s (use StreamingRecognize)"
                 )
-            transcript = await self.engine.recognize(model.recognizer, audio, options)
+            transcript, model_seconds = await self.engine.recognize(
+                model.recognizer, audio, options
+            )
         except Exception as err:
             await self._fail(context, err, rid, "Recognize")
         elapsed = time.perf_counter() - started
         self.metrics.requests.labels("Recognize", "OK").inc()
         self.metrics.audio_seconds.labels("Recognize").inc(seconds)
         self.metrics.latency.labels("Recognize").observe(elapsed)
-        self.metrics.rtf.labels("Recognize").observe(elapsed / max(seconds, 1e-3))
+        self.metrics.rtf.labels("Recognize").observe(model_seconds / max(seconds, 1e-3))
         result = asr_pb2.SpeechRecognitionResult(
             alternatives=self._results(transcript, request.config),
             result_end_time=_duration(seconds),
@@ -292,9 +294,8 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                         grpc.StatusCode.OUT_OF_RANGE,
                         f"stream longer than {self.config.max_stream_seconds:.0f} s of audio",
                     )
-                started = time.perf_counter()
-                results = await self.engine.run(session.accept, samples)
-                model_seconds += time.perf_counter() - started
+                results, spent = await self.engine.run_timed(session.accept, samples)
+                model_seconds += spent
                 for response in self._responses(results, rid, config):
                     yield response
                     if settings.single_utterance and response.results[0].is_final:
@@ -304,14 +305,14 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                         )
                         return
             started = time.perf_counter()
-            results = await self.engine.run(session.finish)
-            elapsed = time.perf_counter() - started  # last audio to final result
+            results, spent = await self.engine.run_timed(session.finish)
+            elapsed = time.perf_counter() - started  # last audio to final result, queue included
             for response in self._responses(results, rid, config):
                 yield response
             self.metrics.requests.labels("StreamingRecognize", "OK").inc()
             self.metrics.audio_seconds.labels("StreamingRecognize").inc(pcm.seconds)
             self.metrics.latency.labels("StreamingRecognize").observe(elapsed)
-            rtf = (model_seconds + elapsed) / max(pcm.seconds, 1e-3)
+            rtf = (model_seconds + spent) / max(pcm.seconds, 1e-3)
             self.metrics.rtf.labels("StreamingRecognize").observe(rtf)
             log.info(
                 "StreamingRecognize done",
