@@ -185,6 +185,36 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {err}")
         raise AssertionError("context.abort returned")  # it always raises
 
+    def _succeeded(
+        self,
+        method: str,
+        rid: str,
+        model: Model,
+        audio_seconds: float,
+        latency: float,
+        model_seconds: float,
+    ) -> None:
+        """Metrics and the log line of a call that ended OK. latency: Recognize: request to
+        response; StreamingRecognize: last audio to final result (queueing included)."""
+        rtf = model_seconds / max(audio_seconds, 1e-3)
+        self.metrics.requests.labels(method, "OK").inc()
+        self.metrics.audio_seconds.labels(method).inc(audio_seconds)
+        self.metrics.latency.labels(method).observe(latency)
+        self.metrics.rtf.labels(method).observe(rtf)
+        log.info(
+            "%s done",
+            method,
+            extra=fields(
+                request_id=rid,
+                rpc=method,
+                code="OK",
+                model=model.name,
+                audio_s=round(audio_seconds, 3),
+                latency_ms=round(latency * 1000, 1),
+                rtf=round(rtf, 4),
+            ),
+        )
+
     # -- RPCs -------------------------------------------------------------------------------
 
     async def Recognize(  # noqa: N802 (gRPC method name)
@@ -207,25 +237,11 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
             )
         except Exception as err:
             await self._fail(context, err, rid, "Recognize")
-        elapsed = time.perf_counter() - started
-        self.metrics.requests.labels("Recognize", "OK").inc()
-        self.metrics.audio_seconds.labels("Recognize").inc(seconds)
-        self.metrics.latency.labels("Recognize").observe(elapsed)
-        self.metrics.rtf.labels("Recognize").observe(model_seconds / max(seconds, 1e-3))
+        latency = time.perf_counter() - started
+        self._succeeded("Recognize", rid, model, seconds, latency, model_seconds)
         result = asr_pb2.SpeechRecognitionResult(
             alternatives=self._results(transcript, request.config),
             result_end_time=_duration(seconds),
-        )
-        log.info(
-            "Recognize done",
-            extra=fields(
-                request_id=rid,
-                rpc="Recognize",
-                code="OK",
-                model=model.name,
-                audio_s=round(seconds, 3),
-                latency_ms=round(elapsed * 1000, 1),
-            ),
         )
         return asr_pb2.RecognizeResponse(
             results=[result] if transcript.text else [],
@@ -306,25 +322,11 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                         return
             started = time.perf_counter()
             results, spent = await self.engine.run_timed(session.finish)
-            elapsed = time.perf_counter() - started  # last audio to final result, queue included
+            latency = time.perf_counter() - started  # last audio to final result
             for response in self._responses(results, rid, config):
                 yield response
-            self.metrics.requests.labels("StreamingRecognize", "OK").inc()
-            self.metrics.audio_seconds.labels("StreamingRecognize").inc(pcm.seconds)
-            self.metrics.latency.labels("StreamingRecognize").observe(elapsed)
-            rtf = (model_seconds + spent) / max(pcm.seconds, 1e-3)
-            self.metrics.rtf.labels("StreamingRecognize").observe(rtf)
-            log.info(
-                "StreamingRecognize done",
-                extra=fields(
-                    request_id=rid,
-                    rpc="StreamingRecognize",
-                    code="OK",
-                    model=model.name,
-                    audio_s=round(pcm.seconds, 3),
-                    final_latency_ms=round(elapsed * 1000, 1),
-                    rtf=round(rtf, 4),
-                ),
+            self._succeeded(
+                "StreamingRecognize", rid, model, pcm.seconds, latency, model_seconds + spent
             )
         except Exception as err:
             await self._fail(context, err, rid, "StreamingRecognize")
