@@ -441,6 +441,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from asr.client import read_token
     from asr.streaming import EndpointConfig
     from server.app import serve
     from server.config import ServerConfig
@@ -460,7 +461,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         grace_seconds=args.grace_seconds,
         endpoint=EndpointConfig(args.trailing_silence, args.max_segment),
-        auth_token=_read_token(args.auth_token_file),
+        auth_token=read_token(args.auth_token_file),
         metrics_port=args.metrics_port,
         tls_cert=None if args.tls_cert is None else str(args.tls_cert),
         tls_key=None if args.tls_key is None else str(args.tls_key),
@@ -488,16 +489,6 @@ def _name_paths(items: list[str], flag: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def _read_token(path: Path | None) -> str | None:
-    """A token from a file (not the command line, where `ps` would show it)."""
-    if path is None:
-        return None
-    token = path.read_text().strip()
-    if not token:
-        raise ValueError(f"{path}: the token file is empty")
-    return token
-
-
 def _add_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", type=Path, help="audio files (WAV, FLAC, OGG)")
     p.add_argument("--server", default="localhost:50051", help="HOST:PORT")
@@ -514,12 +505,11 @@ def _run_client(args: argparse.Namespace) -> int:
     import grpc
 
     from asr.audio import load_audio
-    from asr.client import AsrClient
+    from asr.client import connect
 
     failed = 0
-    ca = None if args.tls_ca is None else args.tls_ca.read_bytes()
-    with AsrClient(
-        args.server, token=_read_token(args.token_file), tls=args.tls, root_certificates=ca
+    with connect(
+        args.server, token_file=args.token_file, tls=args.tls, tls_ca=args.tls_ca
     ) as client:
         for path in args.files:
             try:

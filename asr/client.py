@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import torch
@@ -123,3 +124,31 @@ class AsrClient:
         yield from self.stub.StreamingRecognize(
             requests(), timeout=self.timeout, metadata=self.metadata
         )
+
+
+def read_token(path: Path | None) -> str | None:
+    """A bearer token from a file (not the command line, where `ps` would show it)."""
+    if path is None:
+        return None
+    token = path.read_text().strip()
+    if not token:
+        raise ValueError(f"{path}: the token file is empty")
+    return token
+
+
+def connect(
+    target: str,
+    *,
+    token_file: Path | None = None,
+    tls: bool = False,
+    tls_ca: Path | None = None,
+    timeout: float | None = 300.0,
+) -> AsrClient:
+    """An `AsrClient` from command-line style settings: token and CA bundle as files."""
+    return AsrClient(
+        target,
+        token=read_token(token_file),
+        timeout=timeout,
+        tls=tls,
+        root_certificates=None if tls_ca is None else tls_ca.read_bytes(),
+    )

@@ -861,17 +861,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _engine(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Engine, AsrClient | None]:
     """The engine, and the client to close when done."""
     if args.server is not None:
-        from asr.client import AsrClient
+        from asr.client import connect
 
         if overrides or args.rescore_model:
             raise ValueError("with --server, decoding options are the server's")
-        token = args.token_file.read_text().strip() if args.token_file else None
-        if token == "":
-            raise ValueError(f"{args.token_file}: the token file is empty")
-        ca = args.tls_ca.read_bytes() if args.tls_ca else None
         # No deadline: a long file streams for as long as it lasts.
-        client = AsrClient(
-            args.server, token=token, timeout=None, tls=args.tls, root_certificates=ca
+        client = connect(
+            args.server,
+            token_file=args.token_file,
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            timeout=None,
         )
         remote = ServerEngine(client, model=args.model_name, nbest=args.nbest, workers=args.workers)
         return remote, client
