@@ -26,6 +26,7 @@ from asr.decoding.options import (
     Hypothesis,
     Transcript,
     WordTiming,
+    mean_confidence,
 )
 from asr.features import log_mel
 from asr.models.bilstm_ctc import BiLSTMCTC
@@ -295,12 +296,11 @@ def build_transcript(
 ) -> Transcript:
     """The typed result of n-best `hyps` (best first, at least one) and the best's words."""
     best = hyps[0]
-    confidence = sum(w.confidence for w in words) / len(words) if words else 0.0
     return Transcript(
         text=tokenizer.decode(best.tokens),
         tokens=best.tokens,
         score=best.score,
         words=words,
         nbest=tuple(Alternative(tokenizer.decode(h.tokens), h.tokens, h.score) for h in hyps),
-        confidence=round(confidence, 4),
+        confidence=mean_confidence(words),
     )

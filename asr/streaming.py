@@ -19,7 +19,13 @@ import torch
 from asr.decoding.alignment import word_timings
 from asr.decoding.attention import rescore
 from asr.decoding.ctc import CTCBeamState, CTCPrefixBeamSearch
-from asr.decoding.options import Alternative, DecodeOptions, Hypothesis, Transcript
+from asr.decoding.options import (
+    Alternative,
+    DecodeOptions,
+    Hypothesis,
+    Transcript,
+    mean_confidence,
+)
 from asr.features import StreamingFeatures
 from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCStream
 from asr.models.las import LAS
@@ -244,5 +250,5 @@ def join_finals(finals: list[StreamResult]) -> Transcript:
         score=score,
         words=words,
         nbest=(Alternative(text, tokens, score),),
-        confidence=round(sum(w.confidence for w in words) / len(words), 4) if words else 0.0,
+        confidence=mean_confidence(words),
     )

@@ -61,7 +61,7 @@ from asr.audio import (
 )
 from asr.data.manifest import read_manifest
 from asr.data.sampler import BucketingBatchSampler
-from asr.decoding.options import Alternative, Transcript, WordTiming
+from asr.decoding.options import Alternative, Transcript, WordTiming, mean_confidence
 from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.recognizer import BATCH_FRAMES, Recognizer
 from asr.streaming import EndpointConfig, StreamingSession
@@ -119,7 +119,7 @@ class FileResult:
             "path": str(self.item.path),
             "duration": round(self.duration, 3),
             "text": self.text,
-            "confidence": round(sum(w.confidence for w in words) / len(words), 4) if words else 0.0,
+            "confidence": mean_confidence(words),
             "words": [_word_json(w) for w in words],
             "segments": [_segment_json(s) for s in self.segments],
         }

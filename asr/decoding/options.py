@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -84,6 +85,11 @@ class WordTiming:
     start: float  # seconds from the start of the audio
     end: float
     confidence: float  # in [0, 1]
+
+
+def mean_confidence(words: Sequence[WordTiming]) -> float:
+    """An utterance's confidence: the mean of its words' (0 without words), to 4 places."""
+    return round(sum(w.confidence for w in words) / len(words), 4) if words else 0.0
 
 
 @dataclass(frozen=True)
