@@ -218,12 +218,17 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
     """Decoding flags shared by `asr decode` and `asr transcribe`."""
     p.add_argument(
         "--method",
-        help="greedy | beam | joint (LAS) | rescore (LAS, or CTC with --rescore-model); "
-        "default: the bundle's (beam for BiLSTM-CTC, joint for LAS)",
+        help="greedy | beam | joint | rescore (LAS; CTC with --rescore-model); "
+        "default: the bundle's (beam for BiLSTM-CTC, joint for LAS or with --rescore-model)",
     )
     p.add_argument("--beam", type=int, help="beam size (default: the bundle's, 10)")
     p.add_argument("--ctc-weight", type=float, help="CTC weight for joint and rescore")
-    p.add_argument("--rescore-model", type=Path, help="LAS bundle for two-pass CTC decoding")
+    p.add_argument(
+        "--rescore-model",
+        type=Path,
+        help="LAS bundle a CTC model decodes with: joint (one pass, both models; the default) "
+        "or rescore (its n-best rescored)",
+    )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any DecodeOptions field"
     )
@@ -420,7 +425,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=LAS_BUNDLE_DIR",
-        help="two-pass decoding: model NAME's n-best rescored by this LAS bundle (repeatable)",
+        help="model NAME's finals decoded with this LAS bundle too: joint CTC/attention beam "
+        "search over each segment (repeatable)",
     )
     p.add_argument(
         "--chunk-size",

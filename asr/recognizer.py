@@ -91,6 +91,38 @@ def _ctc_rescore(
     return replace(first, hyps=rescore(las, enc, first.hyps, opts))
 
 
+def attention_with_ctc(
+    las_bundle: Bundle,
+    raw: torch.Tensor,
+    lens: torch.Tensor,
+    log_probs: torch.Tensor,
+    out_lens: torch.Tensor,
+    opts: DecodeOptions,
+) -> list[list[Hypothesis]]:
+    """One-pass joint decoding of two models: `las_bundle`'s attention decoder with another
+    model's CTC posteriors as the prefix scorer (in place of the LAS's own CTC head).
+
+    raw: (B, T, F) features before CMVN, lens (B,); log_probs: (B, T_ctc, V) the CTC model's
+    posteriors of the same audio (any frame rate: prefix scores only need its own frames).
+    """
+    las = _las(las_bundle)
+    enc = las.encode(las_bundle.cmvn.apply(raw), lens)
+    enc = replace(enc, ctc_log_probs=log_probs.float(), ctc_lengths=out_lens.to(enc.lengths))
+    return attention_beam_search(las, enc, opts, joint=True)
+
+
+def _ctc_joint(
+    rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
+) -> Search:
+    """The LAS rescorer's attention beam search scored jointly with this CTC model: the two
+    models' errors differ, so together they beat either (recipes/synthetic/README.md)."""
+    assert rec.rescorer is not None  # Recognizer.check
+    model = _ctc(rec.bundle)
+    log_probs, out_lens = model.log_probs(rec.bundle.cmvn.apply(raw), lens)
+    hyps = attention_with_ctc(rec.rescorer, raw, lens, log_probs, out_lens, opts)
+    return Search(hyps, log_probs, out_lens, model.time_reduction)
+
+
 def _las_search(joint: bool) -> SearchFn:
     def search(
         rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
@@ -124,7 +156,7 @@ def _las_rescore(
 
 
 METHODS: dict[str, dict[str, SearchFn]] = {
-    "ctc": {"greedy": _ctc_greedy, "beam": _ctc_beam, "rescore": _ctc_rescore},
+    "ctc": {"greedy": _ctc_greedy, "beam": _ctc_beam, "rescore": _ctc_rescore, "joint": _ctc_joint},
     "las": {
         "greedy": _las_greedy,
         "beam": _las_search(joint=False),
@@ -158,8 +190,8 @@ class Recognizer:
         self.options = options or (
             DecodeOptions(**stored) if stored else default_options(bundle.model_type, model_config)
         )
-        if options is None and rescorer is not None:  # given a second pass, use it
-            self.options = replace(self.options, method="rescore")
+        if options is None and rescorer is not None:  # given the LAS, decode with both
+            self.options = replace(self.options, method="joint")
         self.check(self.options)
         if rescorer is not None:
             if rescorer.model_type != "las":
@@ -183,10 +215,11 @@ class Recognizer:
                 f"unknown decoding method {options.method!r} for a {self.bundle.model_type} "
                 f"model; choose one of {', '.join(self.methods)}"
             )
-        if options.method == "rescore" and self.bundle.model_type == "ctc" and not self.rescorer:
+        two_model = options.method in ("rescore", "joint")
+        if two_model and self.bundle.model_type == "ctc" and not self.rescorer:
             raise ValueError(
-                "method 'rescore' with a CTC model needs a LAS bundle to rescore with "
-                "(asr decode --rescore-model)"
+                f"method {options.method!r} with a CTC model needs a LAS bundle for its "
+                "attention decoder (asr decode --rescore-model)"
             )
 
     @property

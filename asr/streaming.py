@@ -5,8 +5,10 @@ Samples go through incremental log-mel features, the latency-controlled BiLSTM-C
 proportional to the chunk, never to the audio so far. Endpointing follows the CTC output: once
 a segment has speech (a non-blank best token), a run of blank frames as long as
 `trailing_silence`, or a segment reaching `max_segment`, closes it; its final result is the
-beam search's n-best (optionally rescored by the recognizer's LAS bundle: two-pass), with word
-timings counted from the start of the stream. Memory is bounded by one segment.
+beam search's n-best, or with the recognizer's LAS bundle a second pass over the segment
+(`rescore`: the n-best rescored; `joint`: attention beam search scored with the streamed CTC
+posteriors), with word timings counted from the start of the stream. Memory is bounded by one
+segment.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from asr.decoding.options import (
 from asr.features import StreamingFeatures
 from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCStream
 from asr.models.las import LAS
-from asr.recognizer import Recognizer, build_transcript
+from asr.recognizer import Recognizer, attention_with_ctc, build_transcript
 from asr.tokenizer import BLANK_ID
 
 LEAD_SECONDS = 0.3  # silence kept before the first speech of a segment
@@ -204,8 +206,8 @@ class StreamingSession:
         log_probs = torch.cat(self.log_probs) if self.log_probs else torch.zeros(0, 1)
         frames = log_probs.shape[0] * self.model.time_reduction
         raw = torch.cat(self.raw)[:frames] if self.raw else torch.zeros(0, 1)
-        if self.options.method == "rescore" and self.recognizer.rescorer is not None:
-            nbest = self._rescore(nbest, raw)
+        if self.options.method in ("rescore", "joint") and self.recognizer.rescorer is not None:
+            nbest = self._second_pass(nbest, raw, log_probs)
         nbest = nbest[: self.options.nbest]
         start, end = self._span()
         tokenizer = self.recognizer.bundle.tokenizer
@@ -224,15 +226,26 @@ class StreamingSession:
         )
         return StreamResult(build_transcript(tokenizer, nbest, words), True, 1.0, start, end)
 
-    def _rescore(self, nbest: list[Hypothesis], raw: torch.Tensor) -> list[Hypothesis]:
-        """Second pass over the segment's features with the LAS rescorer."""
+    def _second_pass(
+        self, nbest: list[Hypothesis], raw: torch.Tensor, log_probs: torch.Tensor
+    ) -> list[Hypothesis]:
+        """The segment's final with the LAS: its n-best rescored, or (joint) an attention beam
+        search scored with the CTC posteriors streamed for it. raw: (T, F); log_probs (T', V)."""
         rescorer = self.recognizer.rescorer
         assert rescorer is not None and isinstance(rescorer.model, LAS)
         if raw.shape[0] < 8 * rescorer.model.time_reduction:
             return nbest  # too short for the listener's x8 reduction
-        feats = rescorer.cmvn.apply(raw)[None]
+        lens = torch.tensor([raw.shape[0]])
         with torch.no_grad():
-            enc = rescorer.model.encode(feats, torch.tensor([raw.shape[0]]))
+            if self.options.method == "joint":
+                lp_lens = torch.tensor([log_probs.shape[0]])
+                return (
+                    attention_with_ctc(
+                        rescorer, raw[None], lens, log_probs[None], lp_lens, self.options
+                    )[0]
+                    or nbest
+                )
+            enc = rescorer.model.encode(rescorer.cmvn.apply(raw)[None], lens)
             return rescore(rescorer.model, enc, [nbest], self.options)[0]
 
 

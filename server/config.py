@@ -10,8 +10,9 @@ from asr.streaming import EndpointConfig
 @dataclass(frozen=True)
 class ServerConfig:
     models: tuple[tuple[str, str], ...]  # (name, bundle directory); the first is the default
-    # (model name, LAS bundle directory): that CTC model's final results are its n-best
-    # rescored by the LAS attention decoder (two-pass), for Recognize and streaming alike.
+    # (model name, LAS bundle directory): that CTC model's final results come from the LAS
+    # attention decoder scored jointly with the CTC posteriors (method joint; a client may ask
+    # for rescore, its n-best rescored), for Recognize and streaming finals alike.
     rescorers: tuple[tuple[str, str], ...] = ()
     # (chunk_size, right_context) in encoder frames for every BiLSTM-CTC model, instead of
     # its bundle's: shorter latency-controlled blocks give earlier partial results.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -110,11 +111,39 @@ def test_two_pass_rescoring_across_bundles(
     assert wer["method"] == "rescore" and wer["rescore_model"] == str(las_dir)
 
 
+def test_joint_decoding_across_bundles_scores_with_the_ctc_models_posteriors(
+    word_model: Bundle, word_corpus: WordCorpus, ctc_dir: Path, las_dir: Path
+) -> None:
+    ctc, las = load_bundle(ctc_dir), load_bundle(las_dir)
+    assert Recognizer(ctc, rescorer=las).options.method == "joint"  # given the LAS, use both
+    # CTC weight 1 with every token a candidate: the (untrained) attention decoder only
+    # proposes, the word model's CTC posteriors rank, so the search finds the CTC model's own
+    # best transcript. Any mix-up of the two models' frames or lengths would lose it.
+    vocab = word_model.tokenizer.vocab_size
+    options = DecodeOptions(
+        method="joint", ctc_weight=1.0, joint_candidates=vocab, length_penalty=0.0, beam=4
+    )
+    joint = Recognizer(ctc, options, rescorer=las)
+    beam = Recognizer(ctc, DecodeOptions(method="beam"))
+    rng = random.Random(11)
+    feats = [joint.features(word_corpus.utterance(rng).audio) for _ in range(4)]
+    lengths = torch.tensor([f.shape[0] for f in feats])
+    padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+    ours = joint.decode(padded, lengths)
+    assert [t.text for t in ours] == [t.text for t in beam.decode(padded, lengths)]
+    assert all(t.words and t.text for t in ours)  # word timings from the CTC model's alignment
+    # CTC weight 0: the attention decoder alone, as the LAS bundle's own beam search.
+    alone = Recognizer(ctc, replace(options, ctc_weight=0.0), rescorer=las).decode(padded, lengths)
+    las_beam = Recognizer(las, DecodeOptions(method="beam", beam=4, length_penalty=0.0))
+    assert [t.tokens for t in alone] == [t.tokens for t in las_beam.decode(padded, lengths)]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--method", "joint"], "choose one of greedy, beam, rescore"),
+        (["--method", "nope"], "choose one of greedy, beam, rescore, joint"),
         (["--method", "rescore"], "needs a LAS bundle"),
+        (["--method", "joint"], "needs a LAS bundle"),
         (["--set", "bogus=1"], "unknown decoding option(s) bogus"),
         (["--beam", "0"], "invalid decode options: beam=0"),
     ],

@@ -556,7 +556,7 @@ def test_configured_rescorer_and_chunking(
     try:
         with AsrClient(srv.target) as client:
             listed = {m.name: m.default_decoding_method for m in client.list_models()}
-            assert listed == {"words": "rescore", "plain": "beam"}
+            assert listed == {"words": "joint", "plain": "beam"}
             audio = utterances[2].audio
             finals = [
                 r.alternatives[0].transcript
@@ -564,7 +564,8 @@ def test_configured_rescorer_and_chunking(
                 for r in response.results
                 if r.is_final
             ]
-        # The server's streaming finals are the in-process two-pass session's.
+        # The server's streaming finals are the in-process session's (joint CTC/attention
+        # decoding of each segment with the LAS).
         session = StreamingSession(models[0].recognizer)
         expected = [r.transcript.text for r in session.accept(audio) if r.is_final]
         expected += [r.transcript.text for r in session.finish() if r.is_final]

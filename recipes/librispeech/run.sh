@@ -16,8 +16,9 @@
 #   4 export     asr export --exp-dir EXP --average N --out EXP/bundle
 #   5 decode     asr decode --model EXP/bundle --manifest DATA/manifests/TEST.jsonl --method M \
 #                    --beam 10 --out EXP/decode/M/TEST --results EXP/results.json
-#                for each method (ctc: greedy, beam, and rescore with --rescore-model LAS_BUNDLE;
-#                las: greedy, beam, joint, rescore), then `asr results` prints the WER table
+#                for each method (ctc: greedy, beam, streaming, and with --rescore-model LAS_BUNDLE
+#                rescore and joint; las: greedy, beam, joint, rescore), then `asr results`
+#                prints the WER table
 # Export comes before decode so the numbers are those of the bundle users get.
 set -euo pipefail
 
@@ -38,7 +39,8 @@ average=5
 epochs=                     # empty: the preset's
 methods=                    # decode stage; empty: greedy,beam,streaming (ctc), greedy,beam,joint,rescore (las)
 beam=10
-rescore_model=              # a LAS bundle: adds two-pass "rescore" to a ctc model's methods
+rescore_model=              # a LAS bundle: adds "rescore" and "joint" (both models) to a ctc model's methods
+ctc_weight=                 # decode stage: CTC weight of joint and rescore (empty: 0.3)
 jobs=$(nproc)
 train_args=()               # extra `asr train` arguments after --, e.g. -- --set lr=5e-4
 
@@ -58,6 +60,7 @@ while [[ $# -gt 0 ]]; do
     --data-dir) data_dir=$2; shift 2 ;;
     --exp-dir) exp_dir=$2; shift 2 ;;
     --average) average=$2; shift 2 ;;
+    --ctc-weight) ctc_weight=$2; shift 2 ;;
     --epochs) epochs=$2; shift 2 ;;
     --methods) methods=$2; shift 2 ;;
     --beam) beam=$2; shift 2 ;;
@@ -112,7 +115,7 @@ if in_stage 5; then
   if [[ -z $methods ]]; then
     methods=greedy,beam,streaming
     [[ $model == las ]] && methods=greedy,beam,joint,rescore
-    [[ $model == ctc && -n $rescore_model ]] && methods=greedy,beam,streaming,rescore
+    [[ $model == ctc && -n $rescore_model ]] && methods=greedy,beam,streaming,rescore,joint
   fi
   IFS=, read -ra method_list <<< "$methods"
   for m in "${method_list[@]}"; do
@@ -120,7 +123,8 @@ if in_stage 5; then
     # runs it (filed as streaming-beam): its gap to beam is what streaming costs.
     extra=(--method "$m")
     [[ $m == streaming ]] && extra=(--method beam --streaming)
-    [[ $m == rescore && $model == ctc ]] && extra+=(--rescore-model "$rescore_model")
+    [[ $m =~ ^(rescore|joint)$ && $model == ctc ]] && extra+=(--rescore-model "$rescore_model")
+    [[ $m =~ ^(rescore|joint)$ && -n $ctc_weight ]] && extra+=(--ctc-weight "$ctc_weight")
     for t in "${tests[@]}"; do
       run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$t.jsonl" \
         --beam "$beam" "${extra[@]}" \

@@ -14,7 +14,8 @@
 #             too (heldout-voice)
 #   2+        recipes/librispeech/run.sh --data-root WORK/LibriSpeech --preset cpu-small ...
 #             (prepare, tokenizer, cmvn, train, export, decode; results in EXP/results.json),
-#             then BiLSTM-CTC n-best rescored by the LAS bundle, and the WER table
+#             then both models together (rescore and joint, BiLSTM-CTC with the LAS bundle),
+#             and the WER table
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -102,10 +103,13 @@ for m in "${models[@]}"; do
       -- --set valid_max_utterances=300
   fi
 done
-# Two-pass decoding of the BiLSTM-CTC n-best with the LAS attention decoder (same tokenizer).
+# Both models together (same tokenizer): the BiLSTM-CTC n-best rescored by the LAS attention
+# decoder, and one-pass joint decoding (LAS attention beam search scored with the BiLSTM-CTC's
+# prefix probabilities; CTC weight 0.2, chosen on 300 dev utterances).
 if [[ $stop_stage -ge 7 && -d $work/exp/las/bundle && -d $work/exp/ctc/bundle ]]; then
   run "$repo/recipes/librispeech/run.sh" --stage 5 --stop-stage 5 \
     --test-sets heldout-sentences,heldout-voice --model ctc --data-dir "$work/data" \
-    --exp-dir "$work/exp/ctc" --methods rescore --rescore-model "$work/exp/las/bundle"
+    --exp-dir "$work/exp/ctc" --methods rescore,joint --ctc-weight 0.2 \
+    --rescore-model "$work/exp/las/bundle"
   run asr results "$work/exp/ctc/results.json" "$work/exp/las/results.json"
 fi
