@@ -219,7 +219,7 @@ class Recognizer:
         if two_model and self.bundle.model_type == "ctc" and not self.rescorer:
             raise ValueError(
                 f"method {options.method!r} with a CTC model needs a LAS bundle for its "
-                "attention decoder (asr decode --rescore-model)"
+                "attention decoder (--rescore-model)"
             )
 
     @property

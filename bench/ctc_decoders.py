@@ -165,11 +165,14 @@ def main() -> None:
         py_texts, py_rate = timed(pyctcdecode(tokenizer, beam), lp, lengths)
         differ = [i for i, (a, b) in enumerate(zip(our_best, fl_best, strict=True)) if a != b]
         # Where the two disagree, which found the labelling the model finds more probable?
-        ours_better = sum(
+        # The gap tells near-ties (which any two searches may split) from search errors.
+        gaps = [
             ctc_log_likelihood(lp[i], int(lengths[i]), our_best[i])
-            >= ctc_log_likelihood(lp[i], int(lengths[i]), fl_best[i])
+            - ctc_log_likelihood(lp[i], int(lengths[i]), fl_best[i])
             for i in differ
-        )
+        ]
+        ours_better = sum(g >= 0 for g in gaps)
+        median_gap = float(torch.tensor(gaps).abs().median()) if gaps else 0.0
         agree_fl = 100.0 * (len(lp) - len(differ)) / len(lp)
         our_texts = [tokenizer.decode(t) for t in our_best]
         # pyctcdecode renders subwords to words itself: compare without spaces.
@@ -185,7 +188,8 @@ def main() -> None:
             f"beam {beam}: ours {our_rate:.1f} utt/s, flashlight {fl_rate:.1f} utt/s, "
             f"pyctcdecode {py_rate:.1f} utt/s; same best hypothesis as flashlight "
             f"{agree_fl:.1f} % (of the {len(differ)} others, ours is at least as probable "
-            f"under the model in {ours_better}), same text as pyctcdecode {agree_py:.1f} %"
+            f"under the model in {ours_better}; median gap {median_gap:.3f} nats), "
+            f"same text as pyctcdecode {agree_py:.1f} %"
         )
         line = (
             f"ctc_beam{beam} vs_flashlight={our_rate / fl_rate:.2f}x "

@@ -216,9 +216,15 @@ def _code(call: object) -> grpc.StatusCode:
         ),
         (
             b"\x00\x00" * 100,
-            {"decoding_method": "joint"},
+            {"decoding_method": "nope"},
             grpc.StatusCode.INVALID_ARGUMENT,
             "choose one of",
+        ),
+        (
+            b"\x00\x00" * 100,
+            {"decoding_method": "joint"},  # a CTC model served without a LAS
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "needs a LAS bundle",
         ),
         (
             b"\x00\x00" * 16000 * 31,

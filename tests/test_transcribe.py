@@ -204,7 +204,8 @@ def test_bad_arguments_exit_2(
         "is not I/N": ("--shard", "3/3"),
         "unknown decoding option(s) nope": ("--set", "nope=1"),
         "invalid decode options: beam=0": ("--beam", "0"),
-        "unknown decoding method 'joint'": ("--method", "joint"),
+        "unknown decoding method 'nope'": ("--method", "nope"),
+        "method 'joint' with a CTC model needs a LAS bundle": ("--method", "joint"),
     }
     for message, extra in cases.items():
         assert transcribe(words_dir, "--model", bundle_dir, *extra) == 2
