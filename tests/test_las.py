@@ -20,6 +20,7 @@ from asr.models.las import (
     PRESETS,
     EncoderOutput,
     LASConfig,
+    ListenerKind,
     add_sos_eos,
     las,
 )
@@ -103,6 +104,8 @@ def test_config_round_trips_through_json() -> None:
         ("ctc_weight", -0.5),
         ("speller_layers", 0),
         ("ctc_upsample", 3),
+        ("ctc_layer", 5),  # TINY_PYRAMID has 4 listener layers
+        ("ctc_layer", 0),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(field: str, value: Any) -> None:
@@ -302,6 +305,38 @@ def test_upsampled_ctc_head_fits_more_tokens_than_listener_frames() -> None:
     torch.testing.assert_close(out.log_probs.exp().sum(-1), torch.ones(2, 20))
     loss = model(feats[:1], lens[:1], targets[:1], target_lens[:1]).loss
     assert loss is not None and 0.0 < loss.item() < float("inf")
+
+
+@pytest.mark.parametrize(
+    ("listener", "layers", "layer", "reduction", "frames"),
+    [
+        ("conv-pyramid", 2, 1, 4, [21, 14]),  # conv x4, first BiLSTM at 40 ms
+        ("pyramid", 4, 2, 2, [45, 30]),  # 1 plain + 3 pyramidal layers: layer 2 halved once
+        ("pyramid", 4, 3, 4, [22, 15]),
+    ],
+)
+def test_ctc_head_on_a_shallower_listener_layer(
+    listener: ListenerKind, layers: int, layer: int, reduction: int, frames: list[int]
+) -> None:
+    feats, lens, _, _ = batch([90, 61], [1, 1])
+    config = replace(TINY, listener=listener, listener_layers=layers, ctc_layer=layer)
+    model = make_model(replace(config, ctc_weight=1.0))
+    assert model.ctc_time_reduction == reduction
+    out = model(feats, lens)
+    assert out.log_probs is not None and out.log_probs.shape == (2, max(frames), VOCAB)
+    assert out.out_lens.tolist() == frames
+    torch.testing.assert_close(out.log_probs.exp().sum(-1), torch.ones(2, max(frames)))
+    # The head reads that layer: the CTC loss trains it and the layers below, none above.
+    targets = torch.arange(3, 15).repeat(2, 1)
+    loss = model.train()(feats, lens, targets, torch.tensor([12, 9])).loss
+    assert loss is not None and 0.0 < loss.item() < float("inf")
+    loss.backward()
+    rnn_layers = model.listener.rnn.layers
+    assert all(p.grad is not None for p in rnn_layers[layer - 1].parameters())
+    assert all(p.grad is None for p in rnn_layers[layer:].parameters())
+    # The attention decoder still reads the last layer.
+    enc = model.eval().encode(feats, lens)
+    assert enc.lengths.tolist() == make_model(config).encode(feats, lens).lengths.tolist()
 
 
 def test_loss_weights_ctc_and_attention() -> None:

@@ -55,11 +55,13 @@ class LASConfig:
         sets `LAS.scheduled_sampling`.
     ctc_weight: loss = (1 - w) * attention + w * CTC; 0 removes the CTC head, 1 trains CTC only
         (the speller then gets no gradient: DDP needs find_unused_parameters).
-    ctc_upsample: CTC frames the head predicts from each listener frame (1, 2, 4 or 8). CTC
+    ctc_layer: the listener layer (1-based) the CTC head reads; None: the last. A shallower
+        layer runs at a higher frame rate and is less shaped by the attention decoder.
+    ctc_upsample: CTC frames the head predicts from each frame of its layer (1, 2, 4 or 8). CTC
         needs at least one frame per token (two between repeats); small subword vocabularies
-        give ~10 tokens/s against the listener's 12.5 frames/s, so the head of such a model
-        reads the full-depth 80 ms memory and emits 40 ms frames (2), rather than reading a
-        shallower 40 ms layer (Libovicky & Helcl 2018 upsample the same way).
+        give ~10 tokens/s against the listener's 12.5 frames/s, so such a model's head either
+        reads the full-depth 80 ms memory and emits 40 ms frames (2; Libovicky & Helcl 2018
+        upsample the same way) or reads a 40 ms layer.
     """
 
     vocab_size: int  # including the reserved ids 0-2 (blank, unk, sos/eos)
@@ -77,6 +79,7 @@ class LASConfig:
     label_smoothing: float = 0.1
     scheduled_sampling: float = 0.0
     ctc_weight: float = 0.3
+    ctc_layer: int | None = None
     ctc_upsample: int = 1
 
     def __post_init__(self) -> None:
@@ -111,8 +114,11 @@ class LASConfig:
         for name in ("scheduled_sampling", "ctc_weight"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(name, "in [0, 1]")
-        if self.ctc_upsample not in (1, 2, 4, 8):
-            fail("ctc_upsample", "1, 2, 4 or 8 (a divisor of the x8 time reduction)")
+        if self.ctc_layer is not None and not 1 <= self.ctc_layer <= self.listener_layers:
+            fail("ctc_layer", f"None or a listener layer, 1 to {self.listener_layers}")
+        reduction = listener_reduction(self, self.ctc_layer or self.listener_layers)
+        if self.ctc_upsample not in (1, 2, 4, 8) or reduction % self.ctc_upsample:
+            fail("ctc_upsample", f"1, 2, 4 or 8 and a divisor of its layer's x{reduction}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +126,22 @@ class LASConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LASConfig:
         return config_from_dict(cls, data)
+
+
+def listener_pyramid(config: LASConfig) -> tuple[int, list[bool]]:
+    """(front-end time reduction, whether each BiLSTM layer first halves the frame rate)."""
+    layers = config.listener_layers
+    if config.listener == "pyramid":
+        return 1, [False] * (layers - 3) + [True] * 3
+    # The first BiLSTM runs at 40 ms so the pyramid step merges learnt features rather than
+    # raw conv outputs (which would just be a wider conv stride).
+    return 4, [False, True] + [False] * (layers - 2)
+
+
+def listener_reduction(config: LASConfig, layer: int) -> int:
+    """Feature frames per output frame of listener layer `layer` (1-based)."""
+    front, reduce = listener_pyramid(config)
+    return front * 2 ** sum(reduce[:layer])
 
 
 # Presets fill numbers only; set vocab_size from the tokenizer with `dataclasses.replace`.
@@ -181,7 +203,7 @@ class EncoderOutput:
 
     memory: torch.Tensor  # (B, T', D) listener output h
     lengths: torch.Tensor  # (B,) valid frames of memory
-    ctc_log_probs: torch.Tensor | None  # (B, T' * ctc_upsample, V) float32; None without a head
+    ctc_log_probs: torch.Tensor | None  # (B, T_ctc, V) float32; None without a head
     ctc_lengths: torch.Tensor  # (B,) valid frames of ctc_log_probs
     keys: torch.Tensor  # (B, T', A) attention keys V h + b, computed once per utterance
     mask: torch.Tensor  # (B, T') bool, True on valid frames
@@ -253,18 +275,14 @@ class Listener(nn.Module):
 
     def __init__(self, config: LASConfig) -> None:
         super().__init__()
-        layers = config.listener_layers
         self.subsampling: Subsampling | None
-        if config.listener == "pyramid":
+        front, reduce = listener_pyramid(config)
+        if front == 1:
             self.subsampling = None
             rnn_input = config.input_dim
-            reduce = [False] * (layers - 3) + [True] * 3
         else:
             self.subsampling = Subsampling("conv2d", config.input_dim, config.listener_hidden)
             rnn_input = config.listener_hidden
-            # The first BiLSTM runs at 40 ms so the pyramid step merges learnt features
-            # rather than raw conv outputs (which would just be a wider conv stride).
-            reduce = [False, True] + [False] * (layers - 2)
         self.rnn = PyramidalBiLSTM(rnn_input, config.listener_hidden, reduce, config.dropout)
         self.output_dim = self.rnn.output_dim
 
@@ -277,6 +295,13 @@ class Listener(nn.Module):
         self, feats: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """feats: (B, T, F), lengths: (B,) -> (B, T', D), (B,)."""
+        return self.layer_outputs(feats, lengths)[-1]
+
+    def layer_outputs(
+        self, feats: torch.Tensor, lengths: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """feats: (B, T, F), lengths: (B,) -> each BiLSTM layer's (B, T_i, D), (B,); the last
+        is the listener output."""
         out_lens = self.output_lengths(lengths)
         if bool((out_lens < 1).any()):
             shortest = int(lengths.min())
@@ -286,7 +311,7 @@ class Listener(nn.Module):
             )
         if self.subsampling is not None:
             feats, lengths = self.subsampling(feats, lengths)  # (B, T/4, H)
-        return self.rnn(feats, lengths)
+        return self.rnn.layer_outputs(feats, lengths)
 
 
 class Speller(nn.Module):
@@ -357,23 +382,27 @@ class LAS(nn.Module):
     @property
     def ctc_time_reduction(self) -> int:
         """Feature frames per frame of the CTC head's log-probs, for timestamps."""
-        return self.time_reduction // self.config.ctc_upsample
+        layer = self.config.ctc_layer or self.config.listener_layers
+        return listener_reduction(self.config, layer) // self.config.ctc_upsample
 
     def encode(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> EncoderOutput:
         """feats: (B, T, F), feat_lens: (B,) -> listener output and attention keys."""
-        memory, lengths = self.listener(feats, feat_lens)  # (B, T', D), (B,)
+        layers = self.listener.layer_outputs(feats, feat_lens)
+        memory, lengths = layers[-1]  # (B, T', D), (B,)
         lengths = lengths.to(memory.device)  # callers may keep feat_lens on the CPU
         ctc_log_probs = None
         up = self.config.ctc_upsample
+        tapped, ctc_lengths = layers[(self.config.ctc_layer or len(layers)) - 1]
+        ctc_lengths = ctc_lengths.to(memory.device) * up
         if self.ctc is not None:
-            batch, frames, _ = memory.shape
-            logits = self.ctc(memory).view(batch, frames * up, -1)  # (B, T' * up, V)
+            batch, frames, _ = tapped.shape
+            logits = self.ctc(tapped).view(batch, frames * up, -1)  # (B, T_ctc, V)
             ctc_log_probs = logits.float().log_softmax(dim=-1)
         return EncoderOutput(
             memory=memory,
             lengths=lengths,
             ctc_log_probs=ctc_log_probs,
-            ctc_lengths=lengths * up,
+            ctc_lengths=ctc_lengths,
             keys=self.speller.attention.keys(memory),
             mask=lengths_to_mask(lengths, memory.shape[1]),
         )

@@ -101,11 +101,20 @@ class PyramidalBiLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, D), lengths: (B,) -> (B, T', 2H), (B,)."""
+        outputs = self.layer_outputs(x, lengths)
+        return outputs[-1]
+
+    def layer_outputs(
+        self, x: torch.Tensor, lengths: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's output and lengths, first to last: [((B, T_i, 2H), (B,)), ...]."""
+        outputs = []
         for halve, layer in zip(self.reduce, self.layers, strict=True):
             if halve:
                 x, lengths = stack_frame_pairs(x, lengths)  # (B, T/2, 2D)
             x = self.dropout(layer(x, lengths))  # (B, T, 2H)
-        return x, lengths
+            outputs.append((x, lengths))
+        return outputs
 
 
 class LocationAwareAttention(nn.Module):
