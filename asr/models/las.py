@@ -284,6 +284,7 @@ class Listener(nn.Module):
             self.subsampling = Subsampling("conv2d", config.input_dim, config.listener_hidden)
             rnn_input = config.listener_hidden
         self.rnn = PyramidalBiLSTM(rnn_input, config.listener_hidden, reduce, config.dropout)
+        self.rnn_layers = len(reduce)
         self.output_dim = self.rnn.output_dim
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
@@ -295,13 +296,13 @@ class Listener(nn.Module):
         self, feats: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """feats: (B, T, F), lengths: (B,) -> (B, T', D), (B,)."""
-        return self.layer_outputs(feats, lengths)[-1]
+        out, out_lens, _, _ = self.forward_tap(feats, lengths, self.rnn_layers)
+        return out, out_lens
 
-    def layer_outputs(
-        self, feats: torch.Tensor, lengths: torch.Tensor
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """feats: (B, T, F), lengths: (B,) -> each BiLSTM layer's (B, T_i, D), (B,); the last
-        is the listener output."""
+    def forward_tap(
+        self, feats: torch.Tensor, lengths: torch.Tensor, tap: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward`, plus BiLSTM layer `tap`'s (1-based) output (B, T_tap, D) and lengths."""
         out_lens = self.output_lengths(lengths)
         if bool((out_lens < 1).any()):
             shortest = int(lengths.min())
@@ -311,7 +312,7 @@ class Listener(nn.Module):
             )
         if self.subsampling is not None:
             feats, lengths = self.subsampling(feats, lengths)  # (B, T/4, H)
-        return self.rnn.layer_outputs(feats, lengths)
+        return self.rnn.forward_tap(feats, lengths, tap)
 
 
 class Speller(nn.Module):
@@ -387,12 +388,11 @@ class LAS(nn.Module):
 
     def encode(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> EncoderOutput:
         """feats: (B, T, F), feat_lens: (B,) -> listener output and attention keys."""
-        layers = self.listener.layer_outputs(feats, feat_lens)
-        memory, lengths = layers[-1]  # (B, T', D), (B,)
+        tap = self.config.ctc_layer or self.config.listener_layers
+        memory, lengths, tapped, ctc_lengths = self.listener.forward_tap(feats, feat_lens, tap)
         lengths = lengths.to(memory.device)  # callers may keep feat_lens on the CPU
         ctc_log_probs = None
         up = self.config.ctc_upsample
-        tapped, ctc_lengths = layers[(self.config.ctc_layer or len(layers)) - 1]
         ctc_lengths = ctc_lengths.to(memory.device) * up
         if self.ctc is not None:
             batch, frames, _ = tapped.shape

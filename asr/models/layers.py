@@ -101,20 +101,21 @@ class PyramidalBiLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, D), lengths: (B,) -> (B, T', 2H), (B,)."""
-        outputs = self.layer_outputs(x, lengths)
-        return outputs[-1]
+        out, out_lens, _, _ = self.forward_tap(x, lengths, len(self.layers))
+        return out, out_lens
 
-    def layer_outputs(
-        self, x: torch.Tensor, lengths: torch.Tensor
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every layer's output and lengths, first to last: [((B, T_i, 2H), (B,)), ...]."""
-        outputs = []
-        for halve, layer in zip(self.reduce, self.layers, strict=True):
+    def forward_tap(
+        self, x: torch.Tensor, lengths: torch.Tensor, tap: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward`, plus the output and lengths of layer `tap` (1-based) on the way."""
+        tapped, tapped_lens = x, lengths
+        for i, (halve, layer) in enumerate(zip(self.reduce, self.layers, strict=True), start=1):
             if halve:
                 x, lengths = stack_frame_pairs(x, lengths)  # (B, T/2, 2D)
             x = self.dropout(layer(x, lengths))  # (B, T, 2H)
-            outputs.append((x, lengths))
-        return outputs
+            if i == tap:
+                tapped, tapped_lens = x, lengths
+        return x, lengths, tapped, tapped_lens
 
 
 class LocationAwareAttention(nn.Module):
