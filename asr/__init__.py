@@ -31,8 +31,9 @@ def load_model(
 ) -> Recognizer:
     """A `Recognizer` for the bundle directory at `path` (written by `asr export`).
 
-    rescorer: a LAS bundle directory for two-pass decoding of a BiLSTM-CTC bundle (its n-best
-    rescored by attention; the method becomes "rescore" unless `method` says otherwise).
+    rescorer: a LAS bundle directory a BiLSTM-CTC bundle decodes with: method "joint" (the
+    LAS's attention beam search scored with the CTC posteriors; the default then) or "rescore"
+    (the CTC n-best rescored by attention).
     decode_options: `DecodeOptions` fields (method="beam", beam=8, nbest=3, ...) over the
     bundle's defaults; an unknown name is a TypeError, a bad value a ValueError.
     """

@@ -166,6 +166,9 @@ METHODS: dict[str, dict[str, SearchFn]] = {
 }
 
 
+# Methods of a CTC bundle that need a LAS bundle beside it (`Recognizer.rescorer`).
+TWO_MODEL_METHODS = frozenset({"rescore", "joint"})
+
 # Padded feature frames per decoded batch: 200 s of audio at a 10 ms hop (as `asr decode`).
 BATCH_FRAMES = 20_000
 
@@ -215,7 +218,7 @@ class Recognizer:
                 f"unknown decoding method {options.method!r} for a {self.bundle.model_type} "
                 f"model; choose one of {', '.join(self.methods)}"
             )
-        two_model = options.method in ("rescore", "joint")
+        two_model = options.method in TWO_MODEL_METHODS
         if two_model and self.bundle.model_type == "ctc" and not self.rescorer:
             raise ValueError(
                 f"method {options.method!r} with a CTC model needs a LAS bundle for its "

@@ -31,7 +31,7 @@ from asr.decoding.options import (
 from asr.features import StreamingFeatures
 from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCStream
 from asr.models.las import LAS
-from asr.recognizer import Recognizer, attention_with_ctc, build_transcript
+from asr.recognizer import TWO_MODEL_METHODS, Recognizer, attention_with_ctc, build_transcript
 from asr.tokenizer import BLANK_ID
 
 LEAD_SECONDS = 0.3  # silence kept before the first speech of a segment
@@ -206,7 +206,7 @@ class StreamingSession:
         log_probs = torch.cat(self.log_probs) if self.log_probs else torch.zeros(0, 1)
         frames = log_probs.shape[0] * self.model.time_reduction
         raw = torch.cat(self.raw)[:frames] if self.raw else torch.zeros(0, 1)
-        if self.options.method in ("rescore", "joint") and self.recognizer.rescorer is not None:
+        if self.options.method in TWO_MODEL_METHODS and self.recognizer.rescorer is not None:
             nbest = self._second_pass(nbest, raw, log_probs)
         nbest = nbest[: self.options.nbest]
         start, end = self._span()
