@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -22,7 +22,7 @@ class JsonFormatter(logging.Formatter):
     """{"time", "level", "logger", "message", ...fields, "exception"?} on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        when = datetime.fromtimestamp(record.created, timezone.utc)
+        when = datetime.fromtimestamp(record.created, UTC)
         entry: dict[str, Any] = {
             "time": when.isoformat(timespec="milliseconds"),
             "level": record.levelname,

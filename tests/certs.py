@@ -18,7 +18,7 @@ def _name(common: str) -> x509.Name:
 
 def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
     """Write ca.pem, server.pem (for localhost and 127.0.0.1) and server.key -> their paths."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
