@@ -24,6 +24,7 @@ from torch import nn
 
 from asr.features import CMVN, FeatureConfig
 from asr.models import build_model, count_parameters
+from asr.models.base import attach_cmvn
 from asr.tokenizer import Tokenizer
 
 FORMAT = "asr-bundle"
@@ -46,6 +47,12 @@ class Bundle:
     cmvn: CMVN
     feature_config: FeatureConfig
     config: dict[str, Any]  # the whole config.json
+
+    def __post_init__(self) -> None:
+        # The model normalises its input with these statistics (asr.models.base): set here, so
+        # any bundle, loaded or built with dataclasses.replace(bundle, model=...), takes raw
+        # log-mel features.
+        attach_cmvn(self.model, self.cmvn)
 
 
 def git_commit() -> str:

@@ -15,7 +15,7 @@ from asr.data.dataset import Batch, SpeechDataset, collate
 from asr.data.manifest import Utterance
 from asr.data.sampler import BucketingBatchSampler
 from asr.decoding.options import DecodeOptions, Transcript
-from asr.features import CMVN, FeatureConfig
+from asr.features import FeatureConfig
 from asr.metrics import ErrorRates, error_rates
 from asr.models import greedy_decode
 from asr.recognizer import Recognizer
@@ -51,14 +51,13 @@ def evaluate(
     utterances: list[Utterance],
     tokenizer: Tokenizer,
     feature_config: FeatureConfig,
-    cmvn: CMVN,
     device: torch.device,
     *,
     max_frames: int = 20_000,
 ) -> Evaluation:
     """Greedy-decode every utterance (no augmentation), with loss and corpus WER/CER."""
     model.eval()
-    data = SpeechDataset(utterances, tokenizer, feature_config, cmvn)
+    data = SpeechDataset(utterances, tokenizer, feature_config)
     loss, batches = 0.0, 0
     hyps: dict[str, str] = {}
     for batch in _in_order(data, max_frames):
@@ -84,9 +83,7 @@ def transcribe_manifest(
     max_frames: int = 20_000,
 ) -> dict[str, Transcript]:
     """Decode every utterance of a manifest in length-sorted batches: id -> Transcript."""
-    data = SpeechDataset(
-        utterances, recognizer.bundle.tokenizer, recognizer.bundle.feature_config, None
-    )
+    data = SpeechDataset(utterances, recognizer.bundle.tokenizer, recognizer.bundle.feature_config)
     out: dict[str, Transcript] = {}
     for batch in _in_order(data, max_frames):
         for utt_id, transcript in zip(

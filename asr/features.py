@@ -190,11 +190,17 @@ class SpecAugmentConfig:
 
 
 def spec_augment(
-    feats: torch.Tensor, config: SpecAugmentConfig, generator: torch.Generator | None = None
+    feats: torch.Tensor,
+    config: SpecAugmentConfig,
+    generator: torch.Generator | None = None,
+    fill: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mask random frequency bands and time spans of (T, F) features with zeros (the CMVN mean)."""
+    """Mask random frequency bands and time spans of (T, F) features with `fill` (F,), zeros by
+    default. Masks of raw log-mel features take the CMVN mean, which the model's normalisation
+    turns into the zeros that SpecAugment masks normalised features with."""
     out = feats.clone()
     num_frames, num_bins = out.shape
+    value = torch.zeros(num_bins, dtype=out.dtype) if fill is None else fill.to(out.dtype)
 
     def _randint(high: int) -> int:
         return int(torch.randint(0, max(high, 1), (1,), generator=generator))
@@ -202,12 +208,12 @@ def spec_augment(
     for _ in range(config.freq_masks):
         width = _randint(min(config.freq_width, num_bins) + 1)
         start = _randint(num_bins - width + 1)
-        out[:, start : start + width] = 0.0
+        out[:, start : start + width] = value[start : start + width]
     max_time = min(config.time_width, math.floor(config.time_ratio * num_frames))
     for _ in range(config.time_masks):
         width = _randint(max_time + 1)
         start = _randint(num_frames - width + 1)
-        out[start : start + width, :] = 0.0
+        out[start : start + width, :] = value
     return out
 
 

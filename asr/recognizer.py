@@ -59,7 +59,7 @@ def _las(bundle: Bundle) -> LAS:
 
 def _ctc_greedy(rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, _: DecodeOptions) -> Search:
     model = _ctc(rec.bundle)
-    log_probs, out_lens = model.log_probs(rec.bundle.cmvn.apply(raw), lens)
+    log_probs, out_lens = model.log_probs(raw, lens)
     # Scored by the best path's log-probability.
     best = log_probs.max(dim=-1).values  # (B, T')
     valid = torch.arange(best.shape[1], device=best.device)[None, :] < out_lens[:, None]
@@ -75,7 +75,7 @@ def _ctc_beam(
     rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
 ) -> Search:
     model = _ctc(rec.bundle)
-    log_probs, out_lens = model.log_probs(rec.bundle.cmvn.apply(raw), lens)
+    log_probs, out_lens = model.log_probs(raw, lens)
     hyps = CTCPrefixBeamSearch(opts)(log_probs, out_lens)
     return Search(hyps, log_probs, out_lens, model.time_reduction)
 
@@ -87,7 +87,7 @@ def _ctc_rescore(
     assert rec.rescorer is not None  # Recognizer.check
     first = _ctc_beam(rec, raw, lens, replace(opts, nbest=opts.beam))
     las = _las(rec.rescorer)
-    enc = las.encode(rec.rescorer.cmvn.apply(raw), lens)
+    enc = las.encode(raw, lens)
     return replace(first, hyps=rescore(las, enc, first.hyps, opts))
 
 
@@ -102,11 +102,11 @@ def attention_with_ctc(
     """One-pass joint decoding of two models: `las_bundle`'s attention decoder with another
     model's CTC posteriors as the prefix scorer (in place of the LAS's own CTC head).
 
-    raw: (B, T, F) features before CMVN, lens (B,); log_probs: (B, T_ctc, V) the CTC model's
+    raw: (B, T, F) log-mel features, lens (B,); log_probs: (B, T_ctc, V) the CTC model's
     posteriors of the same audio (any frame rate: prefix scores only need its own frames).
     """
     las = _las(las_bundle)
-    enc = las.encode(las_bundle.cmvn.apply(raw), lens)
+    enc = las.encode(raw, lens)
     enc = replace(enc, ctc_log_probs=log_probs.float(), ctc_lengths=out_lens.to(enc.lengths))
     return attention_beam_search(las, enc, opts, joint=True)
 
@@ -118,7 +118,7 @@ def _ctc_joint(
     models' errors differ, so together they beat either (recipes/synthetic/README.md)."""
     assert rec.rescorer is not None  # Recognizer.check
     model = _ctc(rec.bundle)
-    log_probs, out_lens = model.log_probs(rec.bundle.cmvn.apply(raw), lens)
+    log_probs, out_lens = model.log_probs(raw, lens)
     hyps = attention_with_ctc(rec.rescorer, raw, lens, log_probs, out_lens, opts)
     return Search(hyps, log_probs, out_lens, model.time_reduction)
 
@@ -128,7 +128,7 @@ def _las_search(joint: bool) -> SearchFn:
         rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
     ) -> Search:
         model = _las(rec.bundle)
-        enc = model.encode(rec.bundle.cmvn.apply(raw), lens)
+        enc = model.encode(raw, lens)
         hyps = attention_beam_search(model, enc, opts, joint=joint)
         return Search(hyps, enc.ctc_log_probs, enc.ctc_lengths, model.ctc_time_reduction)
 
@@ -147,7 +147,7 @@ def _las_rescore(
 ) -> Search:
     """CTC-head prefix beam search n-best, rescored by the same model's attention decoder."""
     model = _las(rec.bundle)
-    enc = model.encode(rec.bundle.cmvn.apply(raw), lens)
+    enc = model.encode(raw, lens)
     if enc.ctc_log_probs is None:
         raise ValueError("method 'rescore' needs a LAS model with a CTC head (ctc_weight > 0)")
     first = CTCPrefixBeamSearch(replace(opts, nbest=opts.beam))(enc.ctc_log_probs, enc.ctc_lengths)
@@ -231,14 +231,14 @@ class Recognizer:
         return self.bundle.feature_config.hop_ms / 1000.0
 
     def features(self, audio: torch.Tensor) -> torch.Tensor:
-        """16 kHz mono float samples (S,) -> log-mel features (T, F), before CMVN."""
+        """16 kHz mono float samples (S,) -> log-mel features (T, F) (models normalise them)."""
         return log_mel(audio, self.bundle.feature_config)
 
     @torch.no_grad()
     def decode(
         self, feats: torch.Tensor, lengths: torch.Tensor, options: DecodeOptions | None = None
     ) -> list[Transcript]:
-        """A batch of log-mel features (B, T, F) before CMVN, lengths (B,) -> transcripts."""
+        """A batch of log-mel features (B, T, F), lengths (B,) -> transcripts."""
         opts = options or self.options
         self.check(opts)
         device = next(self.bundle.model.parameters()).device
@@ -290,7 +290,7 @@ class Recognizer:
         *,
         max_frames: int = BATCH_FRAMES,
     ) -> list[Transcript]:
-        """Log-mel features [(T_i, F)] before CMVN of any number of utterances -> transcripts in
+        """Log-mel features [(T_i, F)] of any number of utterances -> transcripts in
         the same order, decoded in batches of similar length under a padded-frame budget."""
         if not feats:
             return []

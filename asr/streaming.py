@@ -139,8 +139,7 @@ class StreamingSession:
         if feats.shape[0] == 0:
             return []
         self.raw.append(feats)
-        normed = self.recognizer.bundle.cmvn.apply(feats)
-        return self._consume(self.encoder.accept(normed[None])[0])
+        return self._consume(self.encoder.accept(feats[None])[0])
 
     def _consume(self, log_probs: torch.Tensor) -> list[StreamResult]:
         """Advance over new encoder frames (n, V), closing segments at endpoints."""
@@ -245,7 +244,7 @@ class StreamingSession:
                     )[0]
                     or nbest
                 )
-            enc = rescorer.model.encode(rescorer.cmvn.apply(raw)[None], lens)
+            enc = rescorer.model.encode(raw[None], lens)
             return rescore(rescorer.model, enc, [nbest], self.options)[0]
 
 

@@ -33,7 +33,7 @@ def encode(bundle_dir: Path, manifest: Path, limit: int) -> tuple[LAS, EncoderOu
     if not isinstance(bundle.model, LAS):
         raise SystemExit(f"{bundle_dir}: a LAS bundle is needed, not {bundle.model_type}")
     utterances = read_manifest(manifest)[:limit]
-    data = SpeechDataset(utterances, bundle.tokenizer, bundle.feature_config, bundle.cmvn)
+    data = SpeechDataset(utterances, bundle.tokenizer, bundle.feature_config)
     batch = collate([data[i] for i in range(len(data))])
     with torch.no_grad():
         return bundle.model, bundle.model.encode(batch.feats, batch.feat_lens)

@@ -46,7 +46,7 @@ def log_probs_of(
     if not isinstance(bundle.model, BiLSTMCTC):
         raise SystemExit(f"{bundle_dir}: a BiLSTM-CTC bundle is needed, not {bundle.model_type}")
     utterances = read_manifest(manifest)[:limit]
-    data = SpeechDataset(utterances, bundle.tokenizer, bundle.feature_config, bundle.cmvn)
+    data = SpeechDataset(utterances, bundle.tokenizer, bundle.feature_config)
     outputs: list[torch.Tensor] = []
     with torch.no_grad():
         for start in range(0, len(data), 32):

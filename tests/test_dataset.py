@@ -27,20 +27,40 @@ def tokenizer(dev: list[Utterance]) -> Tokenizer:
 
 
 def test_eval_items_are_exact(dev: list[Utterance], tokenizer: Tokenizer) -> None:
-    cmvn = manifest_cmvn(dev, FeatureConfig())
-    ds = SpeechDataset(dev, tokenizer, FeatureConfig(), cmvn)
+    ds = SpeechDataset(dev, tokenizer, FeatureConfig())
     assert ds.num_frames == [ds[i].feats.shape[0] for i in range(len(ds))]
     item = ds[0]
     assert item.feats.shape[1] == 80 and item.feats.dtype == torch.float32
     assert tokenizer.decode(item.tokens.tolist()) == dev[0].text
     assert torch.equal(ds[0].feats, item.feats)  # no randomness outside training
+    # Raw log-mel features (models normalise their input), the very ones CMVN is taken over.
     everything = torch.cat([ds[i].feats for i in range(len(ds))])
-    assert everything.mean(0).abs().max() < 1e-3  # CMVN over the same data centres it
+    cmvn = manifest_cmvn(dev, FeatureConfig())
+    assert torch.allclose(
+        everything.double().mean(0), torch.tensor(cmvn.mean, dtype=torch.float64), atol=1e-3
+    )
+
+
+def test_spec_augment_masks_with_the_cmvn_mean(dev: list[Utterance], tokenizer: Tokenizer) -> None:
+    """Masked raw frames normalise to zero, as SpecAugment of normalised features masks."""
+    cmvn = manifest_cmvn(dev, FeatureConfig())
+    plain = SpeechDataset(dev, tokenizer, FeatureConfig(), train=True, speed_factors=(1.0,))
+    masked = SpeechDataset(
+        dev, tokenizer, FeatureConfig(), cmvn=cmvn, train=True, speed_factors=(1.0,),
+        spec_augment=SpecAugmentConfig(time_ratio=0.5),
+    )  # fmt: skip
+    raw, out = plain[2].feats, masked[2].feats
+    changed = (raw != out).any(dim=1)  # frames a time mask or a band covered
+    assert changed.any()
+    normed = cmvn.apply(out)
+    frames = (normed.abs() < 1e-5).all(dim=1)  # whole frames at the mean: time masks
+    assert frames.any() and (changed | ~frames).all()
+    assert torch.equal(out[~changed], raw[~changed])
 
 
 def test_training_randomness_is_per_epoch_and_reproducible(dev, tokenizer) -> None:
     ds = SpeechDataset(
-        dev, tokenizer, FeatureConfig(), None, train=True, spec_augment=SpecAugmentConfig()
+        dev, tokenizer, FeatureConfig(), train=True, spec_augment=SpecAugmentConfig()
     )
     first = ds[3].feats
     assert torch.equal(first, ds[3].feats)  # same (seed, epoch, index) -> same item
@@ -54,7 +74,7 @@ def test_training_randomness_is_per_epoch_and_reproducible(dev, tokenizer) -> No
 
 
 def test_loader_with_bucketing_sampler(dev: list[Utterance], tokenizer: Tokenizer) -> None:
-    ds = SpeechDataset(dev, tokenizer, FeatureConfig(), None)
+    ds = SpeechDataset(dev, tokenizer, FeatureConfig())
     sampler = BucketingBatchSampler(ds.num_frames, max_frames=1200, num_buckets=2)
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=2)
     seen = []

@@ -30,7 +30,7 @@ def _log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     assert isinstance(bundle.model, BiLSTMCTC)
     with torch.no_grad():
-        return bundle.model.log_probs(bundle.cmvn.apply(feats), lengths)
+        return bundle.model.log_probs(feats, lengths)
 
 
 def _batch(rec: Recognizer, utterances: list[Utterance]) -> tuple[torch.Tensor, torch.Tensor]:

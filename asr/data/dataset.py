@@ -69,8 +69,8 @@ class SpeechDataset(Dataset[Example]):
         utterances: Sequence[Utterance],
         tokenizer: Tokenizer,
         feature_config: FeatureConfig,
-        cmvn: CMVN | None,
         *,
+        cmvn: CMVN | None = None,
         train: bool = False,
         speed_factors: Sequence[float] = SPEED_FACTORS,
         spec_augment: SpecAugmentConfig | None = None,
@@ -79,7 +79,9 @@ class SpeechDataset(Dataset[Example]):
         self.utterances = list(utterances)
         self.tokenizer = tokenizer
         self.feature_config = feature_config
-        self.cmvn = cmvn
+        # Items are raw log-mel features (models normalise their input); SpecAugment masks
+        # with the CMVN mean, which normalises to zero.
+        self.mask_value = None if cmvn is None else torch.tensor(cmvn.mean)
         self.train = train
         self.speed_factors = tuple(speed_factors) if train else (1.0,)
         self.spec_augment = spec_augment if train else None
@@ -110,10 +112,8 @@ class SpeechDataset(Dataset[Example]):
             choice = int(torch.randint(len(self.speed_factors), (1,), generator=gen))
             wave = speed_perturb(wave, self.speed_factors[choice])
         feats = log_mel(wave, self.feature_config, train=self.train, generator=gen)
-        if self.cmvn is not None:
-            feats = self.cmvn.apply(feats)
         if self.spec_augment is not None:
-            feats = spec_augment(feats, self.spec_augment, generator=gen)
+            feats = spec_augment(feats, self.spec_augment, gen, self.mask_value)
         tokens = torch.tensor(self.tokenizer.encode(normalize_text(utt.text)), dtype=torch.long)
         return Example(utt.id, feats, tokens)
 

@@ -1,4 +1,5 @@
-"""What every acoustic model shares: the output type of `forward` and the model registry.
+"""What every acoustic model shares: the output type of `forward`, input normalisation, and
+config (de)serialisation.
 
 One training loop serves every model because each one implements
 `forward(feats (B, T, F), feat_lens (B,), targets (B, U) | None, target_lens (B,) | None)
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import torch
+
+from asr.features import CMVN
 
 ConfigT = TypeVar("ConfigT")
 
@@ -28,6 +31,28 @@ class ModelOutput:
     log_probs: torch.Tensor | None  # (B, T', V)
     out_lens: torch.Tensor  # (B,) valid frames of log_probs / encoder output
     metrics: dict[str, float] = field(default_factory=dict)  # loss parts, for logging only
+
+
+class NormalizesInput:
+    """A model normalises its own input features with the global CMVN of its training set, so
+    every caller (training, decoding, streaming, the server) hands it raw log-mel features and
+    none can forget the step or do it twice. The statistics are not weights (cmvn.json keeps
+    them beside the weights), so whoever loads the weights sets `cmvn`: `Bundle` for a bundle's
+    model, the trainer for the model it trains. Without statistics features pass unchanged.
+    """
+
+    cmvn: CMVN | None = None
+
+    def normalize(self, feats: torch.Tensor) -> torch.Tensor:
+        """(..., F) log-mel features -> the same, normalised to zero mean and unit variance."""
+        return feats if self.cmvn is None else self.cmvn.apply(feats)
+
+
+def attach_cmvn(model: object, cmvn: CMVN) -> None:
+    """Have `model` (any of ours) normalise its input with `cmvn`."""
+    if not isinstance(model, NormalizesInput):
+        raise TypeError(f"{type(model).__name__} does not normalise its input")
+    model.cmvn = cmvn
 
 
 def config_from_dict(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:

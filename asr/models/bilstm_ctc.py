@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asr.models.base import ModelOutput, config_from_dict
+from asr.models.base import ModelOutput, NormalizesInput, config_from_dict
 from asr.models.layers import reversal_index
 from asr.models.subsampling import Subsampling, SubsamplingKind, SubsamplingStream
 
@@ -180,7 +180,7 @@ def _run_rnn(
     return out, h
 
 
-class BiLSTMCTC(nn.Module):
+class BiLSTMCTC(NormalizesInput, nn.Module):
     """Subsampling -> bidirectional LSTM/GRU stack (offline or LC) -> CTC head."""
 
     def __init__(self, config: BiLSTMCTCConfig) -> None:
@@ -209,6 +209,7 @@ class BiLSTMCTC(nn.Module):
         config = replace(self.config, chunk_size=chunk_size, right_context=right_context)
         model = BiLSTMCTC(config)
         model.load_state_dict(self.state_dict(), assign=True)  # the same tensors, not copies
+        model.cmvn = self.cmvn
         return model.train(self.training)
 
     @property
@@ -248,8 +249,9 @@ class BiLSTMCTC(nn.Module):
     def encode(
         self, feats: torch.Tensor, feat_lens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """feats (B, T, F), feat_lens (B,) -> enc (B, T', D), enc_lens (B,); T' = max(enc_lens)."""
-        x, lens = self.subsampling(feats, feat_lens)  # (B, T', D), (B,)
+        """feats (B, T, F) raw log-mel, feat_lens (B,) -> enc (B, T', D), enc_lens (B,);
+        T' = max(enc_lens)."""
+        x, lens = self.subsampling(self.normalize(feats), feat_lens)  # (B, T', D), (B,)
         frames = int(lens.max()) if lens.numel() else 0
         x = x[:, :frames]  # drop frames that are padding for every sequence
         if frames == 0:
@@ -382,8 +384,9 @@ class BiLSTMCTCStream:
 
     @torch.no_grad()
     def accept(self, feats: torch.Tensor) -> torch.Tensor:
-        """feats (1, T, F) new feature frames -> (1, T'', V) newly final log-probs (T'' >= 0)."""
-        new = self._subsampling.accept(feats)  # (1, n, D)
+        """feats (1, T, F) new raw log-mel frames -> (1, T'', V) newly final log-probs
+        (T'' >= 0)."""
+        new = self._subsampling.accept(self.model.normalize(feats))  # (1, n, D)
         pending = new if self._pending is None else torch.cat([self._pending, new], dim=1)
         return self._run(pending, self.model.config.chunk_size + self.model.config.right_context)
 

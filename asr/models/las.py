@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asr.models.base import ModelOutput, config_from_dict
+from asr.models.base import ModelOutput, NormalizesInput, config_from_dict
 from asr.models.layers import LocationAwareAttention, PyramidalBiLSTM, lengths_to_mask
 from asr.models.subsampling import Subsampling
 from asr.tokenizer import BLANK_ID, SOS_EOS_ID
@@ -363,7 +363,7 @@ class Speller(nn.Module):
         return torch.cat([query, context], dim=1), DecoderState(hidden, cell, context, weights)
 
 
-class LAS(nn.Module):
+class LAS(NormalizesInput, nn.Module):
     """Listen, Attend and Spell; see the module docstring for the decoding interface."""
 
     def __init__(self, config: LASConfig) -> None:
@@ -387,9 +387,11 @@ class LAS(nn.Module):
         return listener_reduction(self.config, layer) // self.config.ctc_upsample
 
     def encode(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> EncoderOutput:
-        """feats: (B, T, F), feat_lens: (B,) -> listener output and attention keys."""
+        """feats: (B, T, F) raw log-mel, feat_lens: (B,) -> listener output and attention keys."""
         tap = self.config.ctc_layer or self.config.listener_layers
-        memory, lengths, tapped, ctc_lengths = self.listener.forward_tap(feats, feat_lens, tap)
+        memory, lengths, tapped, ctc_lengths = self.listener.forward_tap(
+            self.normalize(feats), feat_lens, tap
+        )
         lengths = lengths.to(memory.device)  # callers may keep feat_lens on the CPU
         ctc_log_probs = None
         up = self.config.ctc_upsample

@@ -14,6 +14,7 @@ from asr.data.manifest import read_manifest
 from asr.evaluation import evaluate
 from asr.features import CMVN
 from asr.models import build_model
+from asr.models.base import attach_cmvn
 from asr.recognizer import default_options
 from asr.tokenizer import Tokenizer
 from asr.training import checkpoint as ckpt
@@ -38,6 +39,7 @@ def export_experiment(exp_dir: str | Path, out_dir: str | Path, *, average: int 
 
     model = build_model(experiment.model_type, experiment.model_config)
     model.load_state_dict(weights)
+    attach_cmvn(model, cmvn)
     dev = read_manifest(experiment.dev_manifest)
     dev_eval = evaluate(
         model,
@@ -45,7 +47,6 @@ def export_experiment(exp_dir: str | Path, out_dir: str | Path, *, average: int 
         dev,
         tokenizer,
         experiment.feature_config,
-        cmvn,
         torch.device("cpu"),
         max_frames=experiment.train.max_frames,
     )

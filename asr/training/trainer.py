@@ -26,7 +26,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from asr.data.dataset import Batch, Example, SpeechDataset, collate
@@ -35,7 +34,7 @@ from asr.data.sampler import BucketingBatchSampler
 from asr.evaluation import evaluate
 from asr.features import CMVN, SPEED_FACTORS, FeatureConfig
 from asr.models import build_model, count_parameters
-from asr.models.base import ModelOutput
+from asr.models.base import ModelOutput, attach_cmvn
 from asr.tokenizer import Tokenizer
 from asr.training import checkpoint as ckpt
 from asr.training.config import TrainConfig
@@ -185,6 +184,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed + self.dist.rank)  # model init identical: broadcast by DDP
         random.seed(self.cfg.seed + self.dist.rank)
         self.model = build_model(experiment.model_type, experiment.model_config).to(self.device)
+        attach_cmvn(self.model, self.cmvn)  # the model normalises its input
         self.ddp: nn.Module = (
             DistributedDataParallel(
                 self.model, device_ids=[self.dist.local_rank] if device_type == "cuda" else None
@@ -198,7 +198,7 @@ class Trainer:
             self.train_utts,
             self.tokenizer,
             experiment.feature_config,
-            self.cmvn,
+            cmvn=self.cmvn,
             train=True,
             speed_factors=SPEED_FACTORS if self.cfg.speed_perturb else (1.0,),
             spec_augment=self.cfg.spec_augment,
@@ -237,7 +237,7 @@ class Trainer:
         self.train_seconds = 0.0  # wall time spent in training, summed over resumed runs
         self._started = time.time()
         self.history: list[dict[str, Any]] = []
-        self._writer: SummaryWriter | None = None
+        self._writer: Any = None  # a SummaryWriter once the first record is logged
 
     # ------------------------------------------------------------------ files
 
@@ -264,6 +264,10 @@ class Trainer:
         with (self.exp_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._writer is None:
+            # Imported here: tensorboard pulls in a large import graph that inference, the
+            # server and the CLI's other commands never need.
+            from torch.utils.tensorboard import SummaryWriter
+
             self._writer = SummaryWriter(str(self.exp_dir / "tensorboard"))
         for key, value in record.items():
             if isinstance(value, int | float) and key not in ("time", "step", "epoch"):
@@ -529,7 +533,6 @@ class Trainer:
             utts,
             self.tokenizer,
             self.exp.feature_config,
-            self.cmvn,
             self.device,
             max_frames=self.cfg.max_frames,
         )
