@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
 .PHONY: setup system-deps proto proto-check lint format typecheck test test-slow check bench clean \
-	demo install-runtime docker-lint docker-check
+	demo install-runtime docker-lint docker-check gpu-check
 
 setup: $(VENV)/.installed  ## system packages, virtualenv, the package with dev extras
 
@@ -64,6 +64,17 @@ test: setup  ## the default suite (slow tests excluded)
 
 test-slow: setup
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+# On a machine with NVIDIA GPUs (a few minutes): the CUDA tests (AMP bf16/fp16, DDP over NCCL on
+# every GPU, resume, export, decoders against CPU), then training throughput of the LibriSpeech
+# presets with the recipe's GPU-hour estimates. Without a GPU it says so and fails.
+gpu-check: setup
+	@$(BIN)/python -c 'import sys, torch; n = torch.cuda.device_count(); \
+		print(f"{n} CUDA device(s):", [torch.cuda.get_device_name(i) for i in range(n)]); \
+		sys.exit(0 if n else "gpu-check needs a CUDA device")'
+	$(BIN)/pytest -m cuda -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python bench/train_throughput.py --device cuda --preset librispeech-100h --batch 16
+	$(BIN)/python bench/train_throughput.py --device cuda --preset librispeech-960h --batch 16
 
 check: proto-check lint docker-lint typecheck test  ## what the README's test command and CI run
 

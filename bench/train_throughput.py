@@ -1,7 +1,11 @@
-"""Training throughput of the cpu-small presets, and our padded-with-reversal BiLSTM input
+"""Training throughput of a preset's models, and our padded-with-reversal BiLSTM input
 against PyTorch's packed-sequence bidirectional LSTM (the peer), in the same run.
 
     python bench/train_throughput.py [--steps 6] [--batch 8] [--seconds 8] [--device cpu]
+    python bench/train_throughput.py --device cuda --preset librispeech-100h --precision bf16
+
+With a LibriSpeech preset it also prints the recipe's GPU-hour estimate: the preset's training
+hours times its epochs (asr.training.config.PRESETS) over the measured audio seconds per second.
 
 Each measurement is a full training step (forward, CTC/attention loss, backward, AdamW) on
 random features shaped like a bucketed batch: `--batch` utterances of about `--seconds` s with
@@ -28,6 +32,10 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from asr.models import build_model, model_config
 from asr.models.base import ModelOutput
 from asr.models.subsampling import Subsampling
+from asr.training.config import PRESETS as TRAIN_PRESETS
+
+# Hours of training audio of the LibriSpeech recipes' presets (train-clean-100; all 960 h).
+TRAIN_HOURS = {"librispeech-100h": 100.6, "librispeech-960h": 961.0}
 
 FRAMES_PER_SECOND = 100
 TOKENS_PER_SECOND = 4
@@ -96,10 +104,21 @@ def _memory_bytes(device: torch.device) -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
-VOCAB = 128
+VOCAB = 128  # cpu-small's units in the synthetic recipe are characters; the others keep theirs
 
 
-def _make(variant: str) -> nn.Module:
+def _vocab(kind: str, preset: str) -> int:
+    return VOCAB if preset == "cpu-small" else int(model_config(kind, preset).vocab_size)
+
+
+def _device_name(args: argparse.Namespace) -> str:
+    if args.device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(torch.device(args.device))}, {args.precision}"
+    return f"cpu, {torch.get_num_threads()} threads, fp32"
+
+
+def _make(variant: str, preset: str) -> tuple[nn.Module, int]:
+    """The variant's model and its vocabulary size."""
     offline = {"chunk_size": 0, "right_context": 0}
     configs = {
         "ctc": ("ctc", {}),
@@ -107,13 +126,13 @@ def _make(variant: str) -> nn.Module:
         "ctc-offline": ("ctc", offline),
     }
     if variant == "ctc-offline-packed":
-        return PackedBiLSTMCTC(
-            model_config("ctc", "cpu-small", vocab_size=VOCAB, **offline).to_dict()
-        )
+        vocab = _vocab("ctc", preset)
+        config = model_config("ctc", preset, vocab_size=vocab, **offline)
+        return PackedBiLSTMCTC(config.to_dict()), vocab
     kind, overrides = configs[variant]
-    return build_model(
-        kind, model_config(kind, "cpu-small", vocab_size=VOCAB, **overrides).to_dict()
-    )
+    vocab = _vocab(kind, preset)
+    config = model_config(kind, preset, vocab_size=vocab, **overrides)
+    return build_model(kind, config.to_dict()), vocab
 
 
 def measure(variant: str, args: argparse.Namespace) -> tuple[float, float, float]:
@@ -121,22 +140,29 @@ def measure(variant: str, args: argparse.Namespace) -> tuple[float, float, float
 
     Runs in a fresh process (see main) so the CPU peak-RSS figure is this variant's alone.
     """
-    device, vocab = torch.device(args.device), VOCAB
+    device = torch.device(args.device)
     before = _memory_bytes(device)
-    model = _make(variant).to(device).train()
+    model, vocab = _make(variant, args.preset)
+    model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data = _batch(args.batch, args.seconds, vocab, device)
     audio = float(data[1].sum()) / FRAMES_PER_SECOND
+    # As the trainer runs a step: autocast on CUDA, and fp16 with a gradient scaler.
+    amp = device.type == "cuda" and args.precision != "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
 
     peak = 0
 
     def step() -> None:
         nonlocal peak
-        out = model(*data)
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            out = model(*data)
         assert out.loss is not None
         peak = max(peak, _memory_bytes(device))
-        out.loss.backward()
-        optimizer.step()
+        scaler.scale(out.loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up
@@ -221,11 +247,13 @@ def preset_flops(seconds: float = 8.0) -> dict[tuple[str, str], float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="training throughput, cpu-small presets")
+    parser = argparse.ArgumentParser(description="training throughput of a preset's models")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="cpu-small", choices=sorted(TRAIN_PRESETS))
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
     parser.add_argument(
         "--flops", action="store_true", help="also count training FLOPs of every preset"
     )
@@ -235,12 +263,12 @@ def main() -> None:
         for (kind, preset), gflop in preset_flops().items():
             print(f"  {kind} {preset:18s} {gflop:8.1f}")
     print(
-        f"{args.batch} x ~{args.seconds:.0f} s utterances, {TOKENS_PER_SECOND} tokens/s, "
-        f"{args.device}, {torch.get_num_threads()} threads, best of {args.steps} steps"
+        f"{args.preset}: {args.batch} x ~{args.seconds:.0f} s utterances, "
+        f"{TOKENS_PER_SECOND} tokens/s, {_device_name(args)}, best of {args.steps} steps"
     )
     labels = {
-        "ctc": "ctc cpu-small (LC 16/8)",
-        "las": "las cpu-small",
+        "ctc": f"ctc {args.preset} (LC)",
+        "las": f"las {args.preset}",
         "ctc-offline": "ctc offline, padded+reversal (ours)",
         "ctc-offline-packed": "ctc offline, packed nn.LSTM (peer)",
     }
@@ -256,6 +284,15 @@ def main() -> None:
         print(f"{label:40s} {speed:10.1f} {peak:8.0f} {gflop:14.2f}")
     ratio = padded[0] / packed[0]
     print(f"padded vs packed (ours / peer): {ratio:.2f}x")
+    if args.preset in TRAIN_HOURS:
+        cfg = TRAIN_PRESETS[args.preset]
+        audio_hours = TRAIN_HOURS[args.preset] * cfg.epochs
+        for kind in ("ctc", "las"):
+            hours = audio_hours / results[kind][0]
+            print(
+                f"recipe estimate, {kind}: {TRAIN_HOURS[args.preset]} h x {cfg.epochs} epochs "
+                f"at {results[kind][0]:.1f} audio s/s = {hours:.1f} device-hours on one such device"
+            )
     print(
         f"train ctc={results['ctc'][0]:.1f} las={results['las'][0]:.1f} audio_s_per_s "
         f"packed_vs_padded={ratio:.2f}x"

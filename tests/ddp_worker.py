@@ -1,5 +1,5 @@
-"""Run under `torchrun --nproc_per_node=2`: trains one epoch with DDP (gloo on CPU) and writes
-what each rank saw (utterance ids, step count, a hash of its final weights) for
+"""Run under `torchrun --nproc_per_node=N`: trains one epoch with DDP (NCCL on GPUs, gloo on
+CPU) and writes what each rank saw (utterance ids, step count, a hash of its final weights) for
 tests/test_training.py to compare."""
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ def main() -> None:
     digest = hashlib.sha256()
     for name, tensor in sorted(trainer.model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().numpy().tobytes())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
     rank = dist.get_rank()
     record = {
         "ids": trainer.seen,
         "steps": trainer.step,
+        "backend": dist.get_backend(),
         "weights": digest.hexdigest(),
         "excluded": [trainer.train_utts[i].id for i in trainer.sampler.excluded],
     }
