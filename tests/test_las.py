@@ -440,6 +440,7 @@ def shortest_clips(librispeech_root: Path) -> list[tuple[Path, str]]:
     return sorted(clips, key=lambda clip: len(clip[1]))[:5]  # 2-4.5 s, 23-50 characters
 
 
+@pytest.mark.slow  # 30-40 s on 2 cores; test_memorises_two_random_utterances is the quick one
 def test_memorises_five_real_utterances(shortest_clips: list[tuple[Path, str]]) -> None:
     config = FeatureConfig()
     feats = [log_mel(load_audio(path), config) for path, _ in shortest_clips]  # (T, 80) each

@@ -19,6 +19,7 @@ import pytest
 
 from asr.audio import save_flac
 from asr.bundle import Bundle
+from asr.cli import main
 from tests.certs import make_tls_files
 from tests.word_corpus import WordCorpus, save_bundle, untrained_las
 
@@ -97,28 +98,26 @@ def test_serve_stream_and_stop(word_model: Bundle, word_corpus: WordCorpus, tmp_
     assert "stopping" in server.out
 
 
-def test_serve_rejects_a_bad_model_argument(tmp_path: Path) -> None:
-    done = subprocess.run(
+def test_serve_rejects_a_bad_model_argument(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    done = subprocess.run(  # one in a process of its own: the exit status
         [sys.executable, "-m", "asr.cli", "serve", "--model", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 2 and "is not NAME=BUNDLE_DIR" in done.stderr
-    done = subprocess.run(
-        [sys.executable, "-m", "asr.cli", "serve", "--model", f"x={tmp_path / 'none'}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 2 and "model bundle directory not found" in done.stderr
-    done = subprocess.run(
-        [sys.executable, "-m", "asr.cli", "serve", "--model", "x=dir", "--right-context", "4"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 2 and "--right-context needs --chunk-size" in done.stderr
+    for args, message in [
+        (["--model", f"x={tmp_path / 'none'}"], "model bundle directory not found"),
+        (["--model", "x=dir", "--right-context", "4"], "--right-context needs --chunk-size"),
+    ]:
+        code: int | str | None
+        try:
+            code = main(["serve", *args])
+        except SystemExit as exit_:
+            code = exit_.code
+        assert code == 2 and message in capsys.readouterr().err
 
 
 def test_serve_rejects_an_empty_token_file(word_model: Bundle, tmp_path: Path) -> None:
