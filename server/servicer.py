@@ -7,6 +7,7 @@ logged and returned as INTERNAL. No request can stop the server.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -225,7 +226,9 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
         try:
             model = self._model(request.config)
             options = self._options(model, request.config)
-            audio = self._audio(request.audio, request.config)
+            # Off the event loop (a long compressed file takes a while to decode and resample),
+            # and not on the model worker, whose one thread batches every model call.
+            audio = await asyncio.to_thread(self._audio, request.audio, request.config)
             seconds = audio.numel() / SAMPLE_RATE
             if seconds > self.config.max_unary_seconds:
                 raise _invalid(

@@ -29,6 +29,7 @@ from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.recognizer import Recognizer
 from asr.streaming import StreamingSession
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from server import servicer
 from server.app import Running, load_models, start
 from server.config import ServerConfig
 from server.logs import JsonFormatter, TextFormatter
@@ -109,6 +110,30 @@ def recognize(
     return stub.Recognize(
         asr_pb2.RecognizeRequest(config=Config(**config), audio=audio), timeout=60
     )
+
+
+def test_request_audio_is_decoded_off_the_event_loop(
+    stub: asr_pb2_grpc.RecognizerStub,
+    utterances: list[Utterance],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One request's slow decode (a long compressed file) does not stall the other calls."""
+    decoding, release = threading.Event(), threading.Event()
+    real = servicer.load_audio
+
+    def slow(*args: Any, **kwargs: Any) -> torch.Tensor:
+        decoding.set()
+        release.wait(20)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(servicer, "load_audio", slow)
+    request = asr_pb2.RecognizeRequest(config=Config(), audio=flac(utterances[0].audio))
+    pending = stub.Recognize.future(request, timeout=60)
+    assert decoding.wait(20)
+    stub.ListModels(asr_pb2.ListModelsRequest(), timeout=5)  # answered while the decode runs
+    assert not pending.done()
+    release.set()
+    assert pending.result().results[0].alternatives[0].transcript == utterances[0].text
 
 
 def test_recognize_flac_and_linear16(
