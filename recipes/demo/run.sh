@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one-command demo (`make demo`): synthesize a small corpus with TTS voices, train a
-# cpu-small BiLSTM-CTC for a few minutes, export it, serve it over gRPC, stream a held-out
-# utterance through the server in real time (interim and final results), print the WER on the
-# held-out sets, stop the server. Everything lives in WORK (exp/demo); a second run reuses it.
+# cpu-small BiLSTM-CTC (about 10 minutes on 2 cores), export it, serve it over gRPC, stream a
+# held-out utterance through the server in real time (interim and final results), print the WER
+# on the held-out sets, stop the server. Each step's time is printed as it ends and in a table
+# at the end. Everything lives in WORK (exp/demo); a second run reuses it.
 #
 # Usage:
 #   make demo                                   # installs first (make setup), then this script
@@ -62,7 +63,24 @@ else
 fi
 
 run() { echo "+ $*"; "$@"; }
-say() { printf '\n== %s\n' "$*"; }
+# Each step's wall time, printed as it ends and again in a table at the end, so a user can set
+# what their machine took against the figures in the README.
+stage= stage_start=0 times=()
+end_stage() {
+  [[ -n $stage ]] || return 0
+  local took=$(( $(date +%s) - stage_start ))
+  times+=("$(printf '%-8s %5d s' "$stage" "$took")")
+  printf -- '-- %s took %d s\n' "$stage" "$took"
+  stage=
+}
+# "N/8 name: ..." starts step `name`; any other heading ends the step before it.
+say() {
+  end_stage
+  printf '\n== %s\n' "$*"
+  if [[ $1 =~ ^[0-9]+/[0-9]+\ ([a-z]+): ]]; then
+    stage=${BASH_REMATCH[1]} stage_start=$(date +%s)
+  fi
+}
 reused=()
 done_stamp() { [[ -f $work/.done/$1 ]] && reused+=("$1"); }
 mark() { mkdir -p "$work/.done" && touch "$work/.done/$1"; }
@@ -130,7 +148,7 @@ if ! done_stamp prepare; then
 fi
 
 if ! done_stamp train; then
-  say "4/8 train: BiLSTM-CTC (cpu-small preset), $epochs epochs; a few minutes on 2 cores"
+  say "4/8 train: BiLSTM-CTC (cpu-small preset), $epochs epochs; the longest step (~10 min on 2 cores)"
   # A short run: a short warmup, small batches (more updates), no SpecAugment (it slows the
   # first epochs down; the rate/pitch jitter and speed perturbation still vary the data).
   run "$asr" train --exp-dir "$exp" --model ctc --preset cpu-small \
@@ -202,6 +220,7 @@ for set in heldout-sentences heldout-voice; do
 done
 
 say "done in $(( $(date +%s) - start )) s; what was built is in $work"
+printf '  %s\n' "${times[@]}"
 cat <<EOF
   serve it:     $asr serve --model demo=$bundle
   stream to it: $asr client --stream --realtime $work/heldout.flac
