@@ -1,9 +1,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from asr.decoding.ctc import ctc_greedy
 from asr.metrics import error_rates
 
 
@@ -21,9 +19,3 @@ def test_error_rates_reject_mismatched_or_empty_input() -> None:
         error_rates(["A", "B"], ["A"])
     with pytest.raises(ValueError, match="no non-empty references"):
         error_rates(["..."], ["A"])
-
-
-def test_ctc_greedy_merges_repeats_drops_blanks_and_respects_lengths() -> None:
-    frames = [[0, 5, 5, 0, 5, 7, 7, 0], [3, 3, 0, 4, 4, 4, 9, 9]]
-    log_probs = torch.nn.functional.one_hot(torch.tensor(frames), 10).float().log()
-    assert ctc_greedy(log_probs, torch.tensor([8, 5])) == [[5, 5, 7], [3, 4]]
