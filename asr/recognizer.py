@@ -208,6 +208,14 @@ class Recognizer:
                 raise BundleError(f"{rescorer.path}: its features differ from {bundle.path}'s")
 
     @property
+    def can_stream(self) -> bool:
+        """Whether `StreamingSession` can run this model: a latency-controlled BiLSTM-CTC, whose
+        cost per stream is linear in its length (an offline BiLSTM would re-read the whole
+        stream at every chunk)."""
+        model = self.bundle.model
+        return isinstance(model, BiLSTMCTC) and model.config.chunk_size > 0
+
+    @property
     def methods(self) -> tuple[str, ...]:
         return tuple(METHODS[self.bundle.model_type])
 

@@ -74,12 +74,13 @@ class StreamingSession:
         *,
         interim_results: bool = True,
     ) -> None:
-        model = recognizer.bundle.model
-        if not isinstance(model, BiLSTMCTC) or not model.config.chunk_size:
+        if not recognizer.can_stream:
             raise ValueError(
                 f"{recognizer.bundle.path}: streaming needs a latency-controlled BiLSTM-CTC "
                 "model (chunk_size > 0)"
             )
+        model = recognizer.bundle.model
+        assert isinstance(model, BiLSTMCTC)  # can_stream
         self.recognizer = recognizer
         self.options = options or recognizer.options
         recognizer.check(self.options)

@@ -62,7 +62,6 @@ from asr.audio import (
 from asr.data.manifest import read_manifest
 from asr.data.sampler import BucketingBatchSampler
 from asr.decoding.options import Alternative, Transcript, WordTiming, mean_confidence
-from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.recognizer import BATCH_FRAMES, Recognizer
 from asr.streaming import EndpointConfig, StreamingSession
 
@@ -323,8 +322,7 @@ class LocalEngine:
         self.workers = workers
         self.max_segment = max_segment
         self.batch_frames = batch_frames
-        model = recognizer.bundle.model
-        self.streams = isinstance(model, BiLSTMCTC) and model.config.chunk_size > 0
+        self.streams = recognizer.can_stream
 
     def _load(self, item: Item) -> tuple[torch.Tensor, float]:
         samples = load_audio(item.path)

@@ -22,7 +22,6 @@ from google.protobuf.duration_pb2 import Duration
 from asr.audio import SAMPLE_RATE, AudioError, check_sample_rate, decode_pcm16, load_audio
 from asr.decoding.options import DecodeOptions, Transcript
 from asr.models import count_parameters
-from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.recognizer import Recognizer
 from asr.streaming import StreamingSession, StreamResult
 from asr.v1 import asr_pb2, asr_pb2_grpc
@@ -55,8 +54,7 @@ class Model:
 
     @property
     def streams(self) -> bool:
-        model = self.recognizer.bundle.model
-        return isinstance(model, BiLSTMCTC) and model.config.chunk_size > 0
+        return self.recognizer.can_stream
 
 
 def _duration(seconds: float) -> Duration:

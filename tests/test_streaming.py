@@ -104,6 +104,7 @@ def test_streaming_needs_a_latency_controlled_ctc_model(word_model: Bundle) -> N
     assert isinstance(word_model.model, BiLSTMCTC)
     offline = BiLSTMCTC(replace(word_model.model.config, chunk_size=0, right_context=0))
     bundle = replace(word_model, model=offline)
+    assert Recognizer(word_model).can_stream and not Recognizer(bundle).can_stream
     with pytest.raises(ValueError, match="latency-controlled"):
         StreamingSession(Recognizer(bundle))
     session = StreamingSession(Recognizer(word_model))
