@@ -65,7 +65,7 @@ fi
 run() { echo "+ $*"; "$@"; }
 # Each step's wall time, printed as it ends and again in a table at the end, so a user can set
 # what their machine took against the figures in the README.
-stage= stage_start=0 times=()
+stage='' stage_start=0 times=()
 end_stage() {
   [[ -n $stage ]] || return 0
   local took=$(( $(date +%s) - stage_start ))
