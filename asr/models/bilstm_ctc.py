@@ -35,9 +35,9 @@ from torch import nn
 from asr.models.base import ModelOutput, NormalizesInput, config_from_dict
 from asr.models.layers import reversal_index
 from asr.models.subsampling import Subsampling, SubsamplingKind, SubsamplingStream
+from asr.tokenizer import BLANK_ID
 
 RNNType = Literal["lstm", "gru"]
-BLANK_ID = 0  # asr.tokenizer.BLANK_ID; the model depends on the id, not on the tokenizer
 
 
 @dataclass(frozen=True)
