@@ -18,6 +18,11 @@ from asr.features import CMVN
 
 ConfigT = TypeVar("ConfigT")
 
+# What a model offers its decoders (`offers`); searches are defined over these, not over
+# model types (asr.recognizer.METHODS).
+CTC = "ctc"  # CTC posteriors: `log_probs`, or a LAS's CTC head in `encode`
+ATTENTION = "attention"  # an attention decoder: `encode` -> `EncoderOutput`, then `step`
+
 
 @dataclass
 class ModelOutput:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asr.models.base import ModelOutput, NormalizesInput, config_from_dict
+from asr.models.base import CTC, ModelOutput, NormalizesInput, config_from_dict
 from asr.models.layers import reversal_index
 from asr.models.subsampling import Subsampling, SubsamplingKind, SubsamplingStream
 from asr.tokenizer import BLANK_ID
@@ -192,6 +192,8 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
         self.layers = nn.ModuleList(_BiRNNLayer(config) for _ in range(config.num_layers))
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.layer_dim, config.vocab_size)
+
+    offers = frozenset({CTC})  # what decoders may use (asr.models.base)
 
     @property
     def time_reduction(self) -> int:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asr.models.base import ModelOutput, NormalizesInput, config_from_dict
+from asr.models.base import ATTENTION, CTC, ModelOutput, NormalizesInput, config_from_dict
 from asr.models.layers import LocationAwareAttention, PyramidalBiLSTM, lengths_to_mask
 from asr.models.subsampling import Subsampling
 from asr.tokenizer import BLANK_ID, SOS_EOS_ID
@@ -379,6 +379,12 @@ class LAS(NormalizesInput, nn.Module):
         self.scheduled_sampling = config.scheduled_sampling
 
     time_reduction = 8  # feature frames per encoder frame
+
+    @property
+    def offers(self) -> frozenset[str]:
+        """What decoders may use (asr.models.base): the attention decoder, and CTC posteriors
+        when the model has a CTC head."""
+        return frozenset({ATTENTION, CTC}) if self.ctc is not None else frozenset({ATTENTION})
 
     @property
     def ctc_time_reduction(self) -> int:
