@@ -12,6 +12,7 @@
 
 __version__ = "0.1.0"
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 
 from asr.bundle import Bundle, load_bundle
 from asr.decoding.options import DecodeOptions, Transcript, WordTiming
+from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.recognizer import Recognizer
 
 
@@ -27,18 +29,26 @@ def load_model(
     device: str | torch.device = "cpu",
     *,
     rescorer: str | Path | None = None,
+    chunking: tuple[int, int] | None = None,
     **decode_options: Any,
 ) -> Recognizer:
-    """A `Recognizer` for the bundle directory at `path` (written by `asr export`).
+    """A `Recognizer` for the bundle directory at `path` (written by `asr export`): the one
+    place the CLI, the server and the benchmarks build theirs.
 
     rescorer: a LAS bundle directory a BiLSTM-CTC bundle decodes with: method "joint" (the
     LAS's attention beam search scored with the CTC posteriors; the default then) or "rescore"
     (the CTC n-best rescored by attention).
+    chunking: (chunk_size, right_context) LC blocks in encoder frames for a BiLSTM-CTC model,
+    in place of those it was trained with ((0, 0) runs it offline); other models have no
+    blocks and ignore it, so one server setting can cover a mixed set of models.
     decode_options: `DecodeOptions` fields (method="beam", beam=8, nbest=3, ...) over the
     bundle's defaults; an unknown name is a TypeError, a bad value a ValueError.
     """
+    bundle = load_bundle(path, device)
+    if chunking is not None and isinstance(bundle.model, BiLSTMCTC):
+        bundle = replace(bundle, model=bundle.model.with_chunking(*chunking))
     second = load_bundle(rescorer, device) if rescorer is not None else None
-    recognizer = Recognizer(load_bundle(path, device), rescorer=second)
+    recognizer = Recognizer(bundle, rescorer=second)
     recognizer.options = recognizer.options.override(**decode_options)
     recognizer.check(recognizer.options)
     return recognizer

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from asr.bundle import load_bundle
+from asr import load_model
 from asr.data import synth
 from asr.data.dataset import manifest_cmvn
 from asr.data.librispeech import prepare
@@ -28,7 +28,6 @@ from asr.evaluation import stream_manifest, transcribe_manifest
 from asr.features import FeatureConfig
 from asr.metrics import ErrorRates, error_rates, utterance_errors
 from asr.models import MODELS, model_config
-from asr.recognizer import Recognizer
 from asr.text import normalize_text
 from asr.tokenizer import KINDS, Tokenizer
 from asr.training.config import PRESETS as TRAIN_PRESETS
@@ -268,9 +267,7 @@ def _decode_options(args: argparse.Namespace, base: DecodeOptions) -> DecodeOpti
 
 
 def _run_decode(args: argparse.Namespace) -> int:
-    bundle = load_bundle(args.model, device=args.device)
-    rescorer = load_bundle(args.rescore_model, device=args.device) if args.rescore_model else None
-    recognizer = Recognizer(bundle, rescorer=rescorer)
+    recognizer = load_model(args.model, args.device, rescorer=args.rescore_model)
     options = _decode_options(args, recognizer.options)
     recognizer.check(options)
     utterances = read_manifest(args.manifest)
@@ -292,12 +289,12 @@ def _run_decode(args: argparse.Namespace) -> int:
         "decode_seconds": round(seconds, 2),
         "rtf": round(seconds / max(audio_seconds, 1e-9), 4),
     }
-    if rescorer is not None:
+    if recognizer.rescorer is not None:
         summary["rescore_model"] = str(args.rescore_model)
     _write_decode(args.out, utterances, transcripts, rates, summary, args.worst)
     name = args.name or args.manifest.stem
     if args.results is not None:
-        _add_results(args.results, bundle.config, name, summary)
+        _add_results(args.results, recognizer.bundle.config, name, summary)
     print(
         f"{name}: {method} WER {rates.wer:.2f} % CER {rates.cer:.2f} % "
         f"(S {rates.substitutions} D {rates.deletions} I {rates.insertions} over "

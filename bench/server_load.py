@@ -87,7 +87,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from asr import load_bundle
+from asr import load_model
 from asr.audio import SAMPLE_RATE, load_audio
 from asr.data.manifest import read_manifest
 from asr.metrics import error_rates
@@ -543,15 +543,14 @@ def lookahead_of(
     """Audio (s) the server needs beyond a result's end before it can send it (the encoder's
     right context, plus the feature window's overhang), the encoder's block (s), and the
     model's latency structure in words. chunking: the server's --chunk-size/--right-context."""
-    bundle = load_bundle(bundle_dir)
-    model = bundle.model
-    if not isinstance(model, BiLSTMCTC):
-        raise SystemExit(f"{bundle_dir}: a BiLSTM-CTC bundle is needed")
-    if chunking is not None:
-        model = model.with_chunking(*chunking)
-    if not model.config.chunk_size:
-        raise SystemExit(f"{bundle_dir}: an offline model; stream it with --chunk-size")
-    features = bundle.feature_config
+    recognizer = load_model(bundle_dir, chunking=chunking)
+    model = recognizer.bundle.model
+    if not recognizer.can_stream or not isinstance(model, BiLSTMCTC):
+        raise SystemExit(
+            f"{bundle_dir}: a latency-controlled BiLSTM-CTC is needed (an offline one streams "
+            "with --chunk-size)"
+        )
+    features = recognizer.bundle.feature_config
     frame = features.hop_ms / 1000 * model.time_reduction
     chunk, right = model.config.chunk_size * frame, model.config.right_context * frame
     overhang = (features.window_ms - features.hop_ms) / 1000

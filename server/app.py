@@ -7,16 +7,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from asr.bundle import Bundle, load_bundle
-from asr.models.bilstm_ctc import BiLSTMCTC
-from asr.recognizer import Recognizer
+from asr import load_model
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.auth import TokenAuth
 from server.config import ServerConfig
@@ -48,22 +46,9 @@ class Running:
 def load_models(config: ServerConfig) -> list[Model]:
     rescorers = dict(config.rescorers)
     return [
-        Model(
-            name,
-            Recognizer(
-                _chunked(load_bundle(path), config),
-                rescorer=load_bundle(rescorers[name]) if name in rescorers else None,
-            ),
-        )
+        Model(name, load_model(path, rescorer=rescorers.get(name), chunking=config.chunking))
         for name, path in config.models
     ]
-
-
-def _chunked(bundle: Bundle, config: ServerConfig) -> Bundle:
-    """The bundle with the configured LC blocks, if it is a BiLSTM-CTC and blocks are set."""
-    if config.chunking is None or not isinstance(bundle.model, BiLSTMCTC):
-        return bundle
-    return replace(bundle, model=bundle.model.with_chunking(*config.chunking))
 
 
 def _read_pem(path: str, what: str) -> bytes:
