@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from asr.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,6 @@ def write_manifest(path: str | Path, utterances: Iterable[Utterance]) -> None:
     """Write atomically (temp file + rename) so a crash never leaves half a manifest behind."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_write(target, fsync=True) as tmp, tmp.open("w", encoding="utf-8") as f:
         for utt in utterances:
             f.write(utt.to_json() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(target)

@@ -46,7 +46,6 @@ import importlib.resources
 import logging
 import math
 import multiprocessing
-import os
 import random
 import re
 import shutil
@@ -63,6 +62,7 @@ import torch
 from tqdm import tqdm
 
 from asr.audio import SAMPLE_RATE, AudioError, audio_duration, load_audio, save_flac
+from asr.files import atomic_write
 from asr.text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -380,18 +380,10 @@ def synthesize(text: str, voice: Voice, out_path: str | Path) -> float:
             ) from err
     if wave.numel() == 0:
         raise SynthError(voice.spec, utterance, "engine produced only silence")
-    _atomic_flac(out, wave)
-    return wave.numel() / SAMPLE_RATE
-
-
-def _atomic_flac(out: Path, wave: torch.Tensor) -> None:
-    # The pid keeps concurrent writers apart; ".tmp" keeps readers from taking it for audio.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    # Worker processes write side by side; a reader or a rerun never sees half a file.
+    with atomic_write(out) as tmp:
         save_flac(tmp, wave)
-        tmp.replace(out)  # atomic rename (os.replace)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return wave.numel() / SAMPLE_RATE
 
 
 def check_voice(voice: Voice) -> None:
@@ -594,9 +586,8 @@ def synthesize_corpus(
 
 def _write_atomic(path: Path, lines: Iterable[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
 def _read_tsv(path: Path) -> list[list[str]]:

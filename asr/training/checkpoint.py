@@ -6,12 +6,13 @@ A checkpoint holds only tensors and plain containers, so it loads with
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from asr.files import atomic_write
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -32,17 +33,8 @@ def list_checkpoints(exp_dir: str | Path) -> list[Path]:
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write to a temp file, fsync, rename, fsync the directory: a crash at any moment leaves
     either the old set of checkpoints or the new one, never a truncated file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
+    with atomic_write(path, fsync=True) as tmp, tmp.open("wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
