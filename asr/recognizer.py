@@ -1,15 +1,18 @@
 """Recognizer: audio -> features -> model -> decoder -> Transcript. The CLI and server hold one.
 
-A search method is a function (recognizer, features, lengths, options) -> `Search`, looked up
-by model type and `DecodeOptions.method` in `METHODS`. Every search returns n-best token
-sequences plus the CTC posteriors that word timings are aligned to.
+A decoding method (`METHODS`, by `DecodeOptions.method`) is a search over what the models
+offer, not over model types: CTC posteriors and an attention decoder (`asr.models.base`), read
+from a batch's `Evidence`. Greedy and beam search use the model's own decoder; joint and
+rescore need both, a CTC model getting its attention decoder from a LAS bundle beside it.
+Streaming runs its second pass through the same methods.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, overload
+from functools import cached_property
+from typing import Any, Protocol, cast, overload
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -29,155 +32,167 @@ from asr.decoding.options import (
     mean_confidence,
 )
 from asr.features import log_mel
+from asr.models.base import ATTENTION, CTC, offers
 from asr.models.bilstm_ctc import BiLSTMCTC
-from asr.models.las import LAS
+from asr.models.las import LAS, EncoderOutput
+from asr.models.layers import lengths_to_mask
 from asr.tokenizer import Tokenizer
 
 
-@dataclass
-class Search:
-    """What a search method found for a batch of B utterances."""
+class CTCModel(Protocol):
+    """What decoding needs from a model whose own decoder is CTC (BiLSTM-CTC)."""
 
-    hyps: list[list[Hypothesis]]  # n-best per utterance, best first
-    ctc_log_probs: torch.Tensor | None  # (B, T', V) posteriors to align words to, if any
-    ctc_lengths: torch.Tensor | None  # (B,)
-    time_reduction: int  # feature frames per frame of ctc_log_probs
+    @property
+    def time_reduction(self) -> int: ...  # feature frames per output frame
 
-
-SearchFn = Callable[["Recognizer", torch.Tensor, torch.Tensor, DecodeOptions], Search]
+    def log_probs(
+        self, feats: torch.Tensor, feat_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def _ctc(bundle: Bundle) -> BiLSTMCTC:
-    assert isinstance(bundle.model, BiLSTMCTC)
-    return bundle.model
+@dataclass(frozen=True)
+class Posteriors:
+    """CTC posteriors of a batch, the frames word timings are aligned to."""
+
+    log_probs: torch.Tensor  # (B, T', V) float32
+    lengths: torch.Tensor  # (B,) valid frames
+    time_reduction: int  # feature frames per frame
 
 
-def _las(bundle: Bundle) -> LAS:
-    assert isinstance(bundle.model, LAS)
-    return bundle.model
+class Evidence:
+    """What a recognizer's models say about one batch, each part computed on first use so a
+    method pays only for what it reads.
 
+    The CTC posteriors always come from the recognizer's own model (a BiLSTM-CTC's output or a
+    LAS's CTC head); the attention decoder is the model's own, or else the LAS bundle beside
+    it (`Recognizer.rescorer`). A stream hands in the posteriors it computed chunk by chunk and
+    its first-pass n-best, so its second pass is this same code.
 
-def _ctc_greedy(rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, _: DecodeOptions) -> Search:
-    model = _ctc(rec.bundle)
-    log_probs, out_lens = model.log_probs(raw, lens)
-    # Scored by the best path's log-probability.
-    best = log_probs.max(dim=-1).values  # (B, T')
-    valid = torch.arange(best.shape[1], device=best.device)[None, :] < out_lens[:, None]
-    scores = (best * valid).sum(dim=1).tolist()
-    hyps = [
-        [Hypothesis(tuple(tokens), score)]
-        for tokens, score in zip(ctc_greedy(log_probs, out_lens), scores, strict=True)
-    ]
-    return Search(hyps, log_probs, out_lens, model.time_reduction)
-
-
-def _ctc_beam(
-    rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
-) -> Search:
-    model = _ctc(rec.bundle)
-    log_probs, out_lens = model.log_probs(raw, lens)
-    hyps = CTCPrefixBeamSearch(opts)(log_probs, out_lens)
-    return Search(hyps, log_probs, out_lens, model.time_reduction)
-
-
-def _ctc_rescore(
-    rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
-) -> Search:
-    """First pass: CTC prefix beam search n-best; second pass: the LAS rescorer's attention."""
-    assert rec.rescorer is not None  # Recognizer.check
-    first = _ctc_beam(rec, raw, lens, replace(opts, nbest=opts.beam))
-    las = _las(rec.rescorer)
-    enc = las.encode(raw, lens)
-    return replace(first, hyps=rescore(las, enc, first.hyps, opts))
-
-
-def attention_with_ctc(
-    las_bundle: Bundle,
-    raw: torch.Tensor,
-    lens: torch.Tensor,
-    log_probs: torch.Tensor,
-    out_lens: torch.Tensor,
-    opts: DecodeOptions,
-) -> list[list[Hypothesis]]:
-    """One-pass joint decoding of two models: `las_bundle`'s attention decoder with another
-    model's CTC posteriors as the prefix scorer (in place of the LAS's own CTC head).
-
-    raw: (B, T, F) log-mel features, lens (B,); log_probs: (B, T_ctc, V) the CTC model's
-    posteriors of the same audio (any frame rate: prefix scores only need its own frames).
+    raw: (B, T, F) log-mel features, lengths (B,).
     """
-    las = _las(las_bundle)
-    enc = las.encode(raw, lens)
-    enc = replace(enc, ctc_log_probs=log_probs.float(), ctc_lengths=out_lens.to(enc.lengths))
-    return attention_beam_search(las, enc, opts, joint=True)
+
+    def __init__(
+        self,
+        recognizer: Recognizer,
+        raw: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        ctc: Posteriors | None = None,
+        ctc_nbest: list[list[Hypothesis]] | None = None,
+    ) -> None:
+        model = recognizer.bundle.model
+        self.own = ATTENTION if ATTENTION in offers(model) else CTC  # greedy/beam's decoder
+        rescorer = recognizer.rescorer
+        attention = model if self.own == ATTENTION else rescorer and rescorer.model
+        self.attention = cast(LAS | None, attention)  # Recognizer checked what it is
+        self.ctc_model = cast(CTCModel, model) if self.own == CTC else None
+        self.raw, self.lengths = raw, lengths
+        self._ctc = ctc
+        self._ctc_nbest = ctc_nbest
+
+    @cached_property
+    def encoded(self) -> EncoderOutput:
+        """The attention decoder's encoder output of the batch."""
+        if self.attention is None:
+            raise ValueError("this recognizer has no attention decoder")  # Recognizer.check
+        return self.attention.encode(self.raw, self.lengths)
+
+    @property
+    def ctc(self) -> Posteriors | None:
+        """The model's CTC posteriors; None for a LAS without a CTC head."""
+        if self._ctc is None and self.ctc_model is not None:
+            log_probs, lengths = self.ctc_model.log_probs(self.raw, self.lengths)
+            self._ctc = Posteriors(log_probs, lengths, self.ctc_model.time_reduction)
+        elif self._ctc is None and self.attention is not None:
+            enc = self.encoded  # a CTC head runs inside the attention model's encoder
+            if enc.ctc_log_probs is not None:
+                reduction = self.attention.ctc_time_reduction
+                self._ctc = Posteriors(enc.ctc_log_probs, enc.ctc_lengths, reduction)
+        return self._ctc
+
+    def needed_ctc(self) -> Posteriors:
+        if (ctc := self.ctc) is None:
+            raise ValueError("this model has no CTC posteriors")  # Recognizer.check
+        return ctc
+
+    def ctc_nbest(self, opts: DecodeOptions) -> list[list[Hypothesis]]:
+        """First pass: CTC prefix beam search, `opts.beam` alternatives per utterance."""
+        if self._ctc_nbest is None:
+            ctc = self.needed_ctc()
+            wide = replace(opts, nbest=opts.beam)
+            self._ctc_nbest = CTCPrefixBeamSearch(wide)(ctc.log_probs, ctc.lengths)
+        return self._ctc_nbest
 
 
-def _ctc_joint(
-    rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
-) -> Search:
-    """The LAS rescorer's attention beam search scored jointly with this CTC model: the two
-    models' errors differ, so together they beat either (recipes/synthetic/README.md)."""
-    assert rec.rescorer is not None  # Recognizer.check
-    model = _ctc(rec.bundle)
-    log_probs, out_lens = model.log_probs(raw, lens)
-    hyps = attention_with_ctc(rec.rescorer, raw, lens, log_probs, out_lens, opts)
-    return Search(hyps, log_probs, out_lens, model.time_reduction)
+def _greedy(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
+    if ev.own == ATTENTION:  # beam search with one beam is greedy decoding (tested)
+        return _beam(ev, replace(opts, beam=1, nbest=1))
+    ctc = ev.needed_ctc()
+    # Scored by the best path's log-probability.
+    best = ctc.log_probs.max(dim=-1).values  # (B, T')
+    scores = (best * lengths_to_mask(ctc.lengths, best.shape[1])).sum(dim=1).tolist()
+    paths = ctc_greedy(ctc.log_probs, ctc.lengths)
+    return [[Hypothesis(tuple(p), score)] for p, score in zip(paths, scores, strict=True)]
 
 
-def _las_search(joint: bool) -> SearchFn:
-    def search(
-        rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
-    ) -> Search:
-        model = _las(rec.bundle)
-        enc = model.encode(raw, lens)
-        hyps = attention_beam_search(model, enc, opts, joint=joint)
-        return Search(hyps, enc.ctc_log_probs, enc.ctc_lengths, model.ctc_time_reduction)
-
-    return search
+def _beam(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
+    if ev.own == ATTENTION:
+        assert ev.attention is not None
+        return attention_beam_search(ev.attention, ev.encoded, opts, joint=False)
+    ctc = ev.needed_ctc()
+    return CTCPrefixBeamSearch(opts)(ctc.log_probs, ctc.lengths)
 
 
-def _las_greedy(
-    rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
-) -> Search:
-    # Beam search with one beam is greedy decoding (tested), and it reports scores.
-    return _las_search(joint=False)(rec, raw, lens, replace(opts, beam=1, nbest=1))
+def _joint(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
+    """Attention beam search scored jointly with the model's CTC posteriors (prefix scores need
+    only the posteriors' own frames, so another model's at another frame rate serve): the two
+    decoders' errors differ, so together they beat either (recipes/synthetic/README.md)."""
+    assert ev.attention is not None
+    ctc = ev.needed_ctc()
+    enc = replace(
+        ev.encoded,
+        ctc_log_probs=ctc.log_probs.float(),
+        ctc_lengths=ctc.lengths.to(ev.encoded.lengths),
+    )
+    return attention_beam_search(ev.attention, enc, opts, joint=True)
 
 
-def _las_rescore(
-    rec: Recognizer, raw: torch.Tensor, lens: torch.Tensor, opts: DecodeOptions
-) -> Search:
-    """CTC-head prefix beam search n-best, rescored by the same model's attention decoder."""
-    model = _las(rec.bundle)
-    enc = model.encode(raw, lens)
-    if enc.ctc_log_probs is None:
-        raise ValueError("method 'rescore' needs a LAS model with a CTC head (ctc_weight > 0)")
-    first = CTCPrefixBeamSearch(replace(opts, nbest=opts.beam))(enc.ctc_log_probs, enc.ctc_lengths)
-    hyps = rescore(model, enc, first, opts)
-    return Search(hyps, enc.ctc_log_probs, enc.ctc_lengths, model.ctc_time_reduction)
+def _rescore(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
+    """The CTC n-best re-ranked by the attention decoder."""
+    assert ev.attention is not None
+    return rescore(ev.attention, ev.encoded, ev.ctc_nbest(opts), opts)
 
 
-METHODS: dict[str, dict[str, SearchFn]] = {
-    "ctc": {"greedy": _ctc_greedy, "beam": _ctc_beam, "rescore": _ctc_rescore, "joint": _ctc_joint},
-    "las": {
-        "greedy": _las_greedy,
-        "beam": _las_search(joint=False),
-        "joint": _las_search(joint=True),
-        "rescore": _las_rescore,
-    },
+@dataclass(frozen=True)
+class Method:
+    """A search, and what it needs beyond the model's own decoder."""
+
+    search: Callable[[Evidence, DecodeOptions], list[list[Hypothesis]]]
+    needs: frozenset[str] = frozenset()
+
+
+# Greedy and beam search use the model's own decoder (attention if it has one, else CTC);
+# joint and rescore need both CTC posteriors and an attention decoder.
+METHODS: dict[str, Method] = {
+    "greedy": Method(_greedy),
+    "beam": Method(_beam),
+    "rescore": Method(_rescore, frozenset({CTC, ATTENTION})),
+    "joint": Method(_joint, frozenset({CTC, ATTENTION})),
 }
 
-
-# Methods of a CTC bundle that need a LAS bundle beside it (`Recognizer.rescorer`).
-TWO_MODEL_METHODS = frozenset({"rescore", "joint"})
+# How a recognizer comes to offer what a method needs, for the error when it does not.
+_HOW_TO_OFFER = {
+    ATTENTION: "an attention decoder (a CTC model needs a LAS bundle for it: --rescore-model)",
+    CTC: "CTC posteriors (a LAS model has them when trained with ctc_weight > 0)",
+}
 
 # Padded feature frames per decoded batch: 200 s of audio at a 10 ms hop (as `asr decode`).
 BATCH_FRAMES = 20_000
 
 
-def default_options(model_type: str, model_config: dict[str, Any]) -> DecodeOptions:
-    """What a bundle decodes with unless told otherwise: the most accurate method it has."""
-    if model_type == "las" and model_config.get("ctc_weight", 0) > 0:
-        return DecodeOptions(method="joint")
-    return DecodeOptions(method="beam")
+def default_options(offers: frozenset[str]) -> DecodeOptions:
+    """What a model decodes with unless told otherwise: the most accurate method it can run."""
+    return DecodeOptions(method="joint" if METHODS["joint"].needs <= offers else "beam")
 
 
 class Recognizer:
@@ -188,14 +203,6 @@ class Recognizer:
     ) -> None:
         self.bundle = bundle
         self.rescorer = rescorer
-        stored = bundle.config.get("decoding") or {}
-        model_config = bundle.config.get("model", {}).get("config", {})
-        self.options = options or (
-            DecodeOptions(**stored) if stored else default_options(bundle.model_type, model_config)
-        )
-        if options is None and rescorer is not None:  # given the LAS, decode with both
-            self.options = replace(self.options, method="joint")
-        self.check(self.options)
         if rescorer is not None:
             if rescorer.model_type != "las":
                 raise BundleError(f"{rescorer.path}: a rescoring bundle must be LAS")
@@ -206,6 +213,19 @@ class Recognizer:
                 )
             if rescorer.feature_config != bundle.feature_config:
                 raise BundleError(f"{rescorer.path}: its features differ from {bundle.path}'s")
+        stored = bundle.config.get("decoding") or {}
+        best = default_options(self.offers)
+        self.options = options or (DecodeOptions(**stored) if stored else best)
+        if options is None and rescorer is not None:  # given the LAS, decode with both
+            self.options = replace(self.options, method=best.method)
+        self.check(self.options)
+
+    @property
+    def offers(self) -> frozenset[str]:
+        """What this recognizer's searches can use: its model's CTC posteriors and/or attention
+        decoder, plus the attention decoder of the LAS bundle beside it."""
+        extra = frozenset({ATTENTION}) if self.rescorer is not None else frozenset()
+        return offers(self.bundle.model) | extra
 
     @property
     def can_stream(self) -> bool:
@@ -217,20 +237,21 @@ class Recognizer:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return tuple(METHODS[self.bundle.model_type])
+        """The decoding methods this recognizer can run (ListModels reports them)."""
+        return tuple(name for name, m in METHODS.items() if m.needs <= self.offers)
 
     def check(self, options: DecodeOptions) -> None:
-        """Raise ValueError if `options` cannot be used with this model."""
-        if options.method not in METHODS[self.bundle.model_type]:
+        """Raise ValueError if `options` cannot be used with this recognizer."""
+        method = METHODS.get(options.method)
+        if method is None:
             raise ValueError(
-                f"unknown decoding method {options.method!r} for a {self.bundle.model_type} "
-                f"model; choose one of {', '.join(self.methods)}"
+                f"unknown decoding method {options.method!r}; choose one of {', '.join(METHODS)}"
             )
-        two_model = options.method in TWO_MODEL_METHODS
-        if two_model and self.bundle.model_type == "ctc" and not self.rescorer:
+        missing = sorted(method.needs - self.offers)
+        if missing:
             raise ValueError(
-                f"method {options.method!r} with a CTC model needs a LAS bundle for its "
-                "attention decoder (--rescore-model)"
+                f"method {options.method!r} needs "
+                + " and ".join(_HOW_TO_OFFER[m] for m in missing)
             )
 
     @property
@@ -250,14 +271,14 @@ class Recognizer:
         opts = options or self.options
         self.check(opts)
         device = next(self.bundle.model.parameters()).device
-        search = METHODS[self.bundle.model_type][opts.method](
-            self, feats.to(device), lengths.to(device), opts
-        )
+        evidence = Evidence(self, feats.to(device), lengths.to(device))
+        hyps = METHODS[opts.method].search(evidence, opts)
         # Word boundaries are refined with the loudness of each 10 ms frame.
         energy = feats.mean(dim=-1)  # (B, T)
+        ctc = evidence.ctc if opts.word_timings else None
         return [
-            self._transcript(search, b, opts, energy[b, : int(lengths[b])])
-            for b in range(len(search.hyps))
+            self.transcript(hyps[b], opts, ctc, b, energy[b, : int(lengths[b])])
+            for b in range(len(hyps))
         ]
 
     @overload
@@ -315,24 +336,32 @@ class Recognizer:
                 out[i] = transcript
         return [out[i] for i in range(len(feats))]
 
-    def _transcript(
-        self, search: Search, b: int, opts: DecodeOptions, energy: torch.Tensor
+    def transcript(
+        self,
+        hyps: Sequence[Hypothesis],
+        opts: DecodeOptions,
+        ctc: Posteriors | None,
+        b: int,
+        energy: torch.Tensor | None,
+        *,
+        offset: float = 0.0,
     ) -> Transcript:
-        tokenizer = self.bundle.tokenizer
-        hyps = search.hyps[b] or [Hypothesis((), float("-inf"))]
-        best = hyps[0]
+        """Utterance `b`'s n-best (best first) as a Transcript, with the best's words aligned
+        to row b of the CTC posteriors (when given) and refined with energy (T,); word times
+        count from `offset` seconds."""
+        hyps = list(hyps) or [Hypothesis((), float("-inf"))]
         words: tuple[WordTiming, ...] = ()
-        log_probs, lengths = search.ctc_log_probs, search.ctc_lengths
-        if opts.word_timings and log_probs is not None and lengths is not None:
+        if opts.word_timings and ctc is not None:
             words = word_timings(
-                log_probs[b, : int(lengths[b])],
-                best.tokens,
-                tokenizer,
+                ctc.log_probs[b, : int(ctc.lengths[b])],
+                hyps[0].tokens,
+                self.bundle.tokenizer,
                 self.frame_seconds,
-                search.time_reduction,
+                ctc.time_reduction,
                 energy,
+                offset=offset,
             )
-        return build_transcript(tokenizer, hyps, words)
+        return build_transcript(self.bundle.tokenizer, hyps[: opts.nbest], words)
 
 
 def build_transcript(

@@ -18,8 +18,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from asr.decoding.alignment import word_timings
-from asr.decoding.attention import rescore
 from asr.decoding.ctc import CTCBeamState, CTCPrefixBeamSearch
 from asr.decoding.options import (
     Alternative,
@@ -31,7 +29,7 @@ from asr.decoding.options import (
 from asr.features import StreamingFeatures
 from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCStream
 from asr.models.las import LAS
-from asr.recognizer import TWO_MODEL_METHODS, Recognizer, attention_with_ctc, build_transcript
+from asr.recognizer import METHODS, Evidence, Posteriors, Recognizer
 from asr.tokenizer import BLANK_ID
 
 LEAD_SECONDS = 0.3  # silence kept before the first speech of a segment
@@ -206,47 +204,22 @@ class StreamingSession:
         log_probs = torch.cat(self.log_probs) if self.log_probs else torch.zeros(0, 1)
         frames = log_probs.shape[0] * self.model.time_reduction
         raw = torch.cat(self.raw)[:frames] if self.raw else torch.zeros(0, 1)
-        if self.options.method in TWO_MODEL_METHODS and self.recognizer.rescorer is not None:
-            nbest = self._second_pass(nbest, raw, log_probs)
-        nbest = nbest[: self.options.nbest]
-        start, end = self._span()
-        tokenizer = self.recognizer.bundle.tokenizer
-        words = (
-            word_timings(
-                log_probs,
-                nbest[0].tokens,
-                tokenizer,
-                self.recognizer.frame_seconds,
-                self.model.time_reduction,
-                raw.mean(dim=-1) if raw.numel() else None,
-                offset=start,
-            )
-            if self.options.word_timings
-            else ()
+        ctc = Posteriors(
+            log_probs[None], torch.tensor([log_probs.shape[0]]), self.model.time_reduction
         )
-        return StreamResult(build_transcript(tokenizer, nbest, words), True, 1.0, start, end)
-
-    def _second_pass(
-        self, nbest: list[Hypothesis], raw: torch.Tensor, log_probs: torch.Tensor
-    ) -> list[Hypothesis]:
-        """The segment's final with the LAS: its n-best rescored, or (joint) an attention beam
-        search scored with the CTC posteriors streamed for it. raw: (T, F); log_probs (T', V)."""
-        rescorer = self.recognizer.rescorer
-        assert rescorer is not None and isinstance(rescorer.model, LAS)
-        if raw.shape[0] < 8 * rescorer.model.time_reduction:
-            return nbest  # too short for the listener's x8 reduction
-        lens = torch.tensor([raw.shape[0]])
-        with torch.no_grad():
-            if self.options.method == "joint":
-                lp_lens = torch.tensor([log_probs.shape[0]])
-                return (
-                    attention_with_ctc(
-                        rescorer, raw[None], lens, log_probs[None], lp_lens, self.options
-                    )[0]
-                    or nbest
-                )
-            enc = rescorer.model.encode(raw[None], lens)
-            return rescore(rescorer.model, enc, [nbest], self.options)[0]
+        method = METHODS[self.options.method]
+        # The second pass (rescore, joint) runs the batch methods over the segment, with the
+        # posteriors and n-best streamed for it; too short a segment for the LAS listener's x8
+        # reduction keeps the first pass.
+        if method.needs and raw.shape[0] >= 8 * LAS.time_reduction:
+            lengths = torch.tensor([raw.shape[0]])
+            evidence = Evidence(self.recognizer, raw[None], lengths, ctc=ctc, ctc_nbest=[nbest])
+            with torch.no_grad():
+                nbest = method.search(evidence, self.options)[0] or nbest
+        start, end = self._span()
+        energy = raw.mean(dim=-1) if raw.numel() else None
+        transcript = self.recognizer.transcript(nbest, self.options, ctc, 0, energy, offset=start)
+        return StreamResult(transcript, True, 1.0, start, end)
 
 
 def join_finals(finals: list[StreamResult]) -> Transcript:

@@ -15,6 +15,7 @@ from asr.audio import save_flac
 from asr.bundle import Bundle, BundleError, load_bundle
 from asr.cli import main
 from asr.data.manifest import Utterance, write_manifest
+from asr.decoding.attention import attention_scores
 from asr.decoding.options import DecodeOptions
 from asr.recognizer import METHODS, Recognizer
 from asr.tokenizer import Tokenizer
@@ -111,6 +112,44 @@ def test_two_pass_rescoring_across_bundles(
     assert wer["method"] == "rescore" and wer["rescore_model"] == str(las_dir)
 
 
+def _batch(
+    rec: Recognizer, word_corpus: WordCorpus, seed: int, n: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = random.Random(seed)
+    feats = [rec.features(word_corpus.utterance(rng).audio) for _ in range(n)]
+    lengths = torch.tensor([f.shape[0] for f in feats])
+    return torch.nn.utils.rnn.pad_sequence(feats, batch_first=True), lengths
+
+
+def test_rescoring_ranks_each_utterances_nbest_by_the_weighted_scores(
+    word_corpus: WordCorpus, ctc_dir: Path, las_dir: Path
+) -> None:
+    ctc, las = load_bundle(ctc_dir), load_bundle(las_dir)
+    first = Recognizer(ctc, DecodeOptions(method="beam", beam=4, nbest=4))
+    padded, lengths = _batch(first, word_corpus, 13)
+    nbest = first.decode(padded, lengths)
+    # Recompute the second pass by hand: the LAS's log P(y + eos | x) of every alternative of
+    # every utterance, mixed with its CTC score; a mix-up of rows would rank another
+    # utterance's alternatives.
+    with torch.no_grad():
+        enc = las.model.encode(padded, lengths)
+        for weight in (0.0, 0.3, 1.0):
+            rescored = Recognizer(
+                ctc, DecodeOptions(method="rescore", beam=4, nbest=4, ctc_weight=weight), las
+            ).decode(padded, lengths)
+            for b, (t, r) in enumerate(zip(nbest, rescored, strict=True)):
+                rows = torch.full((len(t.nbest),), b)
+                att = attention_scores(las.model, enc, rows, [a.tokens for a in t.nbest])
+                mixed = sorted(
+                    ((1 - weight) * float(s) + weight * a.score, a.tokens)
+                    for a, s in zip(t.nbest, att, strict=True)
+                )[::-1]
+                assert [a.tokens for a in r.nbest] == [tokens for _, tokens in mixed]
+                assert [a.score for a in r.nbest] == pytest.approx([m for m, _ in mixed])
+            if weight == 1.0:  # the CTC scores alone: the first pass's order
+                assert [r.text for r in rescored] == [t.text for t in nbest]
+
+
 def test_joint_decoding_across_bundles_scores_with_the_ctc_models_posteriors(
     word_model: Bundle, word_corpus: WordCorpus, ctc_dir: Path, las_dir: Path
 ) -> None:
@@ -125,10 +164,7 @@ def test_joint_decoding_across_bundles_scores_with_the_ctc_models_posteriors(
     )
     joint = Recognizer(ctc, options, rescorer=las)
     beam = Recognizer(ctc, DecodeOptions(method="beam"))
-    rng = random.Random(11)
-    feats = [joint.features(word_corpus.utterance(rng).audio) for _ in range(4)]
-    lengths = torch.tensor([f.shape[0] for f in feats])
-    padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+    padded, lengths = _batch(joint, word_corpus, 11)
     ours = joint.decode(padded, lengths)
     assert [t.text for t in ours] == [t.text for t in beam.decode(padded, lengths)]
     assert all(t.words and t.text for t in ours)  # word timings from the CTC model's alignment
@@ -170,7 +206,7 @@ def test_rescorer_must_share_the_tokenizer(word_model: Bundle, ctc_dir: Path) ->
         Recognizer(load_bundle(ctc_dir), rescorer=load_bundle(ctc_dir))
 
 
-@pytest.mark.parametrize("method", sorted(METHODS["las"]))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_las_method_returns_typed_transcripts(
     word_model: Bundle, word_corpus: WordCorpus, method: str
 ) -> None:
@@ -206,3 +242,20 @@ def test_ctc_transcripts_carry_nbest_and_confidence(
 def test_bundles_decode_with_their_best_method_by_default(ctc_dir: Path, las_dir: Path) -> None:
     assert Recognizer(load_bundle(ctc_dir)).options.method == "beam"
     assert Recognizer(load_bundle(las_dir)).options.method == "joint"  # it has a CTC head
+
+
+def test_methods_follow_what_the_models_offer(
+    word_model: Bundle, ctc_dir: Path, las_dir: Path
+) -> None:
+    ctc, las = load_bundle(ctc_dir), load_bundle(las_dir)
+    assert Recognizer(ctc).methods == ("greedy", "beam")
+    assert Recognizer(ctc, rescorer=las).methods == ("greedy", "beam", "rescore", "joint")
+    assert Recognizer(las).methods == ("greedy", "beam", "rescore", "joint")
+    headless = untrained_las(word_model, word_model.tokenizer, ctc_weight=0.0)
+    assert Recognizer(headless).methods == ("greedy", "beam")
+    assert Recognizer(headless).options.method == "beam"
+    for method in ("joint", "rescore"):
+        with pytest.raises(ValueError, match="needs CTC posteriors"):
+            Recognizer(headless, DecodeOptions(method=method))
+        with pytest.raises(ValueError, match="needs an attention decoder"):
+            Recognizer(ctc, DecodeOptions(method=method))

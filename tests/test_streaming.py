@@ -15,7 +15,7 @@ from asr.decoding.options import DecodeOptions
 from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.recognizer import Recognizer
 from asr.streaming import EndpointConfig, StreamingSession, StreamResult
-from tests.word_corpus import Utterance, WordCorpus
+from tests.word_corpus import Utterance, WordCorpus, untrained_las
 
 CHUNK = SAMPLE_RATE // 10  # 100 ms of audio per message, as a client would send
 
@@ -53,6 +53,33 @@ def test_final_equals_whole_utterance_decoding(
         assert offline.text.startswith(partials[-1].transcript.text)
         ends = [r.end for r in results]
         assert ends == sorted(ends)
+
+
+def test_second_pass_rescores_the_streamed_nbest_with_the_las(
+    word_model: Bundle, utterances: list[Utterance]
+) -> None:
+    las = untrained_las(word_model, word_model.tokenizer)
+    endpoint = EndpointConfig(trailing_silence=4.0)
+    vocab = word_model.tokenizer.vocab_size
+    # CTC weight 1: the untrained LAS's scores drop out, so a second pass that reads the
+    # streamed posteriors and n-best of the right segment gives the first pass's result.
+    second = {
+        "rescore": DecodeOptions(method="rescore", ctc_weight=1.0, beam=4),
+        "joint": DecodeOptions(
+            method="joint", ctc_weight=1.0, joint_candidates=vocab, length_penalty=0.0, beam=4
+        ),
+    }
+    first = Recognizer(word_model, DecodeOptions(method="beam", beam=4))
+    for utt in utterances[:3]:
+        [expected] = stream(
+            StreamingSession(first, endpoint=endpoint, interim_results=False), utt.audio
+        )
+        for options in second.values():
+            rec = Recognizer(word_model, options, rescorer=las)
+            session = StreamingSession(rec, endpoint=endpoint, interim_results=False)
+            [final] = stream(session, utt.audio)
+            assert final.transcript.text == expected.transcript.text == utt.text
+            assert final.transcript.words  # aligned to the streamed posteriors
 
 
 def test_pauses_close_segments_with_stream_times(

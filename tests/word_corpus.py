@@ -287,9 +287,10 @@ def save_bundle(bundle: Bundle, out: Path) -> Path:
     )
 
 
-def untrained_las(word_model: Bundle, tokenizer: Tokenizer) -> Bundle:
+def untrained_las(word_model: Bundle, tokenizer: Tokenizer, *, ctc_weight: float = 0.3) -> Bundle:
     """An untrained LAS over the word model's features (its outputs are arbitrary but
-    well-formed): a second-pass rescorer to test the plumbing with."""
+    well-formed): a second-pass rescorer to test the plumbing with; ctc_weight 0 has no CTC
+    head."""
     torch.manual_seed(0)
     config = LASConfig(
         vocab_size=tokenizer.vocab_size,
@@ -299,6 +300,7 @@ def untrained_las(word_model: Bundle, tokenizer: Tokenizer) -> Bundle:
         attention_dim=32,
         speller_hidden=32,
         embedding_dim=16,
+        ctc_weight=ctc_weight,
     )
     return Bundle(
         Path("<las>"),

@@ -11,9 +11,11 @@ from typing import Any
 class DecodeOptions:
     """Everything that changes how a transcript is searched for; override with `replace`.
 
-    `method` picks the search by name (see `asr.recognizer.METHODS`): greedy, beam (CTC prefix
-    beam search for BiLSTM-CTC, attention beam search for LAS), joint (LAS attention beam search
-    scored together with its CTC head) or rescore (CTC n-best rescored by an attention decoder).
+    `method` picks the search by name (see `asr.recognizer.METHODS`): greedy and beam use the
+    model's own decoder (CTC prefix beam search for BiLSTM-CTC, attention beam search for LAS);
+    joint (attention beam search scored together with CTC posteriors) and rescore (CTC n-best
+    rescored by an attention decoder) need both, from one LAS with a CTC head or from a
+    BiLSTM-CTC with a LAS bundle beside it.
     """
 
     method: str = "beam"

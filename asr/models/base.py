@@ -60,6 +60,11 @@ def attach_cmvn(model: object, cmvn: CMVN) -> None:
     model.cmvn = cmvn
 
 
+def offers(model: object) -> frozenset[str]:
+    """What `model` offers its decoders: a subset of {CTC, ATTENTION}."""
+    return frozenset(getattr(model, "offers", ()))
+
+
 def config_from_dict(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
     """Rebuild a config dataclass from `asdict` output, rejecting keys it does not have (a
     bundle from a newer version must fail loudly, not drop settings silently)."""

@@ -14,7 +14,7 @@ from asr.data.manifest import read_manifest
 from asr.evaluation import evaluate
 from asr.features import CMVN
 from asr.models import build_model
-from asr.models.base import attach_cmvn
+from asr.models.base import attach_cmvn, offers
 from asr.recognizer import default_options
 from asr.tokenizer import Tokenizer
 from asr.training import checkpoint as ckpt
@@ -71,5 +71,5 @@ def export_experiment(exp_dir: str | Path, out_dir: str | Path, *, average: int 
         feature_config=experiment.feature_config,
         training=training,
         results=results,
-        decoding=asdict(default_options(experiment.model_type, experiment.model_config)),
+        decoding=asdict(default_options(offers(model))),
     )
