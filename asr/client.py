@@ -6,18 +6,25 @@
         ...
 
 Audio for `stream` is float samples at 16 kHz (`asr.audio.load_audio`), sent as LINEAR16 chunks.
+
+The conversions between `Transcript` and the API's messages live here too, both directions in
+one place: the server builds its responses with `to_alternatives`, and clients read them back
+with `to_transcript` / `to_segments`.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
 import torch
+from google.protobuf.duration_pb2 import Duration
 
 from asr.audio import SAMPLE_RATE
+from asr.decoding.options import Alternative, Transcript, WordTiming
 from asr.v1 import asr_pb2, asr_pb2_grpc
 
 Config = asr_pb2.RecognitionConfig
@@ -152,3 +159,75 @@ def connect(
         tls=tls,
         root_certificates=None if tls_ca is None else tls_ca.read_bytes(),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Transcript <-> asr.v1 messages
+
+
+def to_duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def to_seconds(duration: Duration) -> float:
+    return duration.ToNanoseconds() / 1e9
+
+
+def to_alternatives(
+    transcript: Transcript, *, word_time_offsets: bool
+) -> list[asr_pb2.SpeechRecognitionAlternative]:
+    """A transcript's n-best as the API's alternatives: the best one with the transcript's
+    confidence (and its words, when asked), the others with text only."""
+    alternatives = []
+    for i, alt in enumerate(transcript.nbest or ()):
+        words = []
+        if i == 0 and word_time_offsets:
+            words = [
+                asr_pb2.WordInfo(
+                    start_offset=to_duration(w.start),
+                    end_offset=to_duration(w.end),
+                    word=w.word,
+                    confidence=w.confidence,
+                )
+                for w in transcript.words
+            ]
+        alternatives.append(
+            asr_pb2.SpeechRecognitionAlternative(
+                transcript=alt.text,
+                confidence=transcript.confidence if i == 0 else 0.0,
+                words=words,
+            )
+        )
+    return alternatives
+
+
+def to_transcript(alternatives: Sequence[asr_pb2.SpeechRecognitionAlternative]) -> Transcript:
+    """A server's alternatives as a Transcript; the API carries no scores or tokens (NaN and
+    empty), and confidences come back as float32, rounded here to the 4 places they hold."""
+    best = alternatives[0]
+    words = tuple(
+        WordTiming(
+            w.word,
+            to_seconds(w.start_offset),
+            to_seconds(w.end_offset),
+            round(w.confidence, 4),
+        )
+        for w in best.words
+    )
+    nbest = tuple(Alternative(a.transcript, (), math.nan) for a in alternatives)
+    return Transcript(best.transcript, (), math.nan, words, nbest, round(best.confidence, 4))
+
+
+def to_segments(
+    results: Iterable[asr_pb2.SpeechRecognitionResult | asr_pb2.StreamingRecognitionResult],
+) -> Iterator[tuple[float, float, Transcript]]:
+    """Results in order (each covering the audio up to its `result_end_time`) -> (start
+    seconds, end seconds, transcript) of those with alternatives."""
+    start = 0.0
+    for result in results:
+        end = to_seconds(result.result_end_time)
+        if result.alternatives:
+            yield start, end, to_transcript(result.alternatives)
+        start = end

@@ -61,7 +61,8 @@ from asr.audio import (
 )
 from asr.data.manifest import read_manifest
 from asr.data.sampler import BucketingBatchSampler
-from asr.decoding.options import Alternative, Transcript, WordTiming, mean_confidence
+from asr.decoding.options import Transcript, WordTiming, mean_confidence
+from asr.files import atomic_write
 from asr.recognizer import BATCH_FRAMES, Recognizer
 from asr.streaming import EndpointConfig, StreamingSession
 
@@ -430,6 +431,8 @@ class ServerEngine:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _recognize(self, item: Item) -> FileResult:
+        from asr.client import to_seconds
+
         response = self.client.recognize(
             item.path.read_bytes(),
             model=self.model,
@@ -437,7 +440,7 @@ class ServerEngine:
             word_time_offsets=True,
             request_id=item.id,
         )
-        duration = response.audio_duration.ToNanoseconds() / 1e9 or (item.duration or 0.0)
+        duration = to_seconds(response.audio_duration) or (item.duration or 0.0)
         return FileResult(item, duration, tuple(_segments(response.results)))
 
     def long(self, item: Item, advance: Callable[[float], None]) -> FileResult:
@@ -459,30 +462,12 @@ class ServerEngine:
         return FileResult(item, samples.numel() / SAMPLE_RATE, tuple(_segments(finals)))
 
 
-def _segments(results: Iterable[Any]) -> Iterator[Segment]:
-    """Server results (each covering the audio up to its `result_end_time`) -> segments."""
-    start = 0.0
-    for result in results:
-        end = result.result_end_time.ToNanoseconds() / 1e9
-        if result.alternatives:
-            yield Segment(start, end, _transcript(result.alternatives))
-        start = end
+def _segments(
+    results: Iterable[asr_pb2.SpeechRecognitionResult | asr_pb2.StreamingRecognitionResult],
+) -> Iterator[Segment]:
+    from asr.client import to_segments
 
-
-def _transcript(alternatives: Sequence[asr_pb2.SpeechRecognitionAlternative]) -> Transcript:
-    """A server's alternatives as a Transcript; the API carries no scores or tokens."""
-    best = alternatives[0]
-    words = tuple(
-        WordTiming(
-            w.word,
-            w.start_offset.ToNanoseconds() / 1e9,
-            w.end_offset.ToNanoseconds() / 1e9,
-            round(w.confidence, 4),
-        )
-        for w in best.words
-    )
-    nbest = tuple(Alternative(a.transcript, (), math.nan) for a in alternatives)
-    return Transcript(best.transcript, (), math.nan, words, nbest, round(best.confidence, 4))
+    return (Segment(start, end, t) for start, end, t in to_segments(results))
 
 
 def _counted(
@@ -679,9 +664,8 @@ class DirOutput:
     def write(self, result: FileResult) -> None:
         target = self._path(result.item.id)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(self.render(result, self.cue_words, self.nbest), encoding="utf-8")
-        tmp.replace(target)
+        with atomic_write(target) as tmp:
+            tmp.write_text(self.render(result, self.cue_words, self.nbest), encoding="utf-8")
 
     def close(self) -> None:
         pass

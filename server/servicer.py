@@ -17,10 +17,10 @@ from typing import NoReturn
 
 import grpc
 import torch
-from google.protobuf.duration_pb2 import Duration
 
 from asr.audio import SAMPLE_RATE, AudioError, check_sample_rate, decode_pcm16, load_audio
-from asr.decoding.options import DecodeOptions, Transcript
+from asr.client import to_alternatives, to_duration
+from asr.decoding.options import DecodeOptions
 from asr.models import count_parameters
 from asr.recognizer import Recognizer
 from asr.streaming import StreamingSession, StreamResult
@@ -55,12 +55,6 @@ class Model:
     @property
     def streams(self) -> bool:
         return self.recognizer.can_stream
-
-
-def _duration(seconds: float) -> Duration:
-    d = Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d
 
 
 class PCMStream:
@@ -140,31 +134,6 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
             raise _invalid(str(err)) from err
         return samples
 
-    def _results(
-        self, transcript: Transcript, config: Config
-    ) -> list[asr_pb2.SpeechRecognitionAlternative]:
-        alternatives = []
-        for i, alt in enumerate(transcript.nbest or ()):
-            words = []
-            if i == 0 and config.enable_word_time_offsets:
-                words = [
-                    asr_pb2.WordInfo(
-                        start_offset=_duration(w.start),
-                        end_offset=_duration(w.end),
-                        word=w.word,
-                        confidence=w.confidence,
-                    )
-                    for w in transcript.words
-                ]
-            alternatives.append(
-                asr_pb2.SpeechRecognitionAlternative(
-                    transcript=alt.text,
-                    confidence=transcript.confidence if i == 0 else 0.0,
-                    words=words,
-                )
-            )
-        return alternatives
-
     async def _fail(
         self, context: grpc.aio.ServicerContext, err: Exception, rid: str, method: str
     ) -> NoReturn:
@@ -241,14 +210,16 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
         latency = time.perf_counter() - started
         self._succeeded("Recognize", rid, model, seconds, latency, model_seconds)
         result = asr_pb2.SpeechRecognitionResult(
-            alternatives=self._results(transcript, request.config),
-            result_end_time=_duration(seconds),
+            alternatives=to_alternatives(
+                transcript, word_time_offsets=request.config.enable_word_time_offsets
+            ),
+            result_end_time=to_duration(seconds),
         )
         return asr_pb2.RecognizeResponse(
             results=[result] if transcript.text else [],
             request_id=rid,
             model=model.name,
-            audio_duration=_duration(seconds),
+            audio_duration=to_duration(seconds),
         )
 
     async def StreamingRecognize(  # noqa: N802 (gRPC method name)
@@ -341,7 +312,7 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
         responses = []
         for r in results:
             alternatives = (
-                self._results(r.transcript, config)
+                to_alternatives(r.transcript, word_time_offsets=config.enable_word_time_offsets)
                 if r.is_final
                 else [asr_pb2.SpeechRecognitionAlternative(transcript=r.transcript.text)]
             )
@@ -357,7 +328,7 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                             alternatives=alternatives,
                             is_final=r.is_final,
                             stability=r.stability,
-                            result_end_time=_duration(r.end),
+                            result_end_time=to_duration(r.end),
                         )
                     ],
                     speech_event_type=event,

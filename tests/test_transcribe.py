@@ -9,6 +9,7 @@ import contextlib
 import io
 import itertools
 import json
+import math
 import random
 import re
 import threading
@@ -205,7 +206,10 @@ def test_bad_arguments_exit_2(
         "unknown decoding option(s) nope": ("--set", "nope=1"),
         "invalid decode options: beam=0": ("--beam", "0"),
         "unknown decoding method 'nope'": ("--method", "nope"),
-        "method 'joint' with a CTC model needs a LAS bundle": ("--method", "joint"),
+        "method 'joint' needs an attention decoder (a CTC model needs a LAS bundle": (
+            "--method",
+            "joint",
+        ),
     }
     for message, extra in cases.items():
         assert transcribe(words_dir, "--model", bundle_dir, *extra) == 2
@@ -334,6 +338,35 @@ def test_cuts_fall_in_pauses() -> None:
     pieces = list(cut_at_pauses(blocks, 30.0))
     assert [round(start, 2) for start, _ in pieces] == [0.0, round(cut / SAMPLE_RATE, 2)]
     assert torch.equal(torch.cat([p for _, p in pieces]), loud)
+
+
+def test_a_transcript_survives_the_api() -> None:
+    """What the server sends (`to_alternatives`) is what `--server` reads back: the text,
+    word times and confidences (to 4 places) and the n-best texts; the API has no scores."""
+    from asr.client import to_alternatives, to_duration, to_segments
+    from asr.decoding.options import Alternative, Transcript, WordTiming
+    from asr.v1 import asr_pb2
+
+    words = (WordTiming("hello", 0.5, 0.9, 0.75), WordTiming("world", 1.0, 1.5, 0.5))
+    nbest = (Alternative("hello world", (3, 4), -1.0), Alternative("hollow world", (5, 4), -2.0))
+    sent = Transcript("hello world", (3, 4), -1.0, words, nbest, 0.625)
+    results = [
+        asr_pb2.StreamingRecognitionResult(
+            alternatives=to_alternatives(sent, word_time_offsets=True),
+            result_end_time=to_duration(2.0),
+        ),
+        asr_pb2.StreamingRecognitionResult(result_end_time=to_duration(3.0)),  # no speech
+        asr_pb2.StreamingRecognitionResult(
+            alternatives=to_alternatives(sent, word_time_offsets=False),
+            result_end_time=to_duration(4.25),
+        ),
+    ]
+    (start, end, first), (start2, end2, second) = to_segments(results)
+    assert (start, end, start2, end2) == (0.0, 2.0, 3.0, 4.25)
+    assert first.text == "hello world" and first.confidence == 0.625
+    assert first.words == words and second.words == ()
+    assert [a.text for a in first.nbest] == ["hello world", "hollow world"]
+    assert all(a.tokens == () and math.isnan(a.score) for a in first.nbest)
 
 
 def test_python_api(
