@@ -1,12 +1,13 @@
 """Attention decoding over the LAS step interface: beam 1 is greedy, joint scoring with
 ctc_weight 0 is plain beam search, CTC prefix scores are exact, batching changes nothing,
-length limits hold, and rescoring ranks by the combined score."""
+length limits hold, eos and coverage options do what they say (checked by teacher forcing), and
+rescoring ranks by the combined score."""
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -157,13 +158,77 @@ def test_nbest_is_ranked_and_distinct(model: LAS, encoded: EncoderOutput) -> Non
         assert normalised == sorted(normalised, reverse=True)
 
 
-def test_eos_threshold_and_coverage_change_the_search_not_its_shape(
-    model: LAS, encoded: EncoderOutput
-) -> None:
-    base = DecodeOptions(beam=3, nbest=1)
-    for options in (replace(base, eos_threshold=0.0), replace(base, coverage_weight=0.5)):
-        hyps = attention_beam_search(model, encoded, options)
-        assert len(hyps) == 4 and all(len(h) == 1 for h in hyps)
+@dataclass
+class _Frames:
+    """A stand-in encoder output: T' frames per utterance, no CTC head."""
+
+    lengths: torch.Tensor  # (B,)
+    ctc_log_probs: None = None
+    ctc_lengths: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+    def select(self, rows: torch.Tensor) -> _Frames:
+        return _Frames(self.lengths[rows])
+
+
+@dataclass
+class _Step:
+    attention: torch.Tensor  # (N, T') one-hot on the frame of the step
+    steps: torch.Tensor  # (N,) tokens consumed
+
+    def select(self, indices: torch.Tensor) -> _Step:
+        return _Step(self.attention[indices], self.steps[indices])
+
+
+class _Scripted:
+    """A decoder whose every step gives token 3 log-prob -0.5, eos -1.0 (0.5 nats below the
+    best) and the others -4, and attends to frame `step`: so how each option changes where
+    hypotheses end is known exactly."""
+
+    vocab = 6
+
+    def init_state(self, enc: _Frames) -> _Step:
+        n, frames = enc.lengths.shape[0], int(enc.lengths.max())
+        return _Step(torch.zeros(n, frames), torch.zeros(n, dtype=torch.long))
+
+    def step(self, enc: _Frames, state: _Step, tokens: torch.Tensor) -> tuple[torch.Tensor, _Step]:
+        n = tokens.shape[0]
+        log_probs = torch.full((n, self.vocab), -4.0)
+        log_probs[:, 3], log_probs[:, SOS_EOS_ID] = -0.5, -1.0
+        frames = state.attention.shape[1]
+        attention = F.one_hot(state.steps.clamp(max=frames - 1), frames).float()
+        return log_probs, _Step(attention, state.steps + 1)
+
+
+def test_eos_threshold_keeps_eos_within_that_many_nats_of_the_best_token() -> None:
+    enc = _Frames(torch.tensor([10, 6]))  # max_len_ratio 0.5: at most 5 and 3 tokens
+    base = DecodeOptions(beam=2, nbest=2, max_len_ratio=0.5, length_penalty=0.0)
+    # eos is 0.5 nats below token 3 at every step: a threshold of 0.4 forbids it, so every
+    # hypothesis runs to the length limit; 0.6 (or none) lets the search end at once.
+    strict = attention_beam_search(_Scripted(), enc, replace(base, eos_threshold=0.4))
+    for utt, limit in zip(strict, (5, 3), strict=True):
+        assert [len(h.tokens) for h in utt] == [limit] * 2
+        assert utt[0].score == pytest.approx(-0.5 * limit)  # token 3 throughout, no eos
+    for threshold in (0.6, None):
+        loose = attention_beam_search(_Scripted(), enc, replace(base, eos_threshold=threshold))
+        for utt in loose:
+            assert utt[0].tokens == () and utt[0].score == pytest.approx(-1.0)  # eos first
+
+
+def test_coverage_bonus_favours_hypotheses_that_attend_to_more_frames() -> None:
+    enc = _Frames(torch.tensor([8]))
+    base = DecodeOptions(beam=4, nbest=4, max_len_ratio=0.5, length_penalty=0.0)
+    # Without coverage, eos right away (-1.0) beats every longer hypothesis (-0.5 n - 1.0);
+    # each step attends one more frame, so a bonus of 1 per frame attended (more than the 0.5
+    # a token costs) ranks the longest first.
+    [plain] = attention_beam_search(_Scripted(), enc, base)
+    assert plain[0].tokens == ()
+    [covered] = attention_beam_search(
+        _Scripted(), enc, replace(base, coverage_weight=1.0, coverage_threshold=0.5)
+    )
+    lengths = [len(h.tokens) for h in covered]
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] == 4  # the length limit
+    # Coverage ranks; the scores stay log-probabilities (4 x token 3, the limit ends it).
+    assert covered[0].tokens == (3, 3, 3, 3) and covered[0].score == pytest.approx(-2.0)
 
 
 def test_attention_scores_equal_teacher_forcing(model: LAS, encoded: EncoderOutput) -> None:
