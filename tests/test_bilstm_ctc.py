@@ -25,6 +25,7 @@ from asr.models.bilstm_ctc import (
     BiLSTMCTCStream,
     bilstm_ctc,
 )
+from asr.models.layers import lengths_to_mask
 
 TINY = BiLSTMCTCConfig(
     input_dim=20,
@@ -54,10 +55,6 @@ def batch(lengths: list[int], dim: int = 20, seed: int = 0) -> tuple[torch.Tenso
 def rnn_layers(model: BiLSTMCTC) -> list[Any]:
     """The layers, typed loosely: each has .fwd and .bwd (nn.LSTM or nn.GRU) and .proj."""
     return list(model.layers)
-
-
-def valid_mask(lens: torch.Tensor, frames: int) -> torch.Tensor:
-    return torch.arange(frames)[None, :] < lens[:, None]  # (B, T')
 
 
 # --- configuration -------------------------------------------------------------------------
@@ -220,7 +217,7 @@ def test_offline_matches_pytorch_bidirectional_rnn(rnn_type: str, projection_siz
     with torch.no_grad():
         enc, enc_lens = model.encode(feats, lens)
         expected = reference_offline(model, feats, lens)
-    mask = valid_mask(enc_lens, enc.shape[1])
+    mask = lengths_to_mask(enc_lens, enc.shape[1])
     torch.testing.assert_close(enc[mask], expected[mask], atol=1e-5, rtol=0)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from asr.decoding.options import DecodeOptions, Hypothesis
+from asr.masks import lengths_to_mask
 from asr.tokenizer import BLANK_ID
 
 
@@ -21,7 +22,7 @@ def ctc_greedy(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]
     changed = torch.ones_like(best, dtype=torch.bool)
     changed[:, 1:] = best[:, 1:] != best[:, :-1]
     keep = changed & (best != BLANK_ID)
-    keep &= torch.arange(best.shape[1], device=best.device)[None, :] < lengths[:, None]
+    keep &= lengths_to_mask(lengths.to(best.device), best.shape[1])
     return [row[mask].tolist() for row, mask in zip(best.cpu(), keep.cpu(), strict=True)]
 
 
@@ -109,7 +110,7 @@ class CTCPrefixBeamSearch:
         log_probs = log_probs.float()
         device = log_probs.device
         lengths = lengths.to(device)
-        valid = torch.arange(width, device=device)[None, :] < lengths[:, None]  # (B, T)
+        valid = lengths_to_mask(lengths, width)  # (B, T)
         keep = valid
         if self.skip_log_prob is not None:
             keep = valid & (log_probs[..., BLANK_ID] < self.skip_log_prob)

@@ -12,10 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-
-def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """(B,) lengths -> (B, max_len) bool, True on valid frames."""
-    return torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(1)
+from asr.masks import lengths_to_mask as lengths_to_mask  # re-exported: its home until it moved
 
 
 def stack_frame_pairs(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
