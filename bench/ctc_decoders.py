@@ -29,6 +29,7 @@ from asr.data.manifest import read_manifest
 from asr.decoding.ctc import CTCPrefixBeamSearch
 from asr.decoding.options import DecodeOptions
 from asr.models.bilstm_ctc import BiLSTMCTC
+from asr.models.ctc import ctc_loss
 from asr.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,13 +132,11 @@ def ctc_log_likelihood(lp: torch.Tensor, length: int, tokens: list[int]) -> floa
     if not tokens:
         return float(lp[:length, 0].sum())
     return -float(
-        torch.nn.functional.ctc_loss(
-            lp[None, :length].transpose(0, 1),
-            torch.tensor([tokens]),
+        ctc_loss(
+            lp[None, :length],
             torch.tensor([length]),
+            torch.tensor([tokens]),
             torch.tensor([len(tokens)]),
-            reduction="sum",
-            zero_infinity=True,
         )
     )
 

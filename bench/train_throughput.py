@@ -31,6 +31,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from asr.models import build_model, model_config
 from asr.models.base import ModelOutput
+from asr.models.ctc import ctc_loss
 from asr.models.subsampling import Subsampling
 from asr.training.config import PRESETS as TRAIN_PRESETS
 
@@ -71,13 +72,7 @@ class PackedBiLSTMCTC(nn.Module):
             y, _ = lstm(packed)
             x = proj(pad_packed_sequence(y, batch_first=True, total_length=x.shape[1])[0])
         log_probs = self.head(x).float().log_softmax(-1)
-        loss = nn.functional.ctc_loss(
-            log_probs.transpose(0, 1),
-            targets.clamp(min=0),
-            out_lens,
-            target_lens,
-            zero_infinity=True,
-        )
+        loss = ctc_loss(log_probs, out_lens, targets, target_lens)  # the loss ours trains with
         return ModelOutput(loss=loss, log_probs=log_probs, out_lens=out_lens)
 
 

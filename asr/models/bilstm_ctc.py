@@ -29,13 +29,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from asr.models.base import CTC, ModelOutput, NormalizesInput, config_from_dict
+from asr.models.ctc import count_infeasible, ctc_loss
 from asr.models.layers import reversal_index
 from asr.models.subsampling import Subsampling, SubsamplingKind, SubsamplingStream
-from asr.tokenizer import BLANK_ID
 
 RNNType = Literal["lstm", "gru"]
 
@@ -231,7 +230,8 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
         log_probs = self.output(enc)  # (B, T', V)
         if targets is None or target_lens is None:
             return ModelOutput(loss=None, log_probs=log_probs, out_lens=enc_lens)
-        loss, infeasible = _ctc_loss(log_probs, enc_lens, targets, target_lens)
+        loss = ctc_loss(log_probs, enc_lens, targets, target_lens)
+        infeasible = count_infeasible(enc_lens, targets, target_lens)
         metrics = {"ctc_loss": loss.item(), "ctc_infeasible": float(infeasible)}
         return ModelOutput(loss=loss, log_probs=log_probs, out_lens=enc_lens, metrics=metrics)
 
@@ -319,39 +319,6 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
             if i < len(self.layers) - 1:
                 x = self.dropout(x)
         return x[:, :chunk], torch.stack(new_states)
-
-
-def _ctc_loss(
-    log_probs: torch.Tensor,
-    lens: torch.Tensor,
-    targets: torch.Tensor,
-    target_lens: torch.Tensor,
-) -> tuple[torch.Tensor, int]:
-    """Summed CTC loss / batch size and the number of infeasible utterances.
-
-    An utterance is infeasible when it has fewer frames than its target needs (one per
-    token plus a blank between repeated tokens); CTC gives it infinite loss, which
-    `zero_infinity` turns into 0 (with zero gradient) so one bad utterance cannot make a
-    whole batch NaN. It is counted from the lengths rather than from the loss values so
-    the count needs no second loss evaluation.
-    """
-    batch, units = targets.shape
-    in_target = torch.arange(units, device=targets.device) < target_lens[:, None]  # (B, U)
-    repeats = (targets[:, 1:] == targets[:, :-1]) & in_target[:, 1:]  # (B, U - 1)
-    needed = target_lens.to(lens.device) + repeats.sum(dim=1).to(lens.device)
-    infeasible = int((lens < needed).sum())
-    if log_probs.shape[1] == 0:  # no frames at all: ctc_loss refuses empty input
-        return log_probs.sum() * 0.0, infeasible
-    losses = F.ctc_loss(
-        log_probs.transpose(0, 1),  # (T', B, V)
-        targets.clamp(min=0),  # the -1 padding is never read, but must be a valid index
-        lens,
-        target_lens,
-        blank=BLANK_ID,
-        reduction="none",
-        zero_infinity=True,
-    )
-    return losses.sum() / batch, infeasible
 
 
 def bilstm_ctc(config: BiLSTMCTCConfig) -> BiLSTMCTC:

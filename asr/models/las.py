@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from asr.models.base import ATTENTION, CTC, ModelOutput, NormalizesInput, config_from_dict
+from asr.models.ctc import ctc_loss
 from asr.models.layers import LocationAwareAttention, PyramidalBiLSTM, lengths_to_mask
 from asr.models.subsampling import Subsampling
-from asr.tokenizer import BLANK_ID, SOS_EOS_ID
+from asr.tokenizer import SOS_EOS_ID
 
 ListenerKind = Literal["pyramid", "conv-pyramid"]
 _MIN_LISTENER_LAYERS: dict[str, int] = {"pyramid": 3, "conv-pyramid": 2}
@@ -478,21 +479,10 @@ class LAS(NormalizesInput, nn.Module):
         metrics: dict[str, float] = {}
         loss = feats.new_zeros((), dtype=torch.float32)
         if enc.ctc_log_probs is not None:
-            width = int(target_lens.max())
-            ctc_loss = (
-                F.ctc_loss(
-                    enc.ctc_log_probs.transpose(0, 1),  # (T', B, V)
-                    targets[:, :width].clamp(min=0),
-                    enc.ctc_lengths,
-                    target_lens,
-                    blank=BLANK_ID,
-                    reduction="sum",
-                    zero_infinity=True,  # an utterance too short for its transcript adds 0
-                )
-                / batch
-            )
-            loss = loss + weight * ctc_loss
-            metrics["ctc_loss"] = float(ctc_loss.detach())
+            # An utterance too short for its transcript adds 0.
+            ctc_term = ctc_loss(enc.ctc_log_probs, enc.ctc_lengths, targets, target_lens)
+            loss = loss + weight * ctc_term
+            metrics["ctc_loss"] = float(ctc_term.detach())
         if weight < 1.0:
             ys_in, ys_out = add_sos_eos(targets, target_lens)
             logits = self.teacher_forced_logits(enc, ys_in).float()  # (B, U + 1, V)
