@@ -104,6 +104,13 @@ def test_presets_build_and_count_parameters() -> None:
     assert counts["cpu-small"] < 5e6 < counts["librispeech-100h"] < counts["librispeech-960h"]
 
 
+def test_parameter_names_are_those_of_existing_bundles() -> None:
+    names = set(tiny().state_dict())
+    for i in range(TINY.num_layers):
+        assert {f"layers.{i}.fwd.weight_ih_l0", f"layers.{i}.bwd.weight_hh_l0"} <= names
+        assert {f"layers.{i}.proj.weight", f"layers.{i}.proj.bias"} <= names
+
+
 # --- shapes and padding ----------------------------------------------------------------------
 
 

@@ -194,6 +194,30 @@ def test_padded_batch_matches_each_utterance_alone(config: LASConfig) -> None:
     torch.testing.assert_close(together.loss, torch.stack(losses).mean(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("config", [TINY, TINY_PYRAMID], ids=["conv-pyramid", "pyramid"])
+def test_weights_saved_with_the_old_listener_names_still_load(config: LASConfig) -> None:
+    # Bundles written before the listener used the shared BiRNN name its directions
+    # listener.rnn.layers.N.forward_rnn / backward_rnn; BiRNN renames them on load.
+    model = make_model(config)
+    old = {
+        k.replace(".fwd.", ".forward_rnn.").replace(".bwd.", ".backward_rnn."): v
+        for k, v in model.state_dict().items()
+    }
+    assert "listener.rnn.layers.0.forward_rnn.weight_ih_l0" in old
+    assert not any(".fwd." in k or ".bwd." in k for k in old)
+    loaded = make_model(config, seed=1)
+    loaded.load_state_dict(old)  # strict
+    feats, lens, targets, target_lens = batch([90, 61], [7, 3])
+    with torch.no_grad():
+        expected, got = (
+            model(feats, lens, targets, target_lens),
+            loaded(feats, lens, targets, target_lens),
+        )
+    assert expected.loss is not None and got.loss is not None
+    assert torch.equal(got.loss, expected.loss)
+    assert torch.equal(loaded.encode(feats, lens).memory, model.encode(feats, lens).memory)
+
+
 def test_add_sos_eos_builds_decoder_input_and_output() -> None:
     targets = torch.tensor([[5, 6, 7, -1], [8, -1, -1, -1]])
     ys_in, ys_out = add_sos_eos(targets, torch.tensor([3, 1]))

@@ -26,17 +26,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from asr.models.base import CTC, ModelOutput, NormalizesInput, config_from_dict
 from asr.models.ctc import count_infeasible, ctc_loss
-from asr.models.layers import reversal_index
+from asr.models.layers import BiRNN, RNNType
 from asr.models.subsampling import Subsampling, SubsamplingKind, SubsamplingStream
-
-RNNType = Literal["lstm", "gru"]
 
 
 @dataclass(frozen=True)
@@ -145,40 +143,6 @@ PRESETS: dict[str, BiLSTMCTCConfig] = {
 }
 
 
-class _BiRNNLayer(nn.Module):
-    """One bidirectional layer as two unidirectional RNNs (so each can run separately)."""
-
-    fwd: nn.LSTM | nn.GRU
-    bwd: nn.LSTM | nn.GRU
-
-    def __init__(self, config: BiLSTMCTCConfig) -> None:
-        super().__init__()
-        rnn: type[nn.LSTM | nn.GRU] = nn.LSTM if config.rnn_type == "lstm" else nn.GRU
-        self.fwd = rnn(config.layer_dim, config.hidden_size, batch_first=True)
-        self.bwd = rnn(config.layer_dim, config.hidden_size, batch_first=True)
-        self.proj: nn.Module = (
-            nn.Linear(2 * config.hidden_size, config.projection_size)
-            if config.projection_size
-            else nn.Identity()
-        )
-
-
-def _run_rnn(
-    rnn: nn.LSTM | nn.GRU, x: torch.Tensor, state: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (B, W, D), state: (S, B, H) or None (zeros) -> output (B, W, H), final state (S, B, H).
-
-    S = 2 for an LSTM (h, c) and 1 for a GRU (h); one tensor shape for both keeps the carried
-    LC state a single (L, S, B, H) tensor.
-    """
-    if isinstance(rnn, nn.LSTM):
-        hx = None if state is None else (state[0:1], state[1:2])
-        out, (h, c) = rnn(x, hx)
-        return out, torch.cat([h, c])
-    out, h = rnn(x, state)
-    return out, h
-
-
 class BiLSTMCTC(NormalizesInput, nn.Module):
     """Subsampling -> bidirectional LSTM/GRU stack (offline or LC) -> CTC head."""
 
@@ -188,7 +152,10 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
         self.subsampling = Subsampling(
             config.subsampling, config.input_dim, config.layer_dim, config.subsampling_channels
         )
-        self.layers = nn.ModuleList(_BiRNNLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            BiRNN(config.layer_dim, config.hidden_size, config.rnn_type, config.projection_size)
+            for _ in range(config.num_layers)
+        )
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.layer_dim, config.vocab_size)
 
@@ -214,9 +181,9 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
         return model.train(self.training)
 
     @property
-    def _stack(self) -> list[_BiRNNLayer]:
+    def _stack(self) -> list[BiRNN]:
         """The recurrent layers, bottom first (typed, unlike iterating the ModuleList)."""
-        return cast(list[_BiRNNLayer], list(self.layers))
+        return cast(list[BiRNN], list(self.layers))
 
     def forward(
         self,
@@ -293,29 +260,14 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`lc_block` with an explicit chunk size: x (B, W, D) -> (B, min(W, chunk), D_out).
 
-        Positions beyond `valid` hold garbage but never leak into valid ones: the forward
-        direction is causal and padding only follows valid frames; the backward direction runs
-        on each sequence reversed within its valid length, so there too padding comes after the
-        valid frames. A sequence's carried state is stale once it ended mid-block, but from
-        then on it has no valid frames. This is exact without packed sequences, which matters
-        on the CPU: PyTorch's CPU LSTM backward on a PackedSequence is ~5x slower than on a
-        padded batch (measured on cpu-small), a price the few padded frames left by the
-        length-bucketing sampler do not justify.
+        Positions beyond `valid` hold garbage but never leak into valid ones (see `BiRNN`),
+        so this is exact without packed sequences.
         """
-        width = x.shape[1]
-        reverse = reversal_index(valid, width, x.device)[:, :, None]  # (B, W, 1); an involution
         new_states = []
         for i, layer in enumerate(self._stack):
             state = None if states is None else states[i]  # (S, B, H)
-            fwd, state = _run_rnn(layer.fwd, x[:, :chunk], state)  # (B, min(W, Nc), H)
+            x, state = layer(x, valid, state, carry=chunk)  # (B, W, D_out), (S, B, H)
             new_states.append(state)
-            if width > chunk:  # right context: continue from the chunk's state, do not carry it
-                fwd_context, _ = _run_rnn(layer.fwd, x[:, chunk:], state)
-                fwd = torch.cat([fwd, fwd_context], dim=1)  # (B, W, H)
-            x_rev = x.gather(1, reverse.expand(-1, -1, x.shape[2]))  # (B, W, D)
-            bwd, _ = _run_rnn(layer.bwd, x_rev, None)  # (B, W, H) in reversed time
-            bwd = bwd.gather(1, reverse.expand(-1, -1, bwd.shape[2]))  # back to forward time
-            x = layer.proj(torch.cat([fwd, bwd], dim=-1))  # (B, W, D_out)
             if i < len(self.layers) - 1:
                 x = self.dropout(x)
         return x[:, :chunk], torch.stack(new_states)

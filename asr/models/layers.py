@@ -1,4 +1,5 @@
-"""Recurrent building blocks: masks, pyramidal BiLSTM, location-aware attention.
+"""Recurrent building blocks: a padding-exact bidirectional RNN, pyramidal BiLSTM, location-aware
+attention.
 
 Length convention: every module that changes the frame rate also maps (B,) valid lengths, and
 outputs beyond a row's valid length are never read downstream, so an utterance gives the same
@@ -8,11 +9,14 @@ result alone as in a padded batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from asr.masks import lengths_to_mask as lengths_to_mask  # re-exported: its home until it moved
+
+RNNType = Literal["lstm", "gru"]
 
 
 def stack_frame_pairs(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,36 +42,94 @@ def reversal_index(lengths: torch.Tensor, frames: int, device: torch.device) -> 
     return torch.where(t < ends, ends - 1 - t, t)
 
 
-def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Reverse each row's first lengths[b] frames in time, leaving padding in place.
+def _run_rnn(
+    rnn: nn.LSTM | nn.GRU, x: torch.Tensor, state: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (B, W, D), state: (S, B, H) or None (zeros) -> output (B, W, H), final state (S, B, H).
 
-    x: (B, T, D), lengths: (B,) -> (B, T, D). Its own inverse.
+    S = 2 for an LSTM (h, c) and 1 for a GRU (h); one tensor shape for both keeps the carried
+    LC state a single (L, S, B, H) tensor.
     """
-    index = reversal_index(lengths, x.shape[1], x.device)  # (B, T)
-    return x.gather(1, index.unsqueeze(2).expand_as(x))
+    if isinstance(rnn, nn.LSTM):
+        hx = None if state is None else (state[0:1], state[1:2])
+        out, (h, c) = rnn(x, hx)
+        return out, torch.cat([h, c])
+    out, h = rnn(x, state)
+    return out, h
 
 
-class BiLSTM(nn.Module):
-    """One bidirectional LSTM layer over padded batches, exact for every row's own length.
+# Parameter names before the two models shared `BiRNN`: the LAS listener's BiLSTM called its
+# directions forward_rnn/backward_rnn. Bundles and checkpoints saved then still load.
+_LEGACY_NAMES = {"forward_rnn.": "fwd.", "backward_rnn.": "bwd."}
 
-    The forward direction runs on the padded batch as is (trailing padding cannot reach earlier
-    outputs); the backward direction runs forward over each row reversed within its length.
+
+def _rename_legacy_keys(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Load-state-dict pre-hook: rename this module's old parameter names in place."""
+    for key in list(state_dict):
+        for old, new in _LEGACY_NAMES.items():
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
+
+
+class BiRNN(nn.Module):
+    """One bidirectional LSTM/GRU layer over padded batches, exact for every row's own length,
+    optionally followed by a projection of its concatenated output (ESPnet's "BLSTMP").
+
+    The two directions are separate unidirectional RNNs, so that in a latency-controlled block
+    the forward one can carry its state to the next block while the backward one starts afresh.
+    The forward direction runs on the padded batch as is (it is causal and padding only follows
+    valid frames); the backward direction runs forward over each row reversed within its
+    length, so there too padding comes after the valid frames. Outputs beyond a row's length
+    hold garbage that never reaches valid ones; callers needing zeros there mask them.
+
     This replaces `pack_padded_sequence`, whose CPU backward pass zero-fills the whole packed
-    gradient at every time step: O(T^2), 3-11x slower than this at 100-400 frames.
-
-    (B, T, D), lengths (B,) -> (B, T, 2H), zero beyond each row's length.
+    gradient at every time step: O(T^2), 3-11x slower than this at 100-400 frames (~5x on the
+    cpu-small BiLSTM-CTC), a price the few padded frames left by the length-bucketing sampler
+    do not justify.
     """
 
-    def __init__(self, input_dim: int, hidden: int) -> None:
-        super().__init__()
-        self.forward_rnn = nn.LSTM(input_dim, hidden, batch_first=True)
-        self.backward_rnn = nn.LSTM(input_dim, hidden, batch_first=True)
+    fwd: nn.LSTM | nn.GRU
+    bwd: nn.LSTM | nn.GRU
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        ahead, _ = self.forward_rnn(x)  # (B, T, H)
-        behind, _ = self.backward_rnn(reverse_padded(x, lengths))  # (B, T, H), reversed time
-        out = torch.cat([ahead, reverse_padded(behind, lengths)], dim=2)  # (B, T, 2H)
-        return out * lengths_to_mask(lengths.to(x.device), x.shape[1]).unsqueeze(2).to(out.dtype)
+    def __init__(
+        self, input_dim: int, hidden: int, rnn_type: RNNType = "lstm", projection: int = 0
+    ) -> None:
+        super().__init__()
+        rnn: type[nn.LSTM | nn.GRU] = nn.LSTM if rnn_type == "lstm" else nn.GRU
+        self.fwd = rnn(input_dim, hidden, batch_first=True)
+        self.bwd = rnn(input_dim, hidden, batch_first=True)
+        self.proj: nn.Module = nn.Linear(2 * hidden, projection) if projection else nn.Identity()
+        self.output_dim = projection or 2 * hidden
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor,
+        state: torch.Tensor | None = None,
+        carry: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, D), lengths: (B,) valid frames (0 allowed) -> (B, T, P or 2H) and the
+        forward state (S, B, H) after the first `carry` frames (None: all T).
+
+        state: (S, B, H) forward state to start from (None: zeros); S = 2 for an LSTM (h, c),
+        1 for a GRU. Frames after `carry` are an LC block's right context: the forward
+        direction continues over them from the state after `carry` but does not return it.
+        A row's returned state is stale if it ended before `carry`; it has no valid frames
+        after that, so nothing valid reads it.
+        """
+        frames = x.shape[1]
+        split = frames if carry is None else carry
+        ahead, state = _run_rnn(self.fwd, x[:, :split], state)  # (B, min(T, carry), H)
+        if frames > split:  # right context: continue from the carried state, do not carry it
+            context, _ = _run_rnn(self.fwd, x[:, split:], state)
+            ahead = torch.cat([ahead, context], dim=1)  # (B, T, H)
+        reverse = reversal_index(lengths, frames, x.device)[:, :, None]  # (B, T, 1)
+        behind, _ = _run_rnn(self.bwd, x.gather(1, reverse.expand(-1, -1, x.shape[2])), None)
+        behind = behind.gather(1, reverse.expand(-1, -1, behind.shape[2]))  # forward time again
+        return self.proj(torch.cat([ahead, behind], dim=2)), state  # (B, T, P or 2H)
 
 
 class PyramidalBiLSTM(nn.Module):
@@ -85,7 +147,7 @@ class PyramidalBiLSTM(nn.Module):
         self.layers = nn.ModuleList()
         dim = input_dim
         for halve in self.reduce:
-            self.layers.append(BiLSTM(2 * dim if halve else dim, hidden))
+            self.layers.append(BiRNN(2 * dim if halve else dim, hidden))
             dim = 2 * hidden
         self.output_dim = dim
         self.dropout = nn.Dropout(dropout)
@@ -109,7 +171,10 @@ class PyramidalBiLSTM(nn.Module):
         for i, (halve, layer) in enumerate(zip(self.reduce, self.layers, strict=True), start=1):
             if halve:
                 x, lengths = stack_frame_pairs(x, lengths)  # (B, T/2, 2D)
-            x = self.dropout(layer(x, lengths))  # (B, T, 2H)
+            x, _ = layer(x, lengths)  # (B, T, 2H)
+            # Zero rather than BiRNN's garbage beyond each length: the listener promises it.
+            valid = lengths_to_mask(lengths.to(x.device), x.shape[1]).unsqueeze(2)  # (B, T, 1)
+            x = self.dropout(x * valid.to(x.dtype))
             if i == tap:
                 tapped, tapped_lens = x, lengths
         return x, lengths, tapped, tapped_lens
