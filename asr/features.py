@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import torch
 import torchaudio.transforms as AT
 
 from asr.audio import SAMPLE_RATE, resample
+from asr.config import Config
 
 SPEED_FACTORS = (0.9, 1.0, 1.1)  # Ko et al. 2015: the standard 3-way speed perturbation
 
 
 @dataclass(frozen=True)
-class FeatureConfig:
+class FeatureConfig(Config):
     """Log-mel filterbank settings. Stored in every bundle so inference matches training."""
 
     num_mel_bins: int = 80
@@ -49,9 +49,20 @@ class FeatureConfig:
             return 0
         return 1 + (num_samples - self.win_length) // self.hop_length
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
-        return cls(**data)
+    def __post_init__(self) -> None:
+        self.check(
+            {
+                "num_mel_bins": (self.num_mel_bins >= 1, ">= 1"),
+                "window_ms": (self.window_ms > 0, "> 0"),
+                "hop_ms": (0 < self.hop_ms <= self.window_ms, "in (0, window_ms]"),
+                "f_max": (
+                    0 <= self.f_min < self.f_max <= SAMPLE_RATE / 2,
+                    f"above f_min and at most {SAMPLE_RATE // 2} Hz",
+                ),
+                "dither": (self.dither >= 0, ">= 0"),
+                "log_floor": (self.log_floor > 0, "> 0"),
+            }
+        )
 
 
 @lru_cache(maxsize=8)
@@ -171,7 +182,7 @@ class CMVNAccumulator:
 
 
 @dataclass(frozen=True)
-class SpecAugmentConfig:
+class SpecAugmentConfig(Config):
     """SpecAugment (Park et al. 2019). Defaults follow its LibriSpeech 'LD' policy, with time
     masks capped at a fraction of the utterance so short utterances are not blanked out."""
 
@@ -181,12 +192,14 @@ class SpecAugmentConfig:
     time_width: int = 100  # T: max frames per time mask
     time_ratio: float = 0.2  # p: a time mask covers at most this fraction of the utterance
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SpecAugmentConfig:
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def __post_init__(self) -> None:
+        self.check(
+            {
+                name: (getattr(self, name) >= 0, ">= 0")
+                for name in ("freq_masks", "freq_width", "time_masks", "time_width")
+            }
+            | {"time_ratio": (0.0 <= self.time_ratio <= 1.0, "in [0, 1]")}
+        )
 
 
 def spec_augment(

@@ -32,10 +32,10 @@ from asr.decoding.options import (
     mean_confidence,
 )
 from asr.features import log_mel
+from asr.masks import lengths_to_mask
 from asr.models.base import ATTENTION, CTC, offers
 from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.models.las import LAS, EncoderOutput
-from asr.models.layers import lengths_to_mask
 from asr.tokenizer import Tokenizer
 
 
@@ -215,7 +215,7 @@ class Recognizer:
                 raise BundleError(f"{rescorer.path}: its features differ from {bundle.path}'s")
         stored = bundle.config.get("decoding") or {}
         best = default_options(self.offers)
-        self.options = options or (DecodeOptions(**stored) if stored else best)
+        self.options = options or (DecodeOptions.from_dict(stored) if stored else best)
         if options is None and rescorer is not None:  # given the LAS, decode with both
             self.options = replace(self.options, method=best.method)
         self.check(self.options)

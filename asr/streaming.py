@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from asr.config import Config
 from asr.decoding.ctc import CTCBeamState, CTCPrefixBeamSearch
 from asr.decoding.options import (
     Alternative,
@@ -36,18 +37,19 @@ LEAD_SECONDS = 0.3  # silence kept before the first speech of a segment
 
 
 @dataclass(frozen=True)
-class EndpointConfig:
+class EndpointConfig(Config):
     """When a segment ends (rules like sherpa-onnx's)."""
 
     trailing_silence: float = 0.8  # seconds of blank output after speech
     max_segment: float = 30.0  # seconds; a segment is cut here even without a pause
 
     def __post_init__(self) -> None:
-        if not (self.trailing_silence > 0 and self.max_segment > 0):
-            raise ValueError(
-                f"endpoint durations must be positive: trailing_silence="
-                f"{self.trailing_silence}, max_segment={self.max_segment}"
-            )
+        self.check(
+            {
+                "trailing_silence": (self.trailing_silence > 0, "> 0 seconds"),
+                "max_segment": (self.max_segment > 0, "> 0 seconds"),
+            }
+        )
 
 
 @dataclass(frozen=True)

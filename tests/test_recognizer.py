@@ -181,7 +181,7 @@ def test_joint_decoding_across_bundles_scores_with_the_ctc_models_posteriors(
         (["--method", "rescore"], "needs a LAS bundle"),
         (["--method", "joint"], "needs a LAS bundle"),
         (["--set", "bogus=1"], "unknown decoding option(s) bogus"),
-        (["--beam", "0"], "invalid decode options: beam=0"),
+        (["--beam", "0"], "invalid DecodeOptions: beam must be >= 1, got 0"),
     ],
 )
 def test_decode_rejects_options_that_cannot_work(

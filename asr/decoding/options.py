@@ -6,9 +6,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from asr.config import Config
+
 
 @dataclass(frozen=True)
-class DecodeOptions:
+class DecodeOptions(Config):
     """Everything that changes how a transcript is searched for; override with `replace`.
 
     `method` picks the search by name (see `asr.recognizer.METHODS`): greedy and beam use the
@@ -41,24 +43,27 @@ class DecodeOptions:
     word_timings: bool = True
 
     def __post_init__(self) -> None:
-        checks = {
-            "beam": self.beam >= 1,
-            "nbest": self.nbest >= 1,
-            "prune_top_k": self.prune_top_k is None or self.prune_top_k >= 1,
-            "prune_threshold": self.prune_threshold is None or self.prune_threshold > 0,
-            "blank_skip": self.blank_skip is None or 0.0 < self.blank_skip <= 1.0,
-            "length_penalty": self.length_penalty >= 0,
-            "eos_threshold": self.eos_threshold is None or self.eos_threshold >= 0,
-            "min_len_ratio": 0 <= self.min_len_ratio < self.max_len_ratio,
-            "max_len_ratio": self.max_len_ratio > 0,
-            "coverage_threshold": self.coverage_threshold > 0,
-            "ctc_weight": 0.0 <= self.ctc_weight <= 1.0,
-            "joint_candidates": self.joint_candidates is None or self.joint_candidates >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
-            raise ValueError(f"invalid decode options: {values}")
+        k, threshold, skip = self.prune_top_k, self.prune_threshold, self.blank_skip
+        eos, candidates = self.eos_threshold, self.joint_candidates
+        self.check(
+            {
+                "beam": (self.beam >= 1, ">= 1"),
+                "nbest": (self.nbest >= 1, ">= 1"),
+                "prune_top_k": (k is None or k >= 1, "None or >= 1"),
+                "prune_threshold": (threshold is None or threshold > 0, "None or > 0"),
+                "blank_skip": (skip is None or 0.0 < skip <= 1.0, "None or in (0, 1]"),
+                "length_penalty": (self.length_penalty >= 0, ">= 0"),
+                "eos_threshold": (eos is None or eos >= 0, "None or >= 0"),
+                "min_len_ratio": (
+                    0 <= self.min_len_ratio < self.max_len_ratio,
+                    "in [0, max_len_ratio)",
+                ),
+                "max_len_ratio": (self.max_len_ratio > 0, "> 0"),
+                "coverage_threshold": (self.coverage_threshold > 0, "> 0"),
+                "ctc_weight": (0.0 <= self.ctc_weight <= 1.0, "in [0, 1]"),
+                "joint_candidates": (candidates is None or candidates >= 1, "None or >= 1"),
+            }
+        )
 
     def override(self, **changes: Any) -> DecodeOptions:
         """`replace(self, **changes)` for options named by a user: an unknown name is a

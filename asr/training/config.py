@@ -6,16 +6,17 @@ only how it is trained, and is saved in every checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal, get_args
 
+from asr.config import Config
 from asr.features import SpecAugmentConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     epochs: int = 30
     max_frames: int = 20_000  # padded feature frames per batch per rank (200 s of audio)
     max_batch_size: int | None = None
@@ -39,24 +40,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ("epochs", "max_frames", "num_buckets", "warmup_steps", "accum_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("TrainConfig.lr must be > 0 and min_lr_ratio in [0, 1]")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"TrainConfig.precision must be fp32, bf16 or fp16: {self.precision}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        values = dict(data)
-        spec = values.get("spec_augment")
-        if isinstance(spec, dict):
-            values["spec_augment"] = SpecAugmentConfig.from_dict(spec)
-        return cls(**values)
+        self.check(
+            {name: (getattr(self, name) >= 1, ">= 1") for name in positive}
+            | {
+                "lr": (self.lr > 0, "> 0"),
+                "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                "precision": (self.precision in get_args(Precision), "fp32, bf16 or fp16"),
+            }
+        )
 
 
 # Training settings that go with the model presets of the same name. The big ones assume GPUs
