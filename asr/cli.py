@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,17 @@ from asr import load_model
 from asr.data import synth
 from asr.data.dataset import manifest_cmvn
 from asr.data.librispeech import prepare
-from asr.data.manifest import Utterance, read_manifest
-from asr.decoding.options import DecodeOptions, Transcript
-from asr.evaluation import stream_manifest, transcribe_manifest
+from asr.data.manifest import read_manifest
+from asr.decoding.options import DecodeOptions
+from asr.evaluation import (
+    add_results,
+    decode_line,
+    score_decode,
+    stream_manifest,
+    transcribe_manifest,
+    write_decode,
+)
 from asr.features import FeatureConfig
-from asr.metrics import ErrorRates, error_rates, utterance_errors
 from asr.models import MODELS, model_config
 from asr.text import normalize_text
 from asr.tokenizer import KINDS, Tokenizer
@@ -275,92 +281,21 @@ def _run_decode(args: argparse.Namespace) -> int:
     decode = stream_manifest if args.streaming else transcribe_manifest
     transcripts = decode(recognizer, utterances, options)
     seconds = time.time() - start
-    method = f"streaming-{options.method}" if args.streaming else options.method
-    ids = [u.id for u in utterances]
-    refs = [u.text for u in utterances]
-    hyps = [transcripts[i].text for i in ids]
-    rates = error_rates(refs, hyps)
-    audio_seconds = sum(u.duration for u in utterances)
-    summary = rates.to_dict() | {
-        "method": method,
-        "beam": 1 if options.method == "greedy" else options.beam,
-        "options": asdict(options),
-        "manifest": str(args.manifest),
-        "decode_seconds": round(seconds, 2),
-        "rtf": round(seconds / max(audio_seconds, 1e-9), 4),
-    }
-    if recognizer.rescorer is not None:
-        summary["rescore_model"] = str(args.rescore_model)
-    _write_decode(args.out, utterances, transcripts, rates, summary, args.worst)
+    rates, summary = score_decode(
+        utterances,
+        transcripts,
+        options,
+        streaming=args.streaming,
+        manifest=args.manifest,
+        seconds=seconds,
+        rescore_model=None if recognizer.rescorer is None else args.rescore_model,
+    )
+    write_decode(args.out, utterances, transcripts, rates, summary, args.worst)
     name = args.name or args.manifest.stem
     if args.results is not None:
-        _add_results(args.results, recognizer.bundle.config, name, summary)
-    print(
-        f"{name}: {method} WER {rates.wer:.2f} % CER {rates.cer:.2f} % "
-        f"(S {rates.substitutions} D {rates.deletions} I {rates.insertions} over "
-        f"{rates.words} words, {rates.utterances} utterances, {seconds:.1f} s, "
-        f"RTF {summary['rtf']:.3f}) -> {args.out}"
-    )
+        add_results(args.results, recognizer.bundle.config, name, summary)
+    print(decode_line(name, rates, summary, seconds, args.out))
     return 0
-
-
-def _write_decode(
-    out: Path,
-    utterances: list[Utterance],
-    transcripts: dict[str, Transcript],
-    rates: ErrorRates,
-    summary: dict[str, Any],
-    worst: int,
-) -> None:
-    """hyps.tsv, hyps.jsonl (with words and n-best), errors.txt and wer.json in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "hyps.tsv").open("w") as tsv, (out / "hyps.jsonl").open("w") as jsonl:
-        tsv.write("id\treference\thypothesis\n")
-        for utt in utterances:
-            t = transcripts[utt.id]
-            tsv.write(f"{utt.id}\t{utt.text}\t{t.text}\n")
-            jsonl.write(json.dumps({"id": utt.id, "reference": utt.text} | t.to_dict()) + "\n")
-    per_utt = utterance_errors(
-        [u.id for u in utterances],
-        [u.text for u in utterances],
-        [transcripts[u.id].text for u in utterances],
-    )
-    lines = [
-        f"WER {rates.wer:.2f} % ({rates.substitutions} substitutions, {rates.deletions} "
-        f"deletions, {rates.insertions} insertions over {rates.words} reference words)",
-        f"CER {rates.cer:.2f} %, {rates.utterances} utterances, "
-        f"{sum(u.errors == 0 for u in per_utt)} without errors",
-        "",
-        f"Worst {min(worst, len(per_utt))} utterances (errors / words):",
-    ]
-    for u in per_utt[:worst]:
-        lines += [
-            f"{u.id}  {u.errors}/{u.words}",
-            f"  REF: {u.reference}",
-            f"  HYP: {u.hypothesis}",
-        ]
-    (out / "errors.txt").write_text("\n".join(lines) + "\n")
-    (out / "wer.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def _add_results(path: Path, config: dict[str, Any], name: str, summary: dict[str, Any]) -> None:
-    """Merge one test set's numbers into a recipe's results.json."""
-    results = json.loads(path.read_text()) if path.exists() else {}
-    training = config["training"]
-    results.update(
-        model=config["model"]["type"],
-        preset=config["model"].get("preset") or training["experiment"]["model"].get("preset"),
-        data=training["experiment"]["data"]["train"],
-        parameters=config["model"]["parameters"],
-        train_hours=training["train_hours"],
-        train_wall_seconds=training.get("wall_seconds"),
-    )
-    # tests.<set>: greedy figures (the recipe table's first column); methods.<method>.<set>:
-    # every method decoded.
-    if summary["method"] == "greedy":
-        results.setdefault("tests", {})[name] = summary
-    results.setdefault("methods", {}).setdefault(summary["method"], {})[name] = summary
-    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def _add_results_table(p: argparse.ArgumentParser) -> None:

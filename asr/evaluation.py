@@ -1,10 +1,14 @@
 """Scoring on a manifest: a model during training (greedy, loss, WER/CER), and a recognizer
-(any decoding method, whole utterances or streamed) for `asr decode`."""
+(any decoding method, whole utterances or streamed) for `asr decode`, with the report that
+command writes (hypotheses, worst utterances, wer.json, a recipe's results.json)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +20,7 @@ from asr.data.manifest import Utterance
 from asr.data.sampler import BucketingBatchSampler
 from asr.decoding.options import DecodeOptions, Transcript
 from asr.features import FeatureConfig
-from asr.metrics import ErrorRates, error_rates
+from asr.metrics import ErrorRates, error_rates, utterance_errors
 from asr.models import greedy_decode
 from asr.recognizer import Recognizer
 from asr.streaming import EndpointConfig, StreamingSession, join_finals
@@ -118,3 +122,106 @@ def stream_manifest(
         finals += session.finish()
         out[utt.id] = join_finals([r for r in finals if r.is_final])
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The `asr decode` report
+
+
+def score_decode(
+    utterances: list[Utterance],
+    transcripts: dict[str, Transcript],
+    options: DecodeOptions,
+    *,
+    streaming: bool,
+    manifest: Path,
+    seconds: float,
+    rescore_model: Path | None = None,
+) -> tuple[ErrorRates, dict[str, Any]]:
+    """Corpus WER/CER of a decode, and its summary (wer.json, a results.json entry): the
+    rates, the method (`streaming-METHOD` when streamed), options, speed. `seconds`: the
+    decoding wall time; `rescore_model`: the LAS bundle a CTC model decoded with, if any."""
+    rates = error_rates([u.text for u in utterances], [transcripts[u.id].text for u in utterances])
+    audio_seconds = sum(u.duration for u in utterances)
+    summary = rates.to_dict() | {
+        "method": f"streaming-{options.method}" if streaming else options.method,
+        "beam": 1 if options.method == "greedy" else options.beam,
+        "options": asdict(options),
+        "manifest": str(manifest),
+        "decode_seconds": round(seconds, 2),
+        "rtf": round(seconds / max(audio_seconds, 1e-9), 4),
+    }
+    if rescore_model is not None:
+        summary["rescore_model"] = str(rescore_model)
+    return rates, summary
+
+
+def decode_line(
+    name: str, rates: ErrorRates, summary: dict[str, Any], seconds: float, out: Path
+) -> str:
+    """The one line `asr decode` prints: a test set's rates, their counts and the speed."""
+    return (
+        f"{name}: {summary['method']} WER {rates.wer:.2f} % CER {rates.cer:.2f} % "
+        f"(S {rates.substitutions} D {rates.deletions} I {rates.insertions} over "
+        f"{rates.words} words, {rates.utterances} utterances, {seconds:.1f} s, "
+        f"RTF {summary['rtf']:.3f}) -> {out}"
+    )
+
+
+def write_decode(
+    out: Path,
+    utterances: list[Utterance],
+    transcripts: dict[str, Transcript],
+    rates: ErrorRates,
+    summary: dict[str, Any],
+    worst: int,
+) -> None:
+    """hyps.tsv, hyps.jsonl (with words and n-best), errors.txt and wer.json in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "hyps.tsv").open("w") as tsv, (out / "hyps.jsonl").open("w") as jsonl:
+        tsv.write("id\treference\thypothesis\n")
+        for utt in utterances:
+            t = transcripts[utt.id]
+            tsv.write(f"{utt.id}\t{utt.text}\t{t.text}\n")
+            jsonl.write(json.dumps({"id": utt.id, "reference": utt.text} | t.to_dict()) + "\n")
+    per_utt = utterance_errors(
+        [u.id for u in utterances],
+        [u.text for u in utterances],
+        [transcripts[u.id].text for u in utterances],
+    )
+    lines = [
+        f"WER {rates.wer:.2f} % ({rates.substitutions} substitutions, {rates.deletions} "
+        f"deletions, {rates.insertions} insertions over {rates.words} reference words)",
+        f"CER {rates.cer:.2f} %, {rates.utterances} utterances, "
+        f"{sum(u.errors == 0 for u in per_utt)} without errors",
+        "",
+        f"Worst {min(worst, len(per_utt))} utterances (errors / words):",
+    ]
+    for u in per_utt[:worst]:
+        lines += [
+            f"{u.id}  {u.errors}/{u.words}",
+            f"  REF: {u.reference}",
+            f"  HYP: {u.hypothesis}",
+        ]
+    (out / "errors.txt").write_text("\n".join(lines) + "\n")
+    (out / "wer.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def add_results(path: Path, config: dict[str, Any], name: str, summary: dict[str, Any]) -> None:
+    """Merge one test set's numbers into a recipe's results.json (`config`: the bundle's)."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    training = config["training"]
+    results.update(
+        model=config["model"]["type"],
+        preset=config["model"].get("preset") or training["experiment"]["model"].get("preset"),
+        data=training["experiment"]["data"]["train"],
+        parameters=config["model"]["parameters"],
+        train_hours=training["train_hours"],
+        train_wall_seconds=training.get("wall_seconds"),
+    )
+    # tests.<set>: greedy figures (the recipe table's first column); methods.<method>.<set>:
+    # every method decoded.
+    if summary["method"] == "greedy":
+        results.setdefault("tests", {})[name] = summary
+    results.setdefault("methods", {}).setdefault(summary["method"], {})[name] = summary
+    path.write_text(json.dumps(results, indent=2) + "\n")
