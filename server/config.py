@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from asr.config import Config
 from asr.streaming import EndpointConfig
 
 
 @dataclass(frozen=True)
-class ServerConfig:
+class ServerConfig(Config):
     models: tuple[tuple[str, str], ...]  # (name, bundle directory); the first is the default
     # (model name, LAS bundle directory): that CTC model's final results come from the LAS
     # attention decoder scored jointly with the CTC posteriors (method joint; a client may ask
@@ -48,14 +49,18 @@ class ServerConfig:
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a private key")
-        positive = {
-            "max_concurrent_streams": self.max_concurrent_streams,
-            "max_stream_seconds": self.max_stream_seconds,
-            "max_unary_seconds": self.max_unary_seconds,
-            "max_message_bytes": self.max_message_bytes,
-            "torch_threads": self.torch_threads,
-            "max_batch": self.max_batch,
-        }
-        bad = [f"{k}={v}" for k, v in positive.items() if v <= 0]
-        if bad or self.max_wait_ms < 0 or self.grace_seconds < 0:
-            raise ValueError(f"invalid server settings: {', '.join(bad) or 'negative times'}")
+        positive = (
+            "max_concurrent_streams",
+            "max_stream_seconds",
+            "max_unary_seconds",
+            "max_message_bytes",
+            "torch_threads",
+            "max_batch",
+        )
+        self.check(
+            {name: (getattr(self, name) > 0, "> 0") for name in positive}
+            | {
+                "max_wait_ms": (self.max_wait_ms >= 0, ">= 0"),
+                "grace_seconds": (self.grace_seconds >= 0, ">= 0"),
+            }
+        )

@@ -14,6 +14,7 @@ from asr.models.bilstm_ctc import BiLSTMCTCConfig
 from asr.models.las import LASConfig
 from asr.streaming import EndpointConfig
 from asr.training.config import PRESETS, TrainConfig
+from server.config import ServerConfig
 
 CONFIGS: list[Config] = [
     DecodeOptions(method="joint", beam=4, prune_top_k=None),
@@ -61,3 +62,5 @@ def test_every_bad_field_is_named_with_its_rule() -> None:
         TrainConfig(precision="fp8")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="hop_ms must be in"):
         FeatureConfig(hop_ms=30.0)
+    with pytest.raises(ValueError, match="invalid ServerConfig: max_batch must be > 0, got 0"):
+        ServerConfig(models=(("m", "dir"),), max_batch=0)
