@@ -25,6 +25,7 @@ from asr.models.las import (
     las,
 )
 from asr.tokenizer import SOS_EOS_ID
+from asr.training.checkpoint import transfer
 
 VOCAB = 12  # ids 0-2 reserved, 3-11 "characters"
 TINY = LASConfig(
@@ -216,6 +217,10 @@ def test_weights_saved_with_the_old_listener_names_still_load(config: LASConfig)
     assert expected.loss is not None and got.loss is not None
     assert torch.equal(got.loss, expected.loss)
     assert torch.equal(loaded.encode(feats, lens).memory, model.encode(feats, lens).memory)
+    # Fine-tuning from such weights (asr train --init) matches names itself: it too renames.
+    tuned = make_model(config, seed=2)
+    assert transfer(tuned, old) == []
+    assert torch.equal(tuned.encode(feats, lens).memory, model.encode(feats, lens).memory)
 
 
 def test_add_sos_eos_builds_decoder_input_and_output() -> None:

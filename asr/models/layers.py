@@ -8,7 +8,7 @@ result alone as in a padded batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -71,6 +71,17 @@ def _rename_legacy_keys(
         for old, new in _LEGACY_NAMES.items():
             if key.startswith(prefix + old):
                 state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
+
+
+def upgrade_keys(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` with the old parameter names of `model`'s BiRNN layers renamed, as
+    `load_state_dict` does through the pre-hook: for code that matches names itself first
+    (`asr.training.checkpoint.transfer`)."""
+    renamed = dict(weights)
+    for name, module in model.named_modules():
+        if isinstance(module, BiRNN):
+            _rename_legacy_keys(module, renamed, f"{name}." if name else "")
+    return renamed
 
 
 class BiRNN(nn.Module):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from asr.files import atomic_write
+from asr.models.layers import upgrade_keys
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -90,6 +91,7 @@ def transfer(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> list[s
     """Copy every tensor of `weights` whose name and shape match into `model`; returns the
     names of the model's tensors left as initialised (new or reshaped layers), for the log."""
     own = model.state_dict()
+    weights = upgrade_keys(model, weights)  # names from before the models shared BiRNN
     matching = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     if not matching:
         raise ValueError("the initial weights share no tensor with this model")
