@@ -1,5 +1,5 @@
 """What every acoustic model shares: the output type of `forward`, input normalisation, and
-config (de)serialisation.
+what it offers decoders. (Configs share `asr.config.Config`.)
 
 One training loop serves every model because each one implements
 `forward(feats (B, T, F), feat_lens (B,), targets (B, U) | None, target_lens (B,) | None)
@@ -8,15 +8,11 @@ One training loop serves every model because each one implements
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
 
 import torch
 
 from asr.features import CMVN
-
-ConfigT = TypeVar("ConfigT")
 
 # What a model offers its decoders (`offers`); searches are defined over these, not over
 # model types (asr.recognizer.METHODS).
@@ -63,12 +59,3 @@ def attach_cmvn(model: object, cmvn: CMVN) -> None:
 def offers(model: object) -> frozenset[str]:
     """What `model` offers its decoders: a subset of {CTC, ATTENTION}."""
     return frozenset(getattr(model, "offers", ()))
-
-
-def config_from_dict(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
-    """Rebuild a config dataclass from `asdict` output, rejecting keys it does not have (a
-    bundle from a newer version must fail loudly, not drop settings silently)."""
-    unknown = sorted(set(data) - {f.name for f in fields(cls)})  # type: ignore[arg-type]
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
-    return cls(**data)

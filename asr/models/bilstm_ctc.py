@@ -24,21 +24,21 @@ loading the same state dict (the parameters do not depend on the mode).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
-from typing import Any, cast
+from dataclasses import dataclass, replace
+from typing import cast, get_args
 
 import torch
 from torch import nn
 
-from asr.models.base import CTC, ModelOutput, NormalizesInput, config_from_dict
+from asr.config import Config
+from asr.models.base import CTC, ModelOutput, NormalizesInput
 from asr.models.ctc import count_infeasible, ctc_loss
 from asr.models.layers import BiRNN, RNNType
 from asr.models.subsampling import Subsampling, SubsamplingKind, SubsamplingStream
 
 
 @dataclass(frozen=True)
-class BiLSTMCTCConfig:
+class BiLSTMCTCConfig(Config):
     """Everything needed to rebuild a `BiLSTMCTC`; stored in bundles and checkpoints.
 
     Frame counts (`chunk_size`, `right_context`) are in subsampled frames (40 ms at a 10 ms hop).
@@ -67,33 +67,40 @@ class BiLSTMCTCConfig:
             "chunk_size": 0,
             "right_context": 0,
         }
-        for name, low in minimums.items():
+
+        def integer_from(name: str, low: int) -> bool:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.subsampling not in ("conv2d", "stack"):
-            raise ValueError(f"subsampling must be 'conv2d' or 'stack', got {self.subsampling!r}")
-        if self.rnn_type not in ("lstm", "gru"):
-            raise ValueError(f"rnn_type must be 'lstm' or 'gru', got {self.rnn_type!r}")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.right_context and not self.chunk_size:
-            raise ValueError(
-                f"right_context={self.right_context} needs chunk_size > 0 (LC mode); "
-                "offline mode already sees the whole utterance"
-            )
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        dropout = self.dropout
+        self.check(
+            {
+                name: (integer_from(name, low), f"an integer >= {low}")
+                for name, low in minimums.items()
+            }
+            | {
+                "subsampling": (
+                    self.subsampling in get_args(SubsamplingKind),
+                    "'conv2d' or 'stack'",
+                ),
+                "rnn_type": (self.rnn_type in get_args(RNNType), "'lstm' or 'gru'"),
+                "dropout": (isinstance(dropout, int | float) and 0.0 <= dropout < 1.0, "in [0, 1)"),
+            }
+        )
+        # Checked after the fields it compares, so both are numbers.
+        self.check(
+            {
+                "right_context": (
+                    not (self.right_context and not self.chunk_size),
+                    "0 offline (chunk_size 0 already sees the whole utterance)",
+                )
+            }
+        )
 
     @property
     def layer_dim(self) -> int:
         """Width of each recurrent layer's input and output (and of the subsampling output)."""
         return self.projection_size or 2 * self.hidden_size
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BiLSTMCTCConfig:
-        return config_from_dict(cls, data)
 
 
 # Sizes follow published BiLSTM-CTC/BLSTMP encoders. Every preset trains in LC mode because the

@@ -23,15 +23,15 @@ gives at position u the log-probs the training loss scores for y_{u+1} (or eos).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asr.models.base import ATTENTION, CTC, ModelOutput, NormalizesInput, config_from_dict
+from asr.config import Config
+from asr.models.base import ATTENTION, CTC, ModelOutput, NormalizesInput
 from asr.models.ctc import ctc_loss
 from asr.models.layers import LocationAwareAttention, PyramidalBiLSTM, lengths_to_mask
 from asr.models.subsampling import Subsampling
@@ -42,7 +42,7 @@ _MIN_LISTENER_LAYERS: dict[str, int] = {"pyramid": 3, "conv-pyramid": 2}
 
 
 @dataclass(frozen=True)
-class LASConfig:
+class LASConfig(Config):
     """Everything needed to rebuild a `LAS` model; stored in checkpoints and bundles.
 
     listener: "pyramid": `listener_layers - 3` plain BiLSTM layers, then 3 pyramidal ones (each
@@ -84,14 +84,7 @@ class LASConfig:
     ctc_upsample: int = 1
 
     def __post_init__(self) -> None:
-        def fail(name: str, rule: str) -> None:
-            raise ValueError(f"LASConfig.{name} must be {rule}, got {getattr(self, name)!r}")
-
-        if self.vocab_size <= SOS_EOS_ID + 1:
-            fail("vocab_size", f"> {SOS_EOS_ID + 1} (ids 0-{SOS_EOS_ID} are reserved)")
-        if self.listener not in get_args(ListenerKind):
-            fail("listener", f"one of {get_args(ListenerKind)}")
-        for name in (
+        positive = (
             "input_dim",
             "listener_hidden",
             "attention_dim",
@@ -99,34 +92,64 @@ class LASConfig:
             "speller_hidden",
             "speller_layers",
             "embedding_dim",
-        ):
-            if getattr(self, name) < 1:
-                fail(name, ">= 1")
-        if self.listener == "conv-pyramid" and self.input_dim < 7:
-            fail("input_dim", ">= 7 for the conv listener (two 3x3 stride-2 convs)")
-        min_layers = _MIN_LISTENER_LAYERS[self.listener]
-        if self.listener_layers < min_layers:
-            fail("listener_layers", f">= {min_layers} for listener {self.listener!r}")
-        if self.location_kernel < 1 or self.location_kernel % 2 == 0:
-            fail("location_kernel", "odd and >= 1 (a centred filter)")
-        for name in ("dropout", "label_smoothing"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                fail(name, "in [0, 1)")
-        for name in ("scheduled_sampling", "ctc_weight"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                fail(name, "in [0, 1]")
-        if self.ctc_layer is not None and not 1 <= self.ctc_layer <= self.listener_layers:
-            fail("ctc_layer", f"None or a listener layer, 1 to {self.listener_layers}")
-        reduction = listener_reduction(self, self.ctc_layer or self.listener_layers)
-        if self.ctc_upsample not in (1, 2, 4, 8) or reduction % self.ctc_upsample:
-            fail("ctc_upsample", f"1, 2, 4 or 8 and a divisor of its layer's x{reduction}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LASConfig:
-        return config_from_dict(cls, data)
+        )
+        conv = self.listener == "conv-pyramid"
+        min_layers = _MIN_LISTENER_LAYERS.get(self.listener, 1)
+        reserved = SOS_EOS_ID + 1
+        self.check(
+            {
+                "vocab_size": (
+                    self.vocab_size > reserved,
+                    f"> {reserved} (ids 0-{SOS_EOS_ID} are reserved)",
+                ),
+                "listener": (
+                    self.listener in get_args(ListenerKind),
+                    f"one of {get_args(ListenerKind)}",
+                ),
+            }
+            | {name: (getattr(self, name) >= 1, ">= 1") for name in positive}
+            | {
+                "listener_layers": (
+                    self.listener_layers >= min_layers,
+                    f">= {min_layers} for listener {self.listener!r}",
+                ),
+                "location_kernel": (
+                    self.location_kernel >= 1 and self.location_kernel % 2 == 1,
+                    "odd and >= 1 (a centred filter)",
+                ),
+            }
+            | {
+                name: (0.0 <= getattr(self, name) < 1.0, "in [0, 1)")
+                for name in ("dropout", "label_smoothing")
+            }
+            | {
+                name: (0.0 <= getattr(self, name) <= 1.0, "in [0, 1]")
+                for name in ("scheduled_sampling", "ctc_weight")
+            }
+        )
+        # Rules over fields checked above.
+        layer = self.ctc_layer
+        self.check(
+            {
+                "input_dim": (
+                    not conv or self.input_dim >= 7,
+                    ">= 7 for the conv listener (two 3x3 stride-2 convs)",
+                ),
+                "ctc_layer": (
+                    layer is None or 1 <= layer <= self.listener_layers,
+                    f"None or a listener layer, 1 to {self.listener_layers}",
+                ),
+            }
+        )
+        reduction = listener_reduction(self, layer or self.listener_layers)
+        self.check(
+            {
+                "ctc_upsample": (
+                    self.ctc_upsample in (1, 2, 4, 8) and reduction % self.ctc_upsample == 0,
+                    f"1, 2, 4 or 8 and a divisor of its layer's x{reduction}",
+                )
+            }
+        )
 
 
 def listener_pyramid(config: LASConfig) -> tuple[int, list[bool]]:
