@@ -204,7 +204,7 @@ def test_bad_arguments_exit_2(
     cases = {
         "is not I/N": ("--shard", "3/3"),
         "unknown decoding option(s) nope": ("--set", "nope=1"),
-        "invalid decode options: beam=0": ("--beam", "0"),
+        "invalid DecodeOptions: beam must be >= 1, got 0": ("--beam", "0"),
         "unknown decoding method 'nope'": ("--method", "nope"),
         "method 'joint' needs an attention decoder (a CTC model needs a LAS bundle": (
             "--method",
@@ -386,7 +386,7 @@ def test_python_api(
     assert len(recognizer.transcribe(path, nbest=3).nbest) > 1
     with pytest.raises(TypeError, match=r"unknown decoding option.*beems"):
         recognizer.transcribe(path, beems=3)
-    with pytest.raises(ValueError, match="beam=0"):
+    with pytest.raises(ValueError, match="beam must be >= 1, got 0"):
         asr.load_model(bundle_dir, beam=0)
     with pytest.raises(AudioError, match="shape"):
         recognizer.transcribe(np.zeros((2, 100), dtype=np.float32))
