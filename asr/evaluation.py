@@ -51,7 +51,6 @@ def _in_order(data: SpeechDataset, max_frames: int) -> Iterable[Batch]:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    model_type: str,
     utterances: list[Utterance],
     tokenizer: Tokenizer,
     feature_config: FeatureConfig,
@@ -70,7 +69,7 @@ def evaluate(
         if out.loss is not None and torch.isfinite(out.loss):
             loss += float(out.loss)
             batches += 1
-        decoded = greedy_decode(model_type, model, b.feats, b.feat_lens)
+        decoded = greedy_decode(model, b.feats, b.feat_lens)
         for utt_id, ids in zip(batch.ids, decoded, strict=True):
             hyps[utt_id] = tokenizer.decode(ids)
     refs = [u.text for u in utterances]

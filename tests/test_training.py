@@ -204,7 +204,6 @@ def test_export_round_trip(corpus: dict[str, Path], reference_run: Path, tmp_pat
     # ... and reproduces the dev numbers recorded at export.
     result = evaluate(
         bundle.model,
-        bundle.model_type,
         read_manifest(corpus["manifest"]),
         bundle.tokenizer,
         bundle.feature_config,

@@ -8,41 +8,32 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from asr.config import Config
 from asr.decoding.ctc import ctc_greedy
+from asr.models.base import ATTENTION, CTC, offers
 from asr.models.bilstm_ctc import PRESETS as CTC_PRESETS
 from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCConfig, bilstm_ctc
 from asr.models.las import LAS, LASConfig, las
 from asr.models.las import PRESETS as LAS_PRESETS
 
 
-def _ctc_greedy(model: nn.Module, feats: torch.Tensor, lens: torch.Tensor) -> list[list[int]]:
-    assert isinstance(model, BiLSTMCTC)
-    return ctc_greedy(*model.log_probs(feats, lens))
-
-
-def _las_greedy(model: nn.Module, feats: torch.Tensor, lens: torch.Tensor) -> list[list[int]]:
-    assert isinstance(model, LAS)
-    return model.greedy_decode(feats, lens)
-
-
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to configure, build and greedily decode one kind of model."""
+    """How to configure and build one kind of model."""
 
-    config_cls: Any  # a frozen config dataclass with to_dict()/from_dict()
+    config_cls: type[Config]
     build: Callable[[Any], nn.Module]
     presets: Mapping[str, Any]
-    greedy: Callable[[nn.Module, torch.Tensor, torch.Tensor], list[list[int]]]
 
 
 MODELS: dict[str, ModelSpec] = {
-    "ctc": ModelSpec(BiLSTMCTCConfig, bilstm_ctc, CTC_PRESETS, _ctc_greedy),
-    "las": ModelSpec(LASConfig, las, LAS_PRESETS, _las_greedy),
+    "ctc": ModelSpec(BiLSTMCTCConfig, bilstm_ctc, CTC_PRESETS),
+    "las": ModelSpec(LASConfig, las, LAS_PRESETS),
 }
 
 
@@ -68,11 +59,15 @@ def build_model(kind: str, config: Mapping[str, Any]) -> nn.Module:
     return spec.build(spec.config_cls.from_dict(dict(config)))
 
 
-def greedy_decode(
-    kind: str, model: nn.Module, feats: torch.Tensor, lens: torch.Tensor
-) -> list[list[int]]:
-    """Greedy token ids per utterance, for validation during training."""
-    return _spec(kind).greedy(model, feats, lens)
+def greedy_decode(model: nn.Module, feats: torch.Tensor, lens: torch.Tensor) -> list[list[int]]:
+    """Greedy token ids per utterance, for validation during training: the model's attention
+    decoder if it has one, else its CTC posteriors' best path."""
+    found = offers(model)
+    if ATTENTION in found:
+        return cast(LAS, model).greedy_decode(feats, lens)
+    if CTC in found:
+        return ctc_greedy(*cast(BiLSTMCTC, model).log_probs(feats, lens))
+    raise TypeError(f"{type(model).__name__} offers no decoder (pass the unwrapped model)")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -43,7 +43,6 @@ def export_experiment(exp_dir: str | Path, out_dir: str | Path, *, average: int 
     dev = read_manifest(experiment.dev_manifest)
     dev_eval = evaluate(
         model,
-        experiment.model_type,
         dev,
         tokenizer,
         experiment.feature_config,

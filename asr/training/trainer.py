@@ -529,7 +529,6 @@ class Trainer:
         utts = self.dev_utts[: self.cfg.valid_max_utterances]
         result = evaluate(
             self.model,
-            self.exp.model_type,
             utts,
             self.tokenizer,
             self.exp.feature_config,
