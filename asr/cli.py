@@ -472,13 +472,15 @@ def _run_client(args: argparse.Namespace) -> int:
 
 
 def _stream_file(client: Any, samples: torch.Tensor, args: argparse.Namespace) -> None:
+    from asr.client import to_seconds
+
     responses = client.stream(
         samples, model=args.model, realtime=args.realtime, word_time_offsets=args.words
     )
     for response in responses:
         for result in response.results:
             text = result.alternatives[0].transcript if result.alternatives else ""
-            end = result.result_end_time.ToNanoseconds() / 1e9
+            end = to_seconds(result.result_end_time)
             kind = "final" if result.is_final else f"interim (stability {result.stability:.2f})"
             print(f"  [{end:7.2f} s] {kind}: {text}", flush=True)
             if result.is_final and args.words:
@@ -486,9 +488,11 @@ def _stream_file(client: Any, samples: torch.Tensor, args: argparse.Namespace) -
 
 
 def _print_words(results: Any) -> None:
+    from asr.client import to_seconds
+
     for result in results:
         for w in result.alternatives[0].words:
-            start, end = w.start_offset.ToNanoseconds() / 1e9, w.end_offset.ToNanoseconds() / 1e9
+            start, end = to_seconds(w.start_offset), to_seconds(w.end_offset)
             print(f"  {start:7.2f} {end:7.2f} {w.confidence:.2f} {w.word}")
 
 

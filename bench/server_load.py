@@ -89,6 +89,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asr import load_model
 from asr.audio import SAMPLE_RATE, load_audio
+from asr.client import to_seconds
 from asr.data.manifest import read_manifest
 from asr.metrics import error_rates
 from asr.models.bilstm_ctc import BiLSTMCTC
@@ -369,7 +370,7 @@ async def stream_call(stub: Any, call: Call, deadline: float) -> None:
             now = loop.time()
             for r in response.results:
                 text = r.alternatives[0].transcript if r.alternatives else ""
-                end = r.result_end_time.ToNanoseconds() / 1e9
+                end = to_seconds(r.result_end_time)
                 call.results.append((now, r.is_final, end, text))
 
     reader = asyncio.create_task(read())
