@@ -163,7 +163,7 @@ class _Frames:
     """A stand-in encoder output: T' frames per utterance, no CTC head."""
 
     lengths: torch.Tensor  # (B,)
-    ctc_log_probs: None = None
+    ctc_log_probs: torch.Tensor | None = None
     ctc_lengths: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
     def select(self, rows: torch.Tensor) -> _Frames:

@@ -17,6 +17,7 @@ from asr.cli import main
 from asr.data.manifest import Utterance, write_manifest
 from asr.decoding.attention import attention_scores
 from asr.decoding.options import DecodeOptions
+from asr.models.las import LAS
 from asr.recognizer import METHODS, Recognizer
 from asr.tokenizer import Tokenizer
 from tests.word_corpus import WordCorpus, save_bundle, untrained_las
@@ -125,6 +126,7 @@ def test_rescoring_ranks_each_utterances_nbest_by_the_weighted_scores(
     word_corpus: WordCorpus, ctc_dir: Path, las_dir: Path
 ) -> None:
     ctc, las = load_bundle(ctc_dir), load_bundle(las_dir)
+    assert isinstance(las.model, LAS)
     first = Recognizer(ctc, DecodeOptions(method="beam", beam=4, nbest=4))
     padded, lengths = _batch(first, word_corpus, 13)
     nbest = first.decode(padded, lengths)
