@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from asr.audio import AudioInput, as_samples
 from asr.bundle import Bundle, BundleError
+from asr.cancel import CancelToken
 from asr.data.sampler import BucketingBatchSampler
 from asr.decoding.alignment import word_timings
 from asr.decoding.attention import attention_beam_search, rescore
@@ -66,7 +67,8 @@ class Evidence:
     The CTC posteriors always come from the recognizer's own model (a BiLSTM-CTC's output or a
     LAS's CTC head); the attention decoder is the model's own, or else the LAS bundle beside
     it (`Recognizer.rescorer`). A stream hands in the posteriors it computed chunk by chunk and
-    its first-pass n-best, so its second pass is this same code.
+    its first-pass n-best, so its second pass is this same code. The searches check `cancel`
+    (when given) between blocks of their work.
 
     raw: (B, T, F) log-mel features, lengths (B,).
     """
@@ -79,6 +81,7 @@ class Evidence:
         *,
         ctc: Posteriors | None = None,
         ctc_nbest: list[list[Hypothesis]] | None = None,
+        cancel: CancelToken | None = None,
     ) -> None:
         model = recognizer.bundle.model
         self.own = ATTENTION if ATTENTION in offers(model) else CTC  # greedy/beam's decoder
@@ -89,6 +92,7 @@ class Evidence:
         self.raw, self.lengths = raw, lengths
         self._ctc = ctc
         self._ctc_nbest = ctc_nbest
+        self.cancel = cancel
 
     @cached_property
     def encoded(self) -> EncoderOutput:
@@ -120,7 +124,8 @@ class Evidence:
         if self._ctc_nbest is None:
             ctc = self.needed_ctc()
             wide = replace(opts, nbest=opts.beam)
-            self._ctc_nbest = CTCPrefixBeamSearch(wide)(ctc.log_probs, ctc.lengths)
+            search = CTCPrefixBeamSearch(wide)
+            self._ctc_nbest = search(ctc.log_probs, ctc.lengths, cancel=self.cancel)
         return self._ctc_nbest
 
 
@@ -138,9 +143,9 @@ def _greedy(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
 def _beam(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
     if ev.own == ATTENTION:
         assert ev.attention is not None
-        return attention_beam_search(ev.attention, ev.encoded, opts, joint=False)
+        return attention_beam_search(ev.attention, ev.encoded, opts, cancel=ev.cancel)
     ctc = ev.needed_ctc()
-    return CTCPrefixBeamSearch(opts)(ctc.log_probs, ctc.lengths)
+    return CTCPrefixBeamSearch(opts)(ctc.log_probs, ctc.lengths, cancel=ev.cancel)
 
 
 def _joint(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
@@ -154,13 +159,13 @@ def _joint(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
         ctc_log_probs=ctc.log_probs.float(),
         ctc_lengths=ctc.lengths.to(ev.encoded.lengths),
     )
-    return attention_beam_search(ev.attention, enc, opts, joint=True)
+    return attention_beam_search(ev.attention, enc, opts, joint=True, cancel=ev.cancel)
 
 
 def _rescore(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
     """The CTC n-best re-ranked by the attention decoder."""
     assert ev.attention is not None
-    return rescore(ev.attention, ev.encoded, ev.ctc_nbest(opts), opts)
+    return rescore(ev.attention, ev.encoded, ev.ctc_nbest(opts), opts, ev.cancel)
 
 
 @dataclass(frozen=True)
@@ -265,21 +270,34 @@ class Recognizer:
 
     @torch.no_grad()
     def decode(
-        self, feats: torch.Tensor, lengths: torch.Tensor, options: DecodeOptions | None = None
+        self,
+        feats: torch.Tensor,
+        lengths: torch.Tensor,
+        options: DecodeOptions | None = None,
+        *,
+        cancel: CancelToken | None = None,
     ) -> list[Transcript]:
-        """A batch of log-mel features (B, T, F), lengths (B,) -> transcripts."""
+        """A batch of log-mel features (B, T, F), lengths (B,) -> transcripts.
+
+        With `cancel`, the searches and word alignment check it between blocks of frames,
+        steps and utterances, and raise `asr.cancel.Cancelled` once it says stop. The model's
+        forward pass runs whole (checked before it starts)."""
         opts = options or self.options
         self.check(opts)
+        if cancel is not None:
+            cancel.check()
         device = next(self.bundle.model.parameters()).device
-        evidence = Evidence(self, feats.to(device), lengths.to(device))
+        evidence = Evidence(self, feats.to(device), lengths.to(device), cancel=cancel)
         hyps = METHODS[opts.method].search(evidence, opts)
         # Word boundaries are refined with the loudness of each 10 ms frame.
         energy = feats.mean(dim=-1)  # (B, T)
         ctc = evidence.ctc if opts.word_timings else None
-        return [
-            self.transcript(hyps[b], opts, ctc, b, energy[b, : int(lengths[b])])
-            for b in range(len(hyps))
-        ]
+        transcripts = []
+        for b in range(len(hyps)):
+            if cancel is not None and ctc is not None:  # a forced alignment per utterance
+                cancel.check()
+            transcripts.append(self.transcript(hyps[b], opts, ctc, b, energy[b, : int(lengths[b])]))
+        return transcripts
 
     @overload
     def transcribe(self, audio: AudioInput, **decode_options: Any) -> Transcript: ...

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from asr.cancel import Cancelled
 from asr.decoding.attention import (
     CTCPrefixScorer,
     attention_beam_search,
@@ -22,7 +23,7 @@ from asr.decoding.attention import (
 from asr.decoding.options import DecodeOptions, Hypothesis
 from asr.models.las import LAS, EncoderOutput, las
 from asr.tokenizer import SOS_EOS_ID
-from tests.test_decoding_ctc import exhaustive
+from tests.test_decoding_ctc import CountingToken, exhaustive
 from tests.test_las import TINY_PYRAMID, one_thread  # noqa: F401 (autouse fixture)
 
 CONFIG = TINY_PYRAMID  # with its auxiliary CTC head (ctc_weight 0.3), for joint decoding
@@ -268,3 +269,36 @@ def test_joint_decoding_needs_a_ctc_head() -> None:
     enc = model.encode(torch.randn(1, 80, 20), torch.tensor([80]))
     with pytest.raises(ValueError, match="CTC head"):
         attention_beam_search(model, enc, DecodeOptions(beam=2), joint=True)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_a_token_that_never_fires_changes_nothing(
+    model: LAS, encoded: EncoderOutput, joint: bool
+) -> None:
+    options = DecodeOptions(beam=3, nbest=3)
+    token = CountingToken()
+    checked = attention_beam_search(model, encoded, options, joint=joint, cancel=token)
+    plain = attention_beam_search(model, encoded, options, joint=joint)
+    assert tokens(checked) == tokens(plain)
+    assert [h.score for h in itertools.chain(*checked)] == [
+        h.score for h in itertools.chain(*plain)
+    ]
+    assert token.checks > 2
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_cancelling_stops_the_search_after_that_many_checks(
+    model: LAS, encoded: EncoderOutput, joint: bool
+) -> None:
+    token = CountingToken(stop_after=2)
+    with pytest.raises(Cancelled):
+        attention_beam_search(model, encoded, DecodeOptions(beam=3), joint=joint, cancel=token)
+    assert token.checks == 3
+
+
+def test_cancelling_stops_rescoring(model: LAS, encoded: EncoderOutput) -> None:
+    nbest = [[Hypothesis((3, 4, 5, 6), -1.0)]] * 4
+    token = CountingToken(stop_after=1)
+    with pytest.raises(Cancelled):
+        rescore(model, encoded, nbest, DecodeOptions(), token)
+    assert token.checks == 2

@@ -1,5 +1,5 @@
 """CTC decoding: prefix beam search against exhaustive search, batched against one-by-one,
-incremental against whole-utterance, pruning and blank skipping, and greedy."""
+incremental against whole-utterance, pruning and blank skipping, cancellation, and greedy."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from asr.cancel import CHECK_FRAMES, Cancelled, CancelToken, DeadlineExceeded
 from asr.decoding.ctc import CTCPrefixBeamSearch, ctc_greedy
 from asr.decoding.options import DecodeOptions, Hypothesis
 
@@ -143,3 +144,45 @@ def test_cuda_matches_cpu() -> None:
     lengths = torch.tensor([50, 40, 30, 20])
     search = CTCPrefixBeamSearch(DecodeOptions(beam=8, nbest=2))
     assert_same(search(log_probs.cuda(), lengths.cuda()), search(log_probs, lengths))
+
+
+class CountingToken(CancelToken):
+    """A token that counts its checks and cancels after `stop_after` of them (None: never)."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        super().__init__()
+        self.checks = 0
+        self.stop_after = stop_after
+
+    def check(self) -> None:
+        self.checks += 1
+        if self.stop_after is not None and self.checks > self.stop_after:
+            raise Cancelled("cancelled by the test")
+
+
+def test_a_token_that_never_fires_changes_nothing() -> None:
+    options = DecodeOptions(beam=8, nbest=3, blank_skip=None)
+    log_probs, lengths = peaky(3, 300, 12, seed=4), torch.tensor([300, 200, 90])
+    token = CountingToken()
+    assert_same(
+        CTCPrefixBeamSearch(options)(log_probs, lengths, cancel=token),
+        CTCPrefixBeamSearch(options)(log_probs, lengths),
+    )
+    assert token.checks == math.ceil(300 / CHECK_FRAMES)  # one per block of searched frames
+
+
+def test_cancelling_stops_the_search_mid_utterance() -> None:
+    log_probs, lengths = peaky(2, 400, 12, seed=5), torch.tensor([400, 300])
+    search = CTCPrefixBeamSearch(DecodeOptions(beam=8, blank_skip=None))
+    token = CountingToken(stop_after=3)
+    state = search.init(2)
+    with pytest.raises(Cancelled):
+        search.advance(state, log_probs, lengths, cancel=token)
+    assert token.checks == 4
+    assert len(state.parents) == 3 * CHECK_FRAMES  # it stopped where it checked
+
+
+def test_a_passed_deadline_raises_deadline_exceeded() -> None:
+    token = CancelToken.after(-1.0)
+    with pytest.raises(DeadlineExceeded):
+        CTCPrefixBeamSearch(DecodeOptions())(peaky(1, 50, 5), torch.tensor([50]), cancel=token)

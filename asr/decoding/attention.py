@@ -4,6 +4,9 @@
 The search never touches a model's modules: it needs `encode`, `init_state` and `step` (the
 `StepModel` protocol), an encoder output whose rows can be picked per hypothesis and a decoder state
 that can be reordered. Everything runs batched over utterances x beams.
+
+Each search takes an optional `CancelToken`, checked at every output step (and every
+`CHECK_FRAMES` frames of a CTC prefix-score update, a loop over the whole utterance).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Protocol, Self, TypeVar
 
 import torch
 
+from asr.cancel import CHECK_FRAMES, CancelToken
 from asr.decoding.options import DecodeOptions, Hypothesis
 from asr.tokenizer import BLANK_ID, SOS_EOS_ID
 
@@ -65,8 +69,11 @@ class CTCPrefixScorer:
     """Prefix scores of candidate extensions under a CTC model (Watanabe et al. 2017, Alg. 2),
     vectorised over hypotheses and candidates; one loop over the T' frames per output token."""
 
-    def __init__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> None:
+    def __init__(
+        self, log_probs: torch.Tensor, lengths: torch.Tensor, cancel: CancelToken | None = None
+    ) -> None:
         """log_probs: (N, T', V) CTC log-probs of each hypothesis' utterance; lengths (N,)."""
+        self.cancel = cancel
         self.x = log_probs.float().transpose(0, 1)  # (T', N, V)
         self.lengths = lengths.to(log_probs.device)
         frames = self.x.shape[0]
@@ -77,6 +84,7 @@ class CTCPrefixScorer:
         """The scorer of hypotheses `rows` (N',) only."""
         out = CTCPrefixScorer.__new__(CTCPrefixScorer)
         out.x, out.lengths, out.valid = self.x[:, rows], self.lengths[rows], self.valid[:, rows]
+        out.cancel = self.cancel
         return out
 
     def initial(self) -> CTCPrefixState:
@@ -111,6 +119,8 @@ class CTCPrefixScorer:
         r_nb = [torch.where(state.last[:, None] < 0, x_tok[0], ninf)]  # t = 0: first token only
         r_b = [ninf]
         for t in range(1, frames):
+            if self.cancel is not None and t % CHECK_FRAMES == 0:
+                self.cancel.check()
             r_nb.append(torch.logaddexp(r_nb[-1], phi[t - 1]) + x_tok[t])
             r_b.append(torch.logaddexp(r_nb[-2], r_b[-1]) + x_blank[t])
         nonblank, blank = torch.stack(r_nb), torch.stack(r_b)  # (T', N, C)
@@ -153,7 +163,12 @@ def _length_bounds(
 
 @torch.no_grad()
 def attention_beam_search(
-    model: StepModel[E, S], enc: E, options: DecodeOptions, *, joint: bool = False
+    model: StepModel[E, S],
+    enc: E,
+    options: DecodeOptions,
+    *,
+    joint: bool = False,
+    cancel: CancelToken | None = None,
 ) -> list[list[Hypothesis]]:
     """Beam search over `model.step`, batched over B utterances x K beams.
 
@@ -162,7 +177,8 @@ def attention_beam_search(
     stops once it has K finished hypotheses or reaches max_len_ratio * T' tokens. With
     `joint`, each step scores the `joint_candidates` best attention tokens with the model's
     CTC head: (1 - ctc_weight) * attention + ctc_weight * CTC prefix score.
-    Returns the `nbest` best per utterance with their (unnormalised) log-prob scores.
+    Returns the `nbest` best per utterance with their (unnormalised) log-prob scores; raises
+    `Cancelled` at a step where `cancel` says stop.
     """
     batch, k = enc.lengths.shape[0], options.beam
     n = batch * k
@@ -181,7 +197,7 @@ def attention_beam_search(
     if weight > 0:
         if enc_k.ctc_log_probs is None:
             raise ValueError("joint decoding needs a model with a CTC head (ctc_weight > 0)")
-        ctc = CTCPrefixScorer(enc_k.ctc_log_probs, enc_k.ctc_lengths)
+        ctc = CTCPrefixScorer(enc_k.ctc_log_probs, enc_k.ctc_lengths, cancel)
         ctc_state = ctc.initial()
     n_cand = options.joint_candidates or max(int(1.5 * k), 1)
     finished: list[list[tuple[float, float, tuple[int, ...]]]] = [[] for _ in range(batch)]
@@ -190,6 +206,8 @@ def attention_beam_search(
     utts = list(range(batch))  # the utterance of each row of the (shrinking) batch
 
     for i in range(int(max_len.max())):
+        if cancel is not None:
+            cancel.check()
         log_probs, state = model.step(enc_k, state, tokens)  # (N, V)
         if coverage is not None:
             coverage = coverage + state.attention
@@ -280,7 +298,11 @@ def attention_beam_search(
 
 @torch.no_grad()
 def attention_scores(
-    model: StepModel[E, S], enc: E, rows: torch.Tensor, hyps: Sequence[Sequence[int]]
+    model: StepModel[E, S],
+    enc: E,
+    rows: torch.Tensor,
+    hyps: Sequence[Sequence[int]],
+    cancel: CancelToken | None = None,
 ) -> torch.Tensor:
     """log P_att(y + eos | x) of each hypothesis (teacher forcing through `step`).
 
@@ -302,6 +324,8 @@ def attention_scores(
     inputs = torch.full((m,), SOS_EOS_ID, dtype=torch.long, device=device)
     total = torch.zeros(m, device=device)
     for t in range(width):
+        if cancel is not None:
+            cancel.check()
         log_probs, state = model.step(enc_m, state, inputs)
         picked = log_probs.gather(1, targets[:, t : t + 1])[:, 0]
         total += torch.where(t < lengths, picked, 0.0)
@@ -314,6 +338,7 @@ def rescore(
     enc: E,
     nbest: Sequence[Sequence[Hypothesis]],
     options: DecodeOptions,
+    cancel: CancelToken | None = None,
 ) -> list[list[Hypothesis]]:
     """Second pass: re-rank CTC n-best lists (scores = CTC log-probs) of the B utterances of
     `enc` by (1 - ctc_weight) * log P_att(y + eos | x) + ctc_weight * CTC score."""
@@ -321,7 +346,11 @@ def rescore(
     flat = [h for hyps in nbest for h in hyps]
     device = enc.lengths.device
     att = attention_scores(
-        model, enc, torch.tensor(rows, dtype=torch.long, device=device), [h.tokens for h in flat]
+        model,
+        enc,
+        torch.tensor(rows, dtype=torch.long, device=device),
+        [h.tokens for h in flat],
+        cancel,
     ).tolist()
     weight = options.ctc_weight
     ranked: list[list[Hypothesis]] = [[] for _ in nbest]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from asr.cancel import CHECK_FRAMES, CancelToken
 from asr.decoding.options import DecodeOptions, Hypothesis
 from asr.masks import lengths_to_mask
 from asr.tokenizer import BLANK_ID
@@ -66,6 +67,9 @@ class CTCPrefixBeamSearch:
 
     Streaming: `init`, then `advance` with each chunk of log-probs, `finalize` (or `best` for a
     partial result) at any point; the result equals one `advance` over the whole utterance.
+
+    Cancellation: given a `CancelToken`, the search checks it every `CHECK_FRAMES` searched
+    frames; `Cancelled` leaves the state half-advanced (throw it away).
     """
 
     def __init__(self, options: DecodeOptions) -> None:
@@ -92,14 +96,25 @@ class CTCPrefixBeamSearch:
             frames=torch.zeros(batch, dtype=torch.long, device=device),
         )
 
-    def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[Hypothesis]]:
+    def __call__(
+        self,
+        log_probs: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        cancel: CancelToken | None = None,
+    ) -> list[list[Hypothesis]]:
         """Whole utterances: log_probs (B, T, V), lengths (B,) -> n-best per utterance."""
         state = self.init(log_probs.shape[0], log_probs.device)
-        return self.finalize(self.advance(state, log_probs, lengths))
+        return self.finalize(self.advance(state, log_probs, lengths, cancel=cancel))
 
     @torch.inference_mode()
     def advance(
-        self, state: CTCBeamState, log_probs: torch.Tensor, lengths: torch.Tensor
+        self,
+        state: CTCBeamState,
+        log_probs: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        cancel: CancelToken | None = None,
     ) -> CTCBeamState:
         """Consume the next frames: log_probs (B, T, V) float, lengths (B,) valid frames of it."""
         batch, width, vocab = log_probs.shape
@@ -138,6 +153,8 @@ class CTCPrefixBeamSearch:
             cand_lp = cand_lp.masked_fill(cand_lp < cand_lp[..., :1] - self.threshold, -math.inf)
         all_active = int(counts.min())
         for s in range(steps):
+            if cancel is not None and s % CHECK_FRAMES == 0:
+                cancel.check()
             self._step(
                 state,
                 frames[:, s],
