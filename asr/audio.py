@@ -242,8 +242,25 @@ def check_sample_rate(rate: int, label: str) -> None:
         )
 
 
+# Sinc resampling builds one filter per output phase: (16000 / g) filters of about (rate / g)
+# taps, g = gcd(rate, 16000). Every standard rate (8, 11.025, 12, 22.05, 24, 32, 44.1, 48 kHz) has
+# g >= 25, at most 640 x 1958 taps (5 MB); a header claiming 22051 Hz has g = 1 and would need
+# 16000 x 22071 taps (1.4 GB, half a minute to build). So rates with g < 25 are resampled as the
+# nearest multiple of 25 Hz: at most 12.5 Hz off (0.16 % at 8 kHz, well inside the 10 % speed
+# perturbation models train with), and the output is that much longer or shorter.
+_RATE_STEP = 25  # Hz
+
+
+def _filter_rate(rate: int) -> int:
+    """The rate the resampling filter is designed for (see `_RATE_STEP`)."""
+    if math.gcd(rate, SAMPLE_RATE) >= _RATE_STEP:
+        return rate
+    return round(rate / _RATE_STEP) * _RATE_STEP
+
+
 def resample(wave: torch.Tensor, rate: int) -> torch.Tensor:
     """Resample (..., N) audio from `rate` to `SAMPLE_RATE` (a no-op at 16 kHz)."""
+    rate = _filter_rate(rate)
     if rate == SAMPLE_RATE:
         return wave
     return AF.resample(wave, orig_freq=rate, new_freq=SAMPLE_RATE)
@@ -267,12 +284,14 @@ class StreamingResampler:
     def __init__(self, orig_rate: int) -> None:
         check_sample_rate(orig_rate, "resampler")
         self.rate = orig_rate
-        gcd = math.gcd(orig_rate, SAMPLE_RATE)
-        self._orig, self._new = orig_rate // gcd, SAMPLE_RATE // gcd
+        rate = _filter_rate(orig_rate)  # as `resample` does
+        self._identity = rate == SAMPLE_RATE
+        gcd = math.gcd(rate, SAMPLE_RATE)
+        self._orig, self._new = rate // gcd, SAMPLE_RATE // gcd
         # `AF.resample`'s own kernel for float32 input, so the two cannot drift apart
         # (tests/test_audio.py pins the equality).
         kernel, self._width = _get_sinc_resample_kernel(
-            orig_rate,
+            rate,
             SAMPLE_RATE,
             gcd,
             6,
@@ -294,7 +313,7 @@ class StreamingResampler:
     def accept(self, chunk: torch.Tensor) -> torch.Tensor:
         """Next input chunk (N,) -> the output (M,) it completes (possibly none)."""
         chunk = torch.as_tensor(chunk, dtype=torch.float32).reshape(-1)
-        if self.rate == SAMPLE_RATE:
+        if self._identity:
             return chunk
         self._received += chunk.numel()
         self._pending.append(chunk)
@@ -304,13 +323,13 @@ class StreamingResampler:
     def flush(self) -> torch.Tensor:
         """End of the stream: the output (M,) still owed; the resampler is then ready to
         start a new stream."""
-        if self.rate == SAMPLE_RATE:
+        if self._identity:
             return torch.zeros(0)
+        total = -(-self._new * self._received // self._orig)  # ceil: `AF.resample`'s length
+        owed = total - self._emitted
         self._pending.append(torch.zeros(self._width + self._orig))  # the right padding
         self._held += self._width + self._orig
-        out = self._convolve()
-        total = -(-self._new * self._received // self._orig)  # ceil: `AF.resample`'s length
-        out = out[: total - self._emitted]
+        out = self._convolve()[:owed]  # the padding's last block may run past the end
         self._reset()
         return out
 
