@@ -125,15 +125,23 @@ def _check_declared(f: sf.SoundFile, size: int, max_seconds: float | None, label
 
 
 def _mono_blocks(
-    f: sf.SoundFile, label: str, *, max_seconds: float | None = None, max_bytes: int | None = None
+    f: sf.SoundFile,
+    label: str,
+    *,
+    max_seconds: float | None = None,
+    max_bytes: int | None = None,
+    frames: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Decode `f` a block at a time -> finite float32 mono blocks (n,) at the file's rate.
 
     A header can understate or not know the length, so the caps are checked on what is actually
-    decoded: `max_seconds`, and `max_bytes` (float32 bytes decoded across channels). No read
-    decodes more than `DECODE_BLOCK_SAMPLES` samples, nor more than one frame past the cap.
+    decoded: `max_seconds`, and `max_bytes` (float32 bytes decoded across channels). A read
+    decodes `frames` frames, but never more than `DECODE_BLOCK_SAMPLES` samples, nor more than
+    one frame past the cap.
     """
     block = max(1, DECODE_BLOCK_SAMPLES // f.channels)
+    if frames is not None:
+        block = min(block, frames)
     max_frames = None if max_seconds is None else math.floor(max_seconds * f.samplerate)
     decoded = 0  # frames
     try:
@@ -447,7 +455,8 @@ def read_blocks(path: str | Path, block_seconds: float = 10.0) -> Iterator[torch
     `block_seconds` long, so memory stays bounded however long the file is.
 
     Resampling carries its filter state across blocks (`StreamingResampler`), so the pieces
-    joined are exactly `load_audio`'s result whatever `block_seconds` is. Raises `AudioError`
+    joined are `load_audio`'s result (to float rounding) whatever `block_seconds` is. Pieces
+    of a 16 kHz file are exactly `block_seconds` long, but the last. Raises `AudioError`
     (possibly after some blocks) for unusable audio.
     """
     label = str(path)
@@ -459,13 +468,15 @@ def read_blocks(path: str | Path, block_seconds: float = 10.0) -> Iterator[torch
         pending: list[np.ndarray] = []  # decoded mono blocks not yet yielded
         held = 0  # their frames
         received = 0
-        for block in _mono_blocks(f, label):  # (n,), each at most DECODE_BLOCK_SAMPLES
+        for block in _mono_blocks(f, label, frames=size):  # (n,), n <= size
             pending.append(block)
             held += block.size
             received += block.size
             if held >= size:
-                yield resampler.accept(torch.from_numpy(np.concatenate(pending)))
+                out = resampler.accept(torch.from_numpy(np.concatenate(pending)))
                 pending, held = [], 0
+                if out.numel():  # a piece shorter than the filter completes nothing yet
+                    yield out
     if received == 0:
         raise AudioError(label, "contains no samples (zero-length audio)")
     tail = torch.from_numpy(np.concatenate(pending)) if pending else torch.zeros(0)

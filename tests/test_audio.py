@@ -280,14 +280,22 @@ def test_damaged_files_raise_audio_error_and_nothing_else(fmt: str, subtype: str
     assert failures > 20  # the mutations did reach the decoder's checks
 
 
-def test_read_blocks_maps_errors_and_joins_to_load_audio(tmp_path: Path) -> None:
+def test_read_blocks_maps_errors_and_joins_to_load_audio(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "tone.flac"
     sf.write(path, _tone(44_100, 2.0), 44_100)
     whole = load_audio(path)
-    for seconds in (0.013, 0.3, 1.0, 5.0):
+    for seconds in (0.005, 0.013, 0.3, 1.0, 5.0):  # 0.005 s: less than the filter spans
         joined = torch.cat(list(read_blocks(path, seconds)))
         assert joined.shape == whole.shape
         assert torch.allclose(joined, whole, atol=1e-5)
+    monkeypatch.setattr(asr.audio, "DECODE_BLOCK_SAMPLES", 1000)  # several reads per piece
+    assert torch.allclose(torch.cat(list(read_blocks(path, 0.3))), whole, atol=1e-5)
+    monkeypatch.undo()
+    at_16k = tmp_path / "tone16.flac"
+    sf.write(at_16k, _tone(SAMPLE_RATE, 2.5), SAMPLE_RATE)
+    assert [p.numel() for p in read_blocks(at_16k, 1.0)] == [16000, 16000, 8000]
     bad = tmp_path / "bad.flac"
     bad.write_bytes(_forge_flac_length(path.read_bytes(), 2**36 - 1))
     with pytest.raises(AudioError, match=r"bad\.flac"):
