@@ -6,6 +6,7 @@ what audio is acceptable live in exactly one place.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Iterator
@@ -213,8 +214,7 @@ def decode_pcm16(
     label = _describe(data, name)
     if not data:
         raise AudioError(label, "empty input (0 bytes)")
-    if channels < 1:
-        raise AudioError(label, f"invalid channel count {channels}")
+    check_channels(channels, label)
     frame_bytes = 2 * channels
     if len(data) % frame_bytes:
         raise AudioError(
@@ -239,6 +239,12 @@ def _finish(samples: np.ndarray, rate: int, label: str) -> torch.Tensor:
         raise AudioError(label, "contains NaN or infinite samples")
     mono = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32)))
     return resample(mono, rate)
+
+
+def check_channels(channels: int, label: str) -> None:
+    """Raise `AudioError` unless raw PCM may interleave `channels` channels."""
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(label, f"invalid channel count {channels} (supported: 1-{MAX_CHANNELS})")
 
 
 def check_sample_rate(rate: int, label: str) -> None:
@@ -274,6 +280,24 @@ def resample(wave: torch.Tensor, rate: int) -> torch.Tensor:
     return AF.resample(wave, orig_freq=rate, new_freq=SAMPLE_RATE)
 
 
+@functools.lru_cache(maxsize=16)
+def _resampling_kernel(rate: int) -> tuple[torch.Tensor, int]:
+    """`AF.resample`'s own filter for float32 input from `rate` (so the two cannot drift apart;
+    tests/test_audio.py pins the equality) -> (kernel (n, 1, K), width). Cached, and never
+    written to, so concurrent streams at one rate share it (up to 5 MB, see `_RATE_STEP`)."""
+    return _get_sinc_resample_kernel(
+        rate,
+        SAMPLE_RATE,
+        math.gcd(rate, SAMPLE_RATE),
+        6,
+        0.99,
+        "sinc_interp_hann",
+        None,
+        torch.device("cpu"),
+        torch.float32,
+    )
+
+
 class StreamingResampler:
     """`resample` for audio that arrives in pieces: (N,) chunks at `orig_rate` in, float32
     (M,) chunks at `SAMPLE_RATE` out.
@@ -296,20 +320,7 @@ class StreamingResampler:
         self._identity = rate == SAMPLE_RATE
         gcd = math.gcd(rate, SAMPLE_RATE)
         self._orig, self._new = rate // gcd, SAMPLE_RATE // gcd
-        # `AF.resample`'s own kernel for float32 input, so the two cannot drift apart
-        # (tests/test_audio.py pins the equality).
-        kernel, self._width = _get_sinc_resample_kernel(
-            rate,
-            SAMPLE_RATE,
-            gcd,
-            6,
-            0.99,
-            "sinc_interp_hann",
-            None,
-            torch.device("cpu"),
-            torch.float32,
-        )
-        self._kernel: torch.Tensor = kernel  # (n, 1, K)
+        self._kernel, self._width = _resampling_kernel(rate)  # (n, 1, K)
         self._reset()
 
     def _reset(self) -> None:
@@ -373,10 +384,7 @@ class PCMStream:
         name: str = "audio_content",
     ) -> None:
         self.name = name
-        if not 1 <= channels <= MAX_CHANNELS:
-            raise AudioError(
-                name, f"invalid channel count {channels} (supported: 1-{MAX_CHANNELS})"
-            )
+        check_channels(channels, name)
         check_sample_rate(sample_rate, name)
         self.rate, self.channels = sample_rate, channels
         self._frame = 2 * channels  # bytes per frame
