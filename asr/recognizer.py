@@ -47,7 +47,7 @@ class CTCModel(Protocol):
     def time_reduction(self) -> int: ...  # feature frames per output frame
 
     def log_probs(
-        self, feats: torch.Tensor, feat_lens: torch.Tensor
+        self, feats: torch.Tensor, feat_lens: torch.Tensor, cancel: CancelToken | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -105,7 +105,7 @@ class Evidence:
     def ctc(self) -> Posteriors | None:
         """The model's CTC posteriors; None for a LAS without a CTC head."""
         if self._ctc is None and self.ctc_model is not None:
-            log_probs, lengths = self.ctc_model.log_probs(self.raw, self.lengths)
+            log_probs, lengths = self.ctc_model.log_probs(self.raw, self.lengths, self.cancel)
             self._ctc = Posteriors(log_probs, lengths, self.ctc_model.time_reduction)
         elif self._ctc is None and self.attention is not None:
             enc = self.encoded  # a CTC head runs inside the attention model's encoder
@@ -280,8 +280,8 @@ class Recognizer:
         """A batch of log-mel features (B, T, F), lengths (B,) -> transcripts.
 
         With `cancel`, the searches and word alignment check it between blocks of frames,
-        steps and utterances, and raise `asr.cancel.Cancelled` once it says stop. The model's
-        forward pass runs whole (checked before it starts)."""
+        steps and utterances (and a latency-controlled BiLSTM-CTC between its blocks), and
+        raise `asr.cancel.Cancelled` once it says stop. Other forward passes run whole."""
         opts = options or self.options
         self.check(opts)
         if cancel is not None:

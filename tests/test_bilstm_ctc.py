@@ -4,6 +4,7 @@ chunk-by-chunk streaming, the CTC loss, and memorising real LibriSpeech utteranc
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
 from asr.audio import load_audio
+from asr.cancel import Cancelled
 from asr.features import FeatureConfig, log_mel
 from asr.models.bilstm_ctc import (
     PRESETS,
@@ -26,6 +28,7 @@ from asr.models.bilstm_ctc import (
     bilstm_ctc,
 )
 from asr.models.layers import lengths_to_mask
+from tests.test_decoding_ctc import CountingToken
 
 TINY = BiLSTMCTCConfig(
     input_dim=20,
@@ -456,3 +459,15 @@ def test_memorises_real_utterances(librispeech_root: Path, overrides: dict[str, 
             if cer < 0.05:
                 break
     assert cer < 0.05, f"CER {cer:.3f} after {step} steps"
+
+
+def test_lc_encoder_checks_a_cancel_token_between_blocks() -> None:
+    model = tiny().eval()
+    feats, lens = batch([200, 120])
+    blocks = math.ceil(int(model.encode(feats, lens)[1].max()) / model.config.chunk_size)
+    token = CountingToken()
+    with torch.no_grad():
+        assert torch.equal(model.log_probs(feats, lens, token)[0], model.log_probs(feats, lens)[0])
+    assert token.checks == blocks
+    with pytest.raises(Cancelled), torch.no_grad():
+        model.log_probs(feats, lens, CountingToken(stop_after=2))

@@ -30,6 +30,7 @@ from typing import cast, get_args
 import torch
 from torch import nn
 
+from asr.cancel import CancelToken
 from asr.config import Config
 from asr.models.base import CTC, ModelOutput, NormalizesInput
 from asr.models.ctc import count_infeasible, ctc_loss
@@ -210,10 +211,10 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
         return ModelOutput(loss=loss, log_probs=log_probs, out_lens=enc_lens, metrics=metrics)
 
     def log_probs(
-        self, feats: torch.Tensor, feat_lens: torch.Tensor
+        self, feats: torch.Tensor, feat_lens: torch.Tensor, cancel: CancelToken | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (B, T, F), feat_lens (B,) -> CTC log-probs (B, T', V) float32, lengths (B,)."""
-        enc, enc_lens = self.encode(feats, feat_lens)
+        enc, enc_lens = self.encode(feats, feat_lens, cancel)
         return self.output(enc), enc_lens
 
     def output(self, enc: torch.Tensor) -> torch.Tensor:
@@ -223,10 +224,11 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
         return self.head(enc).float().log_softmax(dim=-1)
 
     def encode(
-        self, feats: torch.Tensor, feat_lens: torch.Tensor
+        self, feats: torch.Tensor, feat_lens: torch.Tensor, cancel: CancelToken | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (B, T, F) raw log-mel, feat_lens (B,) -> enc (B, T', D), enc_lens (B,);
-        T' = max(enc_lens)."""
+        T' = max(enc_lens). An LC model checks `cancel` (if given) between its blocks, which
+        it runs one after another in Python anyway (`asr.cancel`)."""
         x, lens = self.subsampling(self.normalize(feats), feat_lens)  # (B, T', D), (B,)
         frames = int(lens.max()) if lens.numel() else 0
         x = x[:, :frames]  # drop frames that are padding for every sequence
@@ -240,6 +242,8 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
         outputs = []
         states: torch.Tensor | None = None
         for start in range(0, frames, chunk):
+            if cancel is not None:  # a block costs milliseconds, a check microseconds
+                cancel.check()
             block = x[:, start : start + chunk + context]  # (B, W, D), W <= Nc + Nr
             valid = (lens - start).clamp(min=0, max=block.shape[1])  # (B,)
             enc, states = self.lc_block(block, valid, states)  # (B, min(W, Nc), D_out)
