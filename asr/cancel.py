@@ -42,7 +42,7 @@ class CancelToken:
     ) -> None:
         self.deadline = deadline
         self._poll = cancelled
-        self._cancelled = False
+        self._reason: str | None = None  # set by cancel()
 
     @classmethod
     def after(
@@ -52,13 +52,15 @@ class CancelToken:
         deadline = None if seconds is None else time.monotonic() + seconds
         return cls(deadline=deadline, cancelled=cancelled)
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "cancelled by the caller") -> None:
         """Stop the work at its next check (safe from any thread: it sets a flag)."""
-        self._cancelled = True
+        self._reason = reason
 
     def stopped(self) -> Cancelled | None:
         """Why the work should stop now (the exception `check` would raise), or None."""
-        if self._cancelled or (self._poll is not None and self._poll()):
+        if self._reason is not None:
+            return Cancelled(self._reason)
+        if self._poll is not None and self._poll():
             return Cancelled("cancelled by the caller")
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return DeadlineExceeded("deadline exceeded")

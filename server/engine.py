@@ -1,24 +1,129 @@
-"""The model side of the server: one worker thread runs every model call (torch off the event
-loop, one thread count to tune), and concurrent Recognize calls are decoded in micro-batches."""
+"""The model side of the server: model work runs one call at a time, in turns, off the event
+loop, and concurrent Recognize calls are decoded in micro-batches.
+
+Turns. `_Turns` is a lock on the model: whatever holds it runs torch alone (one intra-op
+thread count to tune, as with a single worker thread). It goes to the waiter that has had
+the least model time so far, the earliest of equals ("least attained service" scheduling).
+Short work, a stream's chunk or final result (`run`, `run_timed`), holds its turn to the
+end. A Recognize batch decodes on a thread of its own and holds the model only between the
+checks its forward pass and searches make (`asr.cancel`: every LC-BiLSTM block, every 32
+CTC frames, every attention step): at a check, once its turn has lasted `slice_ms`, it lets
+anyone who has had less model time go first. So an expensive request (beam 64 over 600 s of
+audio) no longer holds everyone up for its whole decode: a request or stream chunk sent
+behind it waits at most one slice, then runs as if the model were idle (it has had less
+time than the long one at each of its own checks); long batches share the model among
+themselves slice by slice. What cannot be sliced: a forward pass that runs whole (an
+offline BiLSTM or a LAS listener over an utterance, bounded by max_unary_seconds) and a word
+alignment (one forced alignment per utterance). Work that keeps the model busy with short
+calls can hold long batches back: under overload the long requests wait, not the short.
+
+Why threads handing over a lock, not one worker thread running slices of resumable jobs: the
+searches stay plain loops (a resumable attention search, joint scoring and rescoring would
+each need rewriting as a generator), and the check that lets a decode stop early is the same
+place it lets others go first.
+
+Batching. Calls for the same model and options that arrive within `max_wait_ms` of the first
+decode together. The next batch is formed while the last one decodes, and dispatched once
+that one has finished or has had its first slice: a server busy with short calls gathers
+them into large batches as before, and a call behind a long batch waits one slice at most
+to be dispatched.
+
+Cancellation. Each call carries its caller's deadline (gRPC `time_remaining`) and
+cancellation in a `CancelToken`. The caller gets `DeadlineExceeded` when its deadline passes,
+whatever the model is doing; its batch stops at its next check once every call in it is gone
+(batch-mates still waiting are decoded as if nothing happened).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 
+from asr.cancel import Cancelled, CancelToken, DeadlineExceeded
 from asr.decoding.options import DecodeOptions, Transcript
 from asr.recognizer import Recognizer
 
 T = TypeVar("T")
 log = logging.getLogger("asr.server")
+
+# Threads for short model calls, queued on the model lock in their order (more than one, so
+# chunks of many streams wait at the lock together and all run at a long batch's next check).
+RUN_THREADS = 4
+# Batches that can be decoding at once (sharing the model slice by slice); a batch beyond
+# them waits for one to finish.
+DECODE_THREADS = 16
+
+
+class _Turns:
+    """A lock on the model, granted to the waiter that has had the least model time so far
+    (the earliest of equals), which long work hands on at its checks."""
+
+    def __init__(self, slice_s: float) -> None:
+        self.slice = slice_s
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[float, int]] = []  # heap of (model seconds had, arrival)
+        self._arrivals = itertools.count()
+        self._held = False
+        self._since = 0.0  # perf_counter when the current turn began
+
+    def acquire(self, used: float = 0.0) -> None:
+        """Wait for the model, having had `used` seconds of it already."""
+        me = (used, next(self._arrivals))
+        with self._cond:
+            heapq.heappush(self._waiting, me)
+            try:
+                self._cond.wait_for(lambda: not self._held and self._waiting[0] == me)
+            except BaseException:  # interrupted: leave the queue, wake the next in line
+                self._waiting.remove(me)
+                heapq.heapify(self._waiting)
+                self._cond.notify_all()
+                raise
+            heapq.heappop(self._waiting)
+            self._held = True
+            self._since = time.perf_counter()
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def held(self) -> float:
+        """Seconds the current turn has lasted (call it holding the lock)."""
+        return time.perf_counter() - self._since
+
+    def share(self, used: float) -> float | None:
+        """Called holding the lock by work that has had `used` model seconds, this turn's
+        included: once the turn has lasted a slice, let whoever has had less go first. Returns
+        the seconds spent waiting to get the model back, None if the turn went on."""
+        if self.held() < self.slice:
+            return None
+        with self._cond:
+            if not self._waiting or self._waiting[0][0] >= used:
+                return None
+        start = time.perf_counter()
+        self.release()
+        self.acquire(used)
+        return time.perf_counter() - start
 
 
 @dataclass
@@ -26,21 +131,91 @@ class _Job:
     recognizer: Recognizer
     options: DecodeOptions
     audio: torch.Tensor  # (N,) 16 kHz
+    cancel: CancelToken  # the caller's deadline and cancellation
     # the transcript and this job's share of its batch's model time (by audio length)
     future: asyncio.Future[tuple[Transcript, float]] = field(repr=False)
 
 
-class Engine:
-    """Runs model work on a single worker thread; batches Recognize requests."""
+class _BatchToken(CancelToken):
+    """The token a batch decodes with: it stops once every call in the batch is gone (or the
+    engine stops), and its checks are where the batch shares the model.
 
-    def __init__(self, *, torch_threads: int, max_batch: int, max_wait_ms: float) -> None:
+    on_gone(job, reason): called once per call found gone at a check (on the decode thread),
+    so its caller hears at once, not when its batch-mates' transcripts are ready. on_long:
+    called once, when the batch's first turn has lasted a slice.
+    """
+
+    def __init__(
+        self,
+        jobs: list[_Job],
+        turns: _Turns,
+        on_gone: Callable[[_Job, Cancelled], None],
+        on_long: Callable[[], None],
+    ) -> None:
+        super().__init__()
+        self.jobs = jobs
+        self.turns = turns
+        self.waited = 0.0  # seconds handed to others at checks (not this batch's model time)
+        self.used = 0.0  # model seconds of this batch's turns before the current one
+        self._on_gone, self._on_long = on_gone, on_long
+        self._gone: set[int] = set()  # indices of jobs already reported gone
+        self._long = False
+
+    def stopped(self) -> Cancelled | None:
+        if (own := super().stopped()) is not None:
+            return own
+        first: Cancelled | None = None
+        for job in self.jobs:
+            reason = job.cancel.stopped()
+            if reason is None:
+                return None  # someone still waits: decode on (the gone are told at check)
+            first = first or reason
+        return first
+
+    def check(self) -> None:
+        for i, job in enumerate(self.jobs):
+            if i not in self._gone and (reason := job.cancel.stopped()) is not None:
+                self._gone.add(i)
+                self._on_gone(job, reason)
+        super().check()
+        if not self._long and self.turns.held() >= self.turns.slice:
+            self._long = True
+            self._on_long()
+        used = self.used + self.turns.held()
+        if (waited := self.turns.share(used)) is not None:
+            self.used, self.waited = used, self.waited + waited
+
+
+class Engine:
+    """Runs model work in turns (see the module docstring); batches Recognize requests.
+
+    slice_ms: how long a Recognize batch keeps the model while others wait for it.
+    """
+
+    def __init__(
+        self,
+        *,
+        torch_threads: int,
+        max_batch: int,
+        max_wait_ms: float,
+        slice_ms: float = 20.0,
+    ) -> None:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr-model")
-        # Intra-op threads apply to the calling thread's pool: set them on the worker.
-        self._executor.submit(torch.set_num_threads, torch_threads).result()
+        self._turns = _Turns(slice_ms / 1000.0)
+        # Intra-op threads apply to the calling thread's pool: set them on every worker.
+        self._executor = ThreadPoolExecutor(
+            RUN_THREADS, "asr-model", initializer=torch.set_num_threads, initargs=(torch_threads,)
+        )
+        self._decoder = ThreadPoolExecutor(
+            DECODE_THREADS,
+            "asr-decode",
+            initializer=torch.set_num_threads,
+            initargs=(torch_threads,),
+        )
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._decoding: dict[asyncio.Task[None], _BatchToken] = {}
         # sizes of the latest batches decoded (for tests); bounded: the server runs for months
         self.batches: deque[int] = deque(maxlen=1000)
 
@@ -50,35 +225,60 @@ class Engine:
         self._task = asyncio.get_running_loop().create_task(self._batch_loop())
 
     async def stop(self) -> None:
+        """Stop batching, stop the batches decoding at their next check, join the workers."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for token in self._decoding.values():
+            token.cancel("the server is stopping")
+        await asyncio.gather(*self._decoding, return_exceptions=True)
         self._executor.shutdown(wait=True)
+        self._decoder.shutdown(wait=True)
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Call fn(*args) on the model thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """Call fn(*args) in a turn on the model."""
+        return (await self.run_timed(fn, *args))[0]
 
     async def run_timed(self, fn: Callable[..., T], *args: object) -> tuple[T, float]:
-        """fn(*args) on the model thread, and the seconds it took there (not queueing)."""
+        """fn(*args) in a turn on the model, and the seconds it took (not queueing)."""
 
         def timed() -> tuple[T, float]:
-            start = time.perf_counter()
-            return fn(*args), time.perf_counter() - start
+            with self._turns.turn():
+                start = time.perf_counter()
+                return fn(*args), time.perf_counter() - start
 
-        return await self.run(timed)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
 
     async def recognize(
-        self, recognizer: Recognizer, audio: torch.Tensor, options: DecodeOptions
+        self,
+        recognizer: Recognizer,
+        audio: torch.Tensor,
+        options: DecodeOptions,
+        *,
+        timeout: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> tuple[Transcript, float]:
         """The transcript of `audio`, decoded in a micro-batch, and its share of the batch's
-        model seconds (in proportion to its length)."""
+        model seconds (in proportion to its length).
+
+        timeout: seconds the caller waits (gRPC `context.time_remaining()`; None: no limit);
+        then this raises `DeadlineExceeded` and the decode stops at its next check unless
+        batch-mates still wait for it. cancelled: polled at the decode's checks from a worker
+        thread (gRPC `context.cancelled`); a cancelled await stops the decode the same way.
+        """
         assert self._queue is not None, "Engine.start() first"
+        token = CancelToken.after(timeout, cancelled=cancelled)
         future: asyncio.Future[tuple[Transcript, float]] = (
             asyncio.get_running_loop().create_future()
         )
-        await self._queue.put(_Job(recognizer, options, audio, future))
-        return await future
+        await self._queue.put(_Job(recognizer, options, audio, token, future))
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise DeadlineExceeded("deadline exceeded before the transcript was ready") from None
+        except asyncio.CancelledError:
+            token.cancel()
+            raise
 
     async def _batch_loop(self) -> None:
         assert self._queue is not None
@@ -97,30 +297,80 @@ class Engine:
             # Only calls for the same model and options decode together.
             groups: dict[tuple[int, DecodeOptions], list[_Job]] = {}
             for job in jobs:
-                if not job.future.cancelled():
-                    groups.setdefault((id(job.recognizer), job.options), []).append(job)
+                if job.future.done():  # its caller stopped waiting while it queued
+                    continue
+                if (reason := job.cancel.stopped()) is not None:
+                    job.future.set_exception(reason)
+                    continue
+                groups.setdefault((id(job.recognizer), job.options), []).append(job)
             for group in groups.values():
-                await self._decode(group)
+                await self._dispatch(group)
 
-    async def _decode(self, jobs: list[_Job]) -> None:
+    async def _dispatch(self, jobs: list[_Job]) -> None:
+        """Start decoding `jobs`; return once the batch has finished or had its first slice
+        (so the next batch gathers what arrives meanwhile, up to one slice)."""
+        loop = asyncio.get_running_loop()
+        dispatched: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not dispatched.done():
+                dispatched.set_result(None)
+
+        def finished(task: asyncio.Task[None]) -> None:
+            self._decoding.pop(task, None)
+            settle()
+
+        def gone(job: _Job, reason: Cancelled) -> None:  # on the decode thread
+            loop.call_soon_threadsafe(_fail, job, reason)
+
+        def long() -> None:  # on the decode thread
+            loop.call_soon_threadsafe(settle)
+
+        token = _BatchToken(jobs, self._turns, gone, long)
+        task = loop.create_task(self._decode(jobs, token))
+        self._decoding[task] = token
+        task.add_done_callback(finished)
+        await dispatched
+
+    async def _decode(self, jobs: list[_Job], token: _BatchToken) -> None:
         self.batches.append(len(jobs))
+        loop = asyncio.get_running_loop()
         try:
-            transcripts, seconds = await self.run_timed(_decode_batch, jobs)
+            transcripts, seconds = await loop.run_in_executor(
+                self._decoder, self._decode_in_turns, jobs, token
+            )
+        except Cancelled as err:  # every caller is gone: nobody to tell but them
+            for job in jobs:
+                _fail(job, job.cancel.stopped() or err)
+            return
         except Exception as err:  # a model failure fails these calls, not the server
             log.exception("decoding a batch of %d failed", len(jobs))
             for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(err)
+                _fail(job, err)
             return
         total = sum(job.audio.numel() for job in jobs)
         for job, transcript in zip(jobs, transcripts, strict=True):
             if not job.future.done():
                 job.future.set_result((transcript, seconds * job.audio.numel() / max(total, 1)))
 
+    def _decode_in_turns(
+        self, jobs: list[_Job], token: _BatchToken
+    ) -> tuple[list[Transcript], float]:
+        """On a decode thread: the batch's transcripts and its model seconds."""
+        with self._turns.turn():
+            start = time.perf_counter()
+            transcripts = _decode_batch(jobs, token)
+            return transcripts, time.perf_counter() - start - token.waited
 
-def _decode_batch(jobs: list[_Job]) -> list[Transcript]:
+
+def _fail(job: _Job, err: Exception) -> None:
+    if not job.future.done():
+        job.future.set_exception(err)
+
+
+def _decode_batch(jobs: list[_Job], cancel: CancelToken) -> list[Transcript]:
     recognizer, options = jobs[0].recognizer, jobs[0].options
     feats = [recognizer.features(job.audio) for job in jobs]
     lengths = torch.tensor([f.shape[0] for f in feats])
     padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
-    return recognizer.decode(padded, lengths, options)
+    return recognizer.decode(padded, lengths, options, cancel=cancel)
