@@ -19,6 +19,7 @@ import grpc
 import torch
 
 from asr.audio import SAMPLE_RATE, AudioError, check_sample_rate, decode_pcm16, load_audio
+from asr.cancel import Cancelled, DeadlineExceeded
 from asr.client import to_alternatives, to_duration
 from asr.decoding.options import DecodeOptions
 from asr.models import count_parameters
@@ -137,6 +138,11 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
     async def _fail(
         self, context: grpc.aio.ServicerContext, err: Exception, rid: str, method: str
     ) -> NoReturn:
+        if isinstance(err, Cancelled):  # the caller's own doing: not a server error
+            code = grpc.StatusCode.CANCELLED
+            if isinstance(err, DeadlineExceeded):
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            err = RequestError(code, str(err))
         if isinstance(err, RequestError):
             log.info(
                 "%s failed: %s",
@@ -203,7 +209,11 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                     f"{self.config.max_unary_seconds:.0f} s (use StreamingRecognize)"
                 )
             transcript, model_seconds = await self.engine.recognize(
-                model.recognizer, audio, options
+                model.recognizer,
+                audio,
+                options,
+                timeout=context.time_remaining(),
+                cancelled=context.cancelled,
             )
         except Exception as err:
             await self._fail(context, err, rid, "Recognize")
