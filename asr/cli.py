@@ -340,6 +340,13 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-streams", type=int, default=64, help="concurrent streams")
     p.add_argument("--max-stream-seconds", type=float, default=3600.0)
     p.add_argument("--max-unary-seconds", type=float, default=600.0)
+    p.add_argument(
+        "--max-message-bytes", type=int, default=32 * 1024 * 1024, help="request message size"
+    )
+    p.add_argument("--max-beam", type=int, default=64, help="largest beam_size a request may ask")
+    p.add_argument(
+        "--max-alternatives", type=int, default=10, help="largest n-best a request may ask"
+    )
     p.add_argument("--torch-threads", type=int, default=1, help="model worker threads")
     p.add_argument("--max-batch", type=int, default=16, help="Recognize calls per batch")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="batch collection window")
@@ -394,6 +401,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_concurrent_streams=args.max_streams,
         max_stream_seconds=args.max_stream_seconds,
         max_unary_seconds=args.max_unary_seconds,
+        max_message_bytes=args.max_message_bytes,
+        max_beam=args.max_beam,
+        max_alternatives=args.max_alternatives,
         torch_threads=args.torch_threads,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,

@@ -24,6 +24,12 @@ class ServerConfig(Config):
     max_stream_seconds: float = 3600.0  # audio per stream; more gets OUT_OF_RANGE
     max_unary_seconds: float = 600.0  # audio per Recognize; more gets INVALID_ARGUMENT
     max_message_bytes: int = 32 * 1024 * 1024  # larger messages get RESOURCE_EXHAUSTED
+    # Search sizes a request may ask for; more gets INVALID_ARGUMENT. Decoding cost grows with
+    # the beam (CTC prefix search: beam x beam candidates per frame; attention search: a
+    # decoder step per hypothesis), and every call shares one model worker. Our decoders
+    # need 10 (CTC prefix search's default) or 4-10 (LAS); 64 leaves room for experiments.
+    max_beam: int = 64
+    max_alternatives: int = 10  # n-best per result (at most the beam)
     torch_threads: int = 1  # intra-op threads of the model worker
     max_batch: int = 16  # Recognize calls decoded together (dynamic micro-batching)
     max_wait_ms: float = 10.0  # how long the first call of a batch waits for company
@@ -56,6 +62,8 @@ class ServerConfig(Config):
             "max_message_bytes",
             "torch_threads",
             "max_batch",
+            "max_beam",
+            "max_alternatives",
         )
         self.check(
             {name: (getattr(self, name) > 0, "> 0") for name in positive}
