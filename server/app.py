@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,8 +22,8 @@ from server.auth import TokenAuth
 from server.config import ServerConfig
 from server.engine import Engine
 from server.logs import fields
-from server.metrics import Metrics
-from server.servicer import Model, RecognizerServicer
+from server.metrics import CountOutcomes, Metrics
+from server.servicer import Model, RecognizerServicer, RequestError
 
 log = logging.getLogger("asr.server")
 SERVICE = asr_pb2.DESCRIPTOR.services_by_name["Recognizer"].full_name
@@ -41,6 +43,120 @@ class Running:
         self.health.enter_graceful_shutdown()  # every service NOT_SERVING
         await self.server.stop(grace)
         await self.engine.stop()
+
+
+# gRPC itself refuses a message over its receive limit before any of our code sees it, so the
+# call would go uncounted and its message would not name our flag. Our own limit is checked
+# in `CheckRequests`; gRPC's is this many times larger, bounding what it buffers per message.
+CORE_LIMIT_FACTOR = 2
+MAX_CORE_LIMIT = 2**31 - 1  # gRPC's channel arguments are C ints
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """What a request deserializer returns in place of a message it will not decode."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+class CheckRequests(grpc.aio.ServerInterceptor):
+    """Request messages of `services` are decoded only if at most `max_bytes` long (else
+    RESOURCE_EXHAUSTED) and well-formed (else INVALID_ARGUMENT). A deserializer's exception
+    would reach the client as UNKNOWN, so it returns `_Refused` instead: a unary handler is
+    then not called, and a stream's requests raise `RequestError` when that message is read.
+
+    Inside auth: a caller without the token gets UNAUTHENTICATED, whatever it sent."""
+
+    def __init__(self, max_bytes: int, services: tuple[str, ...]) -> None:
+        self.max_bytes = max_bytes
+        self.services = services
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.strip("/").partition("/")[0] not in self.services:
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(raw: bytes) -> Any:
+            if len(raw) > self.max_bytes:
+                return _Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"a request message of {len(raw)} bytes is more than this server's "
+                    f"--max-message-bytes {self.max_bytes}",
+                )
+            try:
+                return parse(raw)
+            except Exception as err:  # protobuf's DecodeError, or anything a parser raises
+                return _Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"malformed request message for {details.method} ({type(err).__name__})",
+                )
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _unary(handler.unary_unary),
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _unary_to_stream(handler.unary_stream),
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            stream_unary = handler.stream_unary
+
+            async def stream_in(requests: AsyncIterator[Any], context: Any) -> Any:
+                return await stream_unary(_checked(requests), context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_in,
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        stream_stream = handler.stream_stream
+
+        async def streams(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            async for response in stream_stream(_checked(requests), context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(
+            streams,
+            request_deserializer=deserialize,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Refused):
+            await context.abort(request.code, request.message)
+        return await behavior(request, context)
+
+    return checked
+
+
+def _unary_to_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if isinstance(request, _Refused):
+            await context.abort(request.code, request.message)
+        async for response in behavior(request, context):
+            yield response
+
+    return checked
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Refused):
+            raise RequestError(request.code, request.message)
+        yield request
 
 
 def load_models(config: ServerConfig) -> list[Model]:
@@ -81,11 +197,22 @@ async def start(config: ServerConfig, models: list[Model] | None = None) -> Runn
     )
     engine.start()
     size = config.max_message_bytes
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
-        interceptors=[TokenAuth(config.auth_token)] if config.auth_token else None,
-    )
+    core_limit = min(CORE_LIMIT_FACTOR * size, MAX_CORE_LIMIT)
     metrics = Metrics()
+    services = (SERVICE,)
+    # Outermost first: every outcome is counted, auth's refusals included; auth answers
+    # before a request is looked at.
+    interceptors: list[grpc.aio.ServerInterceptor] = [CountOutcomes(metrics.requests, services)]
+    if config.auth_token:
+        interceptors.append(TokenAuth(config.auth_token))
+    interceptors.append(CheckRequests(size, services))
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", core_limit),
+            ("grpc.max_send_message_length", size),
+        ],
+        interceptors=interceptors,
+    )
     servicer = RecognizerServicer(models, engine, config, metrics)
     asr_pb2_grpc.add_RecognizerServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

@@ -1,8 +1,19 @@
 """Prometheus metrics on an HTTP port: requests and errors by status code, active streams,
-audio seconds, latency and real-time factor (model time per audio second)."""
+audio seconds, latency and real-time factor (model time per audio second).
+
+Requests are counted by `CountOutcomes`, an interceptor outside everything else (auth
+included), so every way a call ends is counted once by its status code: a handler's return or
+abort, an auth failure, a client that went away (CANCELLED), a deadline.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -47,3 +58,84 @@ class Metrics:
         """Expose /metrics over HTTP; returns the port (useful with port 0)."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return int(server.server_port)
+
+
+# gRPC cancels a handler when its deadline passes, reporting the deadline only to the client;
+# a cancellation this close to the deadline is taken for it (the timer fires a little early).
+DEADLINE_SLACK_S = 0.1
+
+
+def outcome(context: grpc.aio.ServicerContext, err: BaseException | None) -> str:
+    """The status code a call ended with, by name, from how its handler ended (`err`)."""
+    if isinstance(err, asyncio.CancelledError | GeneratorExit):  # the call ended under it
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+        return "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+    code = context.code()  # set by abort() or set_code()
+    if code is not None:
+        return str(code.name)
+    return "OK" if err is None else "UNKNOWN"  # UNKNOWN: what gRPC sends for an exception
+
+
+class CountOutcomes(grpc.aio.ServerInterceptor):
+    """Counts each finished call of `services` in `counter` by (method, status code)."""
+
+    def __init__(self, counter: Counter, services: tuple[str, ...]) -> None:
+        self.counter = counter
+        self.services = services
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        service, _, method = details.method.strip("/").partition("/")
+        if handler is None or service not in self.services:
+            return handler
+        return _counted(handler, lambda code: self.counter.labels(method, code).inc())
+
+
+def _counted(handler: grpc.RpcMethodHandler, count: Callable[[str], None]) -> grpc.RpcMethodHandler:
+    """`handler` with its behaviour wrapped to `count` the code it ends with. Our services'
+    handlers (and auth's refusals) are coroutines or async generators; others pass as they are."""
+    kinds = {
+        "unary_unary": grpc.unary_unary_rpc_method_handler,
+        "unary_stream": grpc.unary_stream_rpc_method_handler,
+        "stream_unary": grpc.stream_unary_rpc_method_handler,
+        "stream_stream": grpc.stream_stream_rpc_method_handler,
+    }
+    kind = next(k for k in kinds if getattr(handler, k) is not None)
+    behavior = getattr(handler, kind)
+    wrapped: Callable[..., Any]
+    if inspect.isasyncgenfunction(behavior):
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            err: BaseException | None = None
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except BaseException as e:
+                err = e
+                raise
+            finally:
+                count(outcome(context, err))
+
+    elif inspect.iscoroutinefunction(behavior):
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                response = await behavior(request, context)
+            except BaseException as err:
+                count(outcome(context, err))
+                raise
+            count(outcome(context, None))
+            return response
+
+    else:
+        return handler
+    return kinds[kind](
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -2,12 +2,16 @@
 
 Every failure a client can cause ends the call with a status code and a message naming the
 problem (INVALID_ARGUMENT, NOT_FOUND, OUT_OF_RANGE, RESOURCE_EXHAUSTED); anything else is
-logged and returned as INTERNAL. No request can stop the server.
+logged and returned as INTERNAL. No request can stop the server, nor make it do unbounded
+work: every field that drives cost (beam, alternatives, audio length, channels, endpoint
+durations) is checked against the server's limits before any audio is decoded, and a
+request's text fields are echoed only through `quoted`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 import uuid
@@ -16,23 +20,50 @@ from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import grpc
+import soundfile as sf
 import torch
 
-from asr.audio import SAMPLE_RATE, AudioError, check_sample_rate, decode_pcm16, load_audio
+from asr.audio import (
+    MAX_CHANNELS,
+    SAMPLE_RATE,
+    AudioError,
+    check_sample_rate,
+    decode_pcm16,
+    load_audio,
+)
 from asr.cancel import Cancelled, DeadlineExceeded
-from asr.client import to_alternatives, to_duration
+from asr.client import to_alternatives, to_duration, to_seconds
 from asr.decoding.options import DecodeOptions
 from asr.models import count_parameters
-from asr.recognizer import Recognizer
-from asr.streaming import StreamingSession, StreamResult
+from asr.recognizer import METHODS, Recognizer
+from asr.streaming import EndpointConfig, StreamingSession, StreamResult
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.config import ServerConfig
 from server.engine import Engine
-from server.logs import fields
+from server.logs import fields, quoted
 from server.metrics import Metrics
 
 log = logging.getLogger("asr.server")
 Config = asr_pb2.RecognitionConfig
+
+# Every model we train is US English (ListModels reports it). A request may name it in any
+# case, with "_" for "-", or by its language alone ("en"); another region ("en-GB") is
+# refused rather than silently served by a model that was not trained for it.
+LANGUAGE = "en-US"
+ACCEPTED_LANGUAGES = frozenset({"en-us", "en"})
+# The container each explicit encoding names, as soundfile reports it (`sf.info().format`).
+CONTAINERS = {
+    Config.FLAC: frozenset({"FLAC"}),
+    Config.WAV: frozenset({"WAV", "WAVEX", "RF64"}),  # WAVEX, RF64: WAV's extended forms
+    Config.OGG_VORBIS: frozenset({"OGG"}),
+}
+# A request id is echoed verbatim in responses and logs so a client can find its call; one
+# we would have to alter (cut, escaped) would no longer match the client's own records, so
+# an over-long or unprintable one is refused (INVALID_ARGUMENT) instead of sanitized.
+MAX_REQUEST_ID = 128
+# The whole of a status message, whatever it quotes: it travels in a trailer, and gRPC
+# turns a trailer over its metadata limit into RESOURCE_EXHAUSTED.
+MAX_STATUS_MESSAGE = 1000
 
 
 class RequestError(Exception):
@@ -46,6 +77,57 @@ class RequestError(Exception):
 
 def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def request_id(given: str) -> str:
+    """The call's id: the client's (checked, see MAX_REQUEST_ID) or a new one."""
+    if not given:
+        return uuid.uuid4().hex
+    if len(given) > MAX_REQUEST_ID or not given.isprintable():
+        raise _invalid(
+            f"request_id {quoted(given)} must be at most {MAX_REQUEST_ID} printable characters"
+        )
+    return given
+
+
+def check_audio_format(config: Config) -> None:
+    """The audio fields of a config, checked alike for Recognize and StreamingRecognize and
+    before any audio is read: a stream declaring 2**31 channels would otherwise never
+    complete a frame, and its bytes would pile up uncounted."""
+    if config.encoding not in Config.AudioEncoding.values():
+        raise _invalid(f"unknown encoding {config.encoding}")
+    channels = config.audio_channel_count
+    if not 0 <= channels <= MAX_CHANNELS:
+        raise _invalid(f"audio_channel_count {channels} is not supported (1-{MAX_CHANNELS})")
+    if config.encoding == Config.LINEAR16:
+        if not config.sample_rate_hertz:
+            raise _invalid("LINEAR16 audio needs sample_rate_hertz")
+        try:
+            check_sample_rate(config.sample_rate_hertz, "sample_rate_hertz")
+        except AudioError as err:
+            raise _invalid(str(err)) from err
+    if config.language_code:
+        tag = config.language_code.replace("_", "-").lower()
+        if tag not in ACCEPTED_LANGUAGES:
+            raise _invalid(
+                f"language_code {quoted(config.language_code)} is not supported: "
+                f"this server recognizes {LANGUAGE} (or leave it empty)"
+            )
+
+
+def check_container(audio: bytes, encoding: Config.AudioEncoding) -> None:
+    """An explicit container encoding must be what the audio is. Undetectable bytes pass,
+    for the decoder to reject with its own message."""
+    expected = CONTAINERS.get(encoding)
+    if expected is None:
+        return
+    try:
+        found = sf.info(io.BytesIO(audio)).format
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        return
+    if found not in expected:
+        name = Config.AudioEncoding.Name(encoding)
+        raise _invalid(f"encoding {name}, but the audio is {found}")
 
 
 @dataclass
@@ -88,6 +170,12 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
         self.config = config
         self.metrics = metrics
         self.active_streams = 0
+        for m in models:  # a request that leaves the beam alone must be within the limit too
+            if m.recognizer.options.beam > config.max_beam:
+                raise ValueError(
+                    f"model {m.name!r} decodes with beam {m.recognizer.options.beam}, more "
+                    f"than --max-beam {config.max_beam}"
+                )
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -96,7 +184,7 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
         if name not in self.models:
             raise RequestError(
                 grpc.StatusCode.NOT_FOUND,
-                f"unknown model {name!r}; this server has {', '.join(self.models)}",
+                f"unknown model {quoted(name)}; this server has {', '.join(self.models)}",
             )
         return self.models[name]
 
@@ -104,9 +192,26 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
         options = model.recognizer.options
         values: dict[str, object] = {"word_timings": config.enable_word_time_offsets}
         if config.decoding_method:
+            if config.decoding_method not in METHODS:
+                raise _invalid(
+                    f"unknown decoding method {quoted(config.decoding_method)}; "
+                    f"choose one of {', '.join(model.recognizer.methods)}"
+                )
             values["method"] = config.decoding_method
         if config.beam_size < 0 or config.max_alternatives < 0:
             raise _invalid("beam_size and max_alternatives must not be negative")
+        limits = (
+            ("beam_size", config.beam_size, "--max-beam", self.config.max_beam),
+            (
+                "max_alternatives",
+                config.max_alternatives,
+                "--max-alternatives",
+                self.config.max_alternatives,
+            ),
+        )
+        for field, value, flag, limit in limits:
+            if value > limit:
+                raise _invalid(f"{field} {value} is more than this server's {flag} {limit}")
         if config.beam_size:
             values["beam"] = config.beam_size
         beam = int(values.get("beam", options.beam))  # type: ignore[call-overload]
@@ -118,22 +223,52 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
             raise _invalid(str(err)) from err
         return options
 
+    def _endpoint(self, requested: asr_pb2.EndpointConfig) -> EndpointConfig:
+        """The stream's endpoint rules: the server's, with the durations the stream set.
+        The server's --max-segment caps both: it bounds a segment's decoding state and its
+        final's second pass, and a longer trailing silence could never end a segment."""
+        server = self.config.endpoint
+        values: dict[str, float] = {}
+        for field, name in (
+            ("trailing_silence", "trailing_silence"),
+            ("max_segment_duration", "max_segment"),
+        ):
+            seconds = to_seconds(getattr(requested, field))
+            if seconds < 0:
+                raise _invalid(f"endpoint.{field} must not be negative ({seconds:g} s)")
+            if seconds > server.max_segment:
+                raise _invalid(
+                    f"endpoint.{field} {seconds:g} s is more than this server's "
+                    f"--max-segment {server.max_segment:g} s"
+                )
+            if seconds:  # 0 or unset: the server's
+                values[name] = seconds
+        return replace(server, **values)
+
     def _audio(self, audio: bytes, config: Config) -> torch.Tensor:
-        encoding = config.encoding
+        """Decoded audio, refused before decoding when it is longer than Recognize takes."""
+        limit = self.config.max_unary_seconds
         try:
-            if encoding == Config.LINEAR16:
-                if not config.sample_rate_hertz:
-                    raise _invalid("LINEAR16 audio needs sample_rate_hertz")
+            if config.encoding == Config.LINEAR16:
+                seconds = len(audio) / (2 * (config.audio_channel_count or 1))
+                seconds /= config.sample_rate_hertz
+                if seconds > limit:
+                    raise _invalid(
+                        f"audio is {seconds:.1f} s; Recognize takes at most {limit:.0f} s "
+                        "(use StreamingRecognize)"
+                    )
                 return decode_pcm16(
                     audio,
                     config.sample_rate_hertz,
                     channels=config.audio_channel_count or 1,
                     name="audio",
                 )
-            samples = load_audio(audio, name="audio", declared_rate=config.sample_rate_hertz)
+            check_container(audio, config.encoding)
+            return load_audio(
+                audio, name="audio", declared_rate=config.sample_rate_hertz, max_seconds=limit
+            )
         except AudioError as err:
             raise _invalid(str(err)) from err
-        return samples
 
     async def _fail(
         self, context: grpc.aio.ServicerContext, err: Exception, rid: str, method: str
@@ -144,19 +279,25 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
             err = RequestError(code, str(err))
         if isinstance(err, RequestError):
+            message = err.message
+            if len(message) > MAX_STATUS_MESSAGE:  # what it quotes is cut already; a backstop
+                message = message[:MAX_STATUS_MESSAGE] + f"... ({len(err.message)} characters)"
             log.info(
                 "%s failed: %s",
                 method,
-                err.message,
+                message,
                 extra=fields(request_id=rid, rpc=method, code=err.code.name),
             )
-            self.metrics.requests.labels(method, err.code.name).inc()
-            await context.abort(err.code, err.message)
+            await context.abort(err.code, message)
         log.exception(
             "%s failed", method, extra=fields(request_id=rid, rpc=method, code="INTERNAL")
         )
-        self.metrics.requests.labels(method, "INTERNAL").inc()
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {err}")
+        # An exception's text may quote the request (and its size is anyone's guess): the
+        # client gets its type and where to find the rest.
+        await context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"internal error ({type(err).__name__}); the server log has it under request_id {rid}",
+        )
         raise AssertionError("context.abort returned")  # it always raises
 
     def _succeeded(
@@ -171,7 +312,6 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
         """Metrics and the log line of a call that ended OK. latency: Recognize: request to
         response; StreamingRecognize: last audio to final result (queueing included)."""
         rtf = model_seconds / max(audio_seconds, 1e-3)
-        self.metrics.requests.labels(method, "OK").inc()
         self.metrics.audio_seconds.labels(method).inc(audio_seconds)
         self.metrics.latency.labels(method).observe(latency)
         self.metrics.rtf.labels(method).observe(rtf)
@@ -194,16 +334,18 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
     async def Recognize(  # noqa: N802 (gRPC method name)
         self, request: asr_pb2.RecognizeRequest, context: grpc.aio.ServicerContext
     ) -> asr_pb2.RecognizeResponse:
-        rid = request.request_id or uuid.uuid4().hex
+        rid = "-"  # until the request's is checked
         started = time.perf_counter()
         try:
+            rid = request_id(request.request_id)
+            check_audio_format(request.config)
             model = self._model(request.config)
             options = self._options(model, request.config)
             # Off the event loop (a long compressed file takes a while to decode and resample),
             # and not on the model worker, whose one thread batches every model call.
             audio = await asyncio.to_thread(self._audio, request.audio, request.config)
             seconds = audio.numel() / SAMPLE_RATE
-            if seconds > self.config.max_unary_seconds:
+            if seconds > self.config.max_unary_seconds:  # a header that understated
                 raise _invalid(
                     f"audio is {seconds:.1f} s; Recognize takes at most "
                     f"{self.config.max_unary_seconds:.0f} s (use StreamingRecognize)"
@@ -239,7 +381,6 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
     ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
         rid = "-"
         if self.active_streams >= self.config.max_concurrent_streams:
-            self.metrics.requests.labels("StreamingRecognize", "RESOURCE_EXHAUSTED").inc()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many concurrent streams (limit {self.config.max_concurrent_streams})",
@@ -251,11 +392,12 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
             first = await anext(aiter(request_iterator), None)
             if first is None:
                 raise _invalid("empty stream: the first message must be streaming_config")
-            rid = first.request_id or uuid.uuid4().hex
+            rid = request_id(first.request_id)
             if first.WhichOneof("streaming_request") != "streaming_config":
                 raise _invalid("audio before config: the first message must be streaming_config")
             settings = first.streaming_config
             config = settings.config
+            check_audio_format(config)
             model = self._model(config)
             if not model.streams:
                 raise _invalid(
@@ -264,18 +406,10 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
             options = self._options(model, config)
             if config.encoding != Config.LINEAR16:
                 raise _invalid("streaming audio must be LINEAR16 (raw 16-bit PCM)")
-            if not config.sample_rate_hertz:
-                raise _invalid("LINEAR16 audio needs sample_rate_hertz")
-            try:
-                check_sample_rate(config.sample_rate_hertz, "sample_rate_hertz")
-            except AudioError as err:
-                raise _invalid(str(err)) from err
+            endpoint = self._endpoint(settings.endpoint)
             pcm = PCMStream(config.sample_rate_hertz, config.audio_channel_count or 1)
             session = StreamingSession(
-                model.recognizer,
-                options,
-                self.config.endpoint,
-                interim_results=settings.interim_results,
+                model.recognizer, options, endpoint, interim_results=settings.interim_results
             )
             async for request in request_iterator:
                 kind = request.WhichOneof("streaming_request")
@@ -360,7 +494,7 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                     decoding_methods=list(m.recognizer.methods),
                     default_decoding_method=m.recognizer.options.method,
                     parameters=count_parameters(m.recognizer.bundle.model),
-                    language_code="en-US",
+                    language_code=LANGUAGE,
                 )
                 for m in self.models.values()
             ]
