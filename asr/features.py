@@ -49,7 +49,7 @@ class FeatureConfig(Config):
             return 0
         return 1 + (num_samples - self.win_length) // self.hop_length
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         self.check(
             {
                 "num_mel_bins": (self.num_mel_bins >= 1, ">= 1"),
@@ -192,7 +192,7 @@ class SpecAugmentConfig(Config):
     time_width: int = 100  # T: max frames per time mask
     time_ratio: float = 0.2  # p: a time mask covers at most this fraction of the utterance
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         self.check(
             {
                 name: (getattr(self, name) >= 0, ">= 0")

@@ -43,7 +43,7 @@ class EndpointConfig(Config):
     trailing_silence: float = 0.8  # seconds of blank output after speech
     max_segment: float = 30.0  # seconds; a segment is cut here even without a pause
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         self.check(
             {
                 "trailing_silence": (self.trailing_silence > 0, "> 0 seconds"),

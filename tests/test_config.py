@@ -58,9 +58,26 @@ def test_every_bad_field_is_named_with_its_rule() -> None:
     )
     with pytest.raises(ValueError, match="invalid EndpointConfig: max_segment must be > 0"):
         EndpointConfig(max_segment=0.0)
-    with pytest.raises(ValueError, match="precision must be fp32, bf16 or fp16, got 'fp8'"):
+    with pytest.raises(
+        ValueError, match="precision must be one of 'fp32', 'bf16', 'fp16', got 'fp8'"
+    ):
         TrainConfig(precision="fp8")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="hop_ms must be in"):
         FeatureConfig(hop_ms=30.0)
     with pytest.raises(ValueError, match="invalid ServerConfig: max_batch must be > 0, got 0"):
         ServerConfig(models=(("m", "dir"),), max_batch=0)
+
+
+def test_wrong_types_are_value_errors_naming_the_field() -> None:
+    # Checked before any rule runs, so a rule never meets a value it cannot compare.
+    with pytest.raises(ValueError) as err:
+        DecodeOptions(beam="abc", prune_top_k=2.5, word_timings=1)  # type: ignore[arg-type]
+    assert str(err.value) == (
+        "invalid DecodeOptions: beam must be an integer, got 'abc'; prune_top_k must be an "
+        "integer or None, got 2.5; word_timings must be true or false, got 1"
+    )
+    with pytest.raises(ValueError, match="lr must be a number, got '1e-3'"):
+        TrainConfig.from_dict(TrainConfig().to_dict() | {"lr": "1e-3"})
+    with pytest.raises(ValueError, match="listener must be one of 'pyramid', 'conv-pyramid'"):
+        LASConfig(vocab_size=64, listener="transformer")  # type: ignore[arg-type]
+    assert DecodeOptions(length_penalty=1).length_penalty == 1  # an int is a number

@@ -42,7 +42,7 @@ class DecodeOptions(Config):
     # Results.
     word_timings: bool = True
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         k, threshold, skip = self.prune_top_k, self.prune_threshold, self.blank_skip
         eos, candidates = self.eos_threshold, self.joint_candidates
         self.check(

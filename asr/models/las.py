@@ -24,7 +24,7 @@ gives at position u the log-probs the training loss scores for y_{u+1} (or eos).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,7 @@ class LASConfig(Config):
     ctc_layer: int | None = None
     ctc_upsample: int = 1
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         positive = (
             "input_dim",
             "listener_hidden",
@@ -101,10 +101,6 @@ class LASConfig(Config):
                 "vocab_size": (
                     self.vocab_size > reserved,
                     f"> {reserved} (ids 0-{SOS_EOS_ID} are reserved)",
-                ),
-                "listener": (
-                    self.listener in get_args(ListenerKind),
-                    f"one of {get_args(ListenerKind)}",
                 ),
             }
             | {name: (getattr(self, name) >= 1, ">= 1") for name in positive}

@@ -7,7 +7,7 @@ only how it is trained, and is saved in every checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal
 
 from asr.config import Config
 from asr.features import SpecAugmentConfig
@@ -38,14 +38,13 @@ class TrainConfig(Config):
     log_every: int = 50
     valid_max_utterances: int | None = None  # cap dev decoding time on huge dev sets
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         positive = ("epochs", "max_frames", "num_buckets", "warmup_steps", "accum_steps")
         self.check(
             {name: (getattr(self, name) >= 1, ">= 1") for name in positive}
             | {
                 "lr": (self.lr > 0, "> 0"),
                 "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
-                "precision": (self.precision in get_args(Precision), "fp32, bf16 or fp16"),
             }
         )
 
