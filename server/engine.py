@@ -189,7 +189,8 @@ class _BatchToken(CancelToken):
 class Engine:
     """Runs model work in turns (see the module docstring); batches Recognize requests.
 
-    slice_ms: how long a Recognize batch keeps the model while others wait for it.
+    slice_ms: how long a Recognize batch keeps the model while work that has had less model
+    time waits for it (the latency a long batch adds to a short call sent behind it).
     """
 
     def __init__(
