@@ -41,7 +41,7 @@ CONFIGS: list[type[Config]] = [
     BiLSTMCTCConfig,
     LASConfig,
 ]
-REQUIRED = {LASConfig: {"vocab_size": 64}}  # fields without a default
+REQUIRED: dict[type[Config], dict[str, Any]] = {LASConfig: {"vocab_size": 64}}  # no default
 
 # Values of every JSON type and the edges of each: what a config file or `--set` can hold.
 WILD = st.one_of(
