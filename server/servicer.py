@@ -27,6 +27,7 @@ from asr.audio import (
     MAX_CHANNELS,
     SAMPLE_RATE,
     AudioError,
+    PCMStream,
     check_sample_rate,
     decode_pcm16,
     load_audio,
@@ -138,26 +139,6 @@ class Model:
     @property
     def streams(self) -> bool:
         return self.recognizer.can_stream
-
-
-class PCMStream:
-    """LINEAR16 chunks -> 16 kHz float samples, carrying an odd trailing byte or channel
-    frame over to the next chunk."""
-
-    def __init__(self, sample_rate: int, channels: int) -> None:
-        self.rate, self.channels = sample_rate, channels
-        self.pending = b""
-        self.seconds = 0.0
-
-    def decode(self, chunk: bytes) -> torch.Tensor:
-        data = self.pending + chunk
-        frame = 2 * self.channels
-        usable = len(data) - len(data) % frame
-        self.pending = data[usable:]
-        if usable == 0:
-            return torch.zeros(0)
-        self.seconds += usable / frame / self.rate
-        return decode_pcm16(data[:usable], self.rate, channels=self.channels, name="audio_content")
 
 
 class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
@@ -407,7 +388,10 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
             if config.encoding != Config.LINEAR16:
                 raise _invalid("streaming audio must be LINEAR16 (raw 16-bit PCM)")
             endpoint = self._endpoint(settings.endpoint)
-            pcm = PCMStream(config.sample_rate_hertz, config.audio_channel_count or 1)
+            try:  # stateful resampling: the result does not depend on how audio is chunked
+                pcm = PCMStream(config.sample_rate_hertz, config.audio_channel_count or 1)
+            except AudioError as err:
+                raise _invalid(str(err)) from err
             session = StreamingSession(
                 model.recognizer, options, endpoint, interim_results=settings.interim_results
             )
@@ -437,7 +421,12 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                         )
                         return
             started = time.perf_counter()
-            results, spent = await self.engine.run_timed(session.finish)
+
+            def finish() -> list[StreamResult]:
+                # the samples the resampler held back for its filter, then the last segment
+                return session.accept(pcm.flush()) + session.finish()
+
+            results, spent = await self.engine.run_timed(finish)
             latency = time.perf_counter() - started  # last audio to final result
             for response in self._responses(results, rid, config):
                 yield response

@@ -18,6 +18,7 @@ import grpc
 import pytest
 import soundfile as sf
 import torch
+import torchaudio
 from google.protobuf.duration_pb2 import Duration
 
 from asr.audio import SAMPLE_RATE
@@ -149,7 +150,7 @@ def test_stream_channels_and_rate_are_checked_before_audio(
         ({"sample_rate_hertz": 1000}, "unsupported sample rate"),
     ):
         gate = threading.Event()
-        sent_audio = []
+        sent_audio: list[bool] = []
 
         def held(
             config: dict[str, Any] = config,
@@ -410,3 +411,26 @@ def test_metrics_count_every_outcome(
             break
         time.sleep(0.05)
     assert counted == expected
+
+
+def test_a_streams_result_does_not_depend_on_its_chunking(
+    stub: asr_pb2_grpc.RecognizerStub, utterances: list[Utterance]
+) -> None:
+    # 48 kHz audio resampled chunk by chunk used to drift at 64-sample chunks (wrong words);
+    # the stream's resampler keeps its state, so any chunking is the whole signal.
+    utt = utterances[-1]
+    audio48 = torchaudio.functional.resample(utt.audio, SAMPLE_RATE, 48_000)
+    data = pcm16(audio48)
+
+    def run(chunk_bytes: int) -> list[str]:
+        def requests() -> Iterator[Request]:
+            yield stream_config(sample_rate_hertz=48_000)
+            for at in range(0, len(data), chunk_bytes):
+                yield Request(audio_content=data[at : at + chunk_bytes])
+
+        return finals(stub.StreamingRecognize(requests(), metadata=TOKEN, timeout=120))
+
+    whole = run(len(data))
+    assert " ".join(whole) == utt.text
+    for chunk_bytes in (128, 999, 96_000):  # 64 samples, an odd cut mid-sample, 1 s
+        assert run(chunk_bytes) == whole
