@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from asr import load_model
 from asr.v1 import asr_pb2, asr_pb2_grpc
-from server.auth import TokenAuth
+from server.auth import Continuation, TokenAuth
 from server.config import ServerConfig
 from server.engine import Engine
 from server.logs import fields
@@ -74,7 +74,7 @@ class CheckRequests(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
