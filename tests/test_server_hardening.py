@@ -354,7 +354,10 @@ def requests_counted(server: Server, method: str, status: str) -> float:
 
 
 def test_metrics_count_every_outcome(
-    server: Server, stub: asr_pb2_grpc.RecognizerStub, channel: grpc.Channel
+    server: Server,
+    stub: asr_pb2_grpc.RecognizerStub,
+    channel: grpc.Channel,
+    utterances: list[Utterance],
 ) -> None:
     before = {
         (m, c): requests_counted(server, m, c)
@@ -385,10 +388,19 @@ def test_metrics_count_every_outcome(
         yield stream_config()
         gate.wait(20)
 
+    # A deadline the decode cannot meet (~25 s of audio, under MAX_MESSAGE, in 0.1 s),
+    # checked on Recognize: a stream's deadline can also end its request iterator first,
+    # which the handler cannot tell from the client closing the stream, so how that is
+    # counted depends on timing.
+    long = pcm16(torch.cat([u.audio for u in utterances]))
+    assert len(long) < MAX_MESSAGE
+    hurried = asr_pb2.RecognizeRequest(
+        config=Config(encoding=Config.LINEAR16, sample_rate_hertz=SAMPLE_RATE), audio=long
+    )
+    refused(lambda: stub.Recognize(hurried, metadata=TOKEN, timeout=0.1))
     try:
-        refused(lambda: list(stub.StreamingRecognize(held(), metadata=TOKEN, timeout=1.0)))
         call = stub.StreamingRecognize(held(), metadata=TOKEN, timeout=30)
-        for _ in range(100):
+        for _ in range(400):  # up to 20 s: a loaded single core dispatches slowly
             if server.running.servicer.active_streams == 1:
                 break
             time.sleep(0.05)
@@ -401,11 +413,11 @@ def test_metrics_count_every_outcome(
         ("ListModels", "OK"): 1,
         ("Recognize", "RESOURCE_EXHAUSTED"): 1,
         ("ListModels", "INVALID_ARGUMENT"): 1,
-        ("StreamingRecognize", "DEADLINE_EXCEEDED"): 1,
+        ("Recognize", "DEADLINE_EXCEEDED"): 1,
         ("StreamingRecognize", "CANCELLED"): 1,
     }
     counted: dict[tuple[str, str], float] = {}
-    for _ in range(100):  # a cancelled call is counted once its handler has unwound
+    for _ in range(400):  # a cancelled call is counted once its handler has unwound
         counted = {k: requests_counted(server, *k) - before[k] for k in expected}
         if counted == expected:
             break
