@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := libsndfile1 sox espeak-ng flite
+# festival and its English voices: diphone (kal, ked) and HTS (slt) synthesis for `asr synth`.
+SYSTEM_PACKAGES := libsndfile1 sox espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k \
+	festvox-us-slt-hts
 # Node.js and npm (for the test with a Node gRPC client) count as present when the commands are,
 # whatever package provided them.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -1,4 +1,4 @@
-"""Synthetic LibriSpeech-layout corpora from espeak-ng and flite (asr.data.synth)."""
+"""Synthetic LibriSpeech-layout corpora from espeak-ng, flite and festival (asr.data.synth)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ MINI_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "te
 MINI_TEXT = MINI_TEXT / "librispeech-mini.txt"
 HAVE_ESPEAK = shutil.which("espeak-ng") is not None
 HAVE_FLITE = shutil.which("flite") is not None
+HAVE_FESTIVAL = {"kal_diphone", "cmu_us_slt_arctic_hts"} <= set(synth._festival_voices())
+needs_festival = pytest.mark.skipif(
+    not HAVE_FESTIVAL,
+    reason="needs festival with festvox-kallpc16k and festvox-us-slt-hts (make system-deps)",
+)
 needs_espeak = pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed")
 needs_engines = pytest.mark.skipif(
     not (HAVE_ESPEAK and HAVE_FLITE), reason="needs both espeak-ng and flite installed"
@@ -47,6 +52,7 @@ SUBSET = "train-synth"
     [
         ("espeak:en-us+m3", Voice("espeak", "en-us+m3")),
         ("flite:slt", Voice("flite", "slt")),
+        ("festival:kal_diphone:rate=0.9", Voice("festival", "kal_diphone", 0.9)),
         ("espeak:en-us+f2:rate=1.2:pitch=70", Voice("espeak", "en-us+f2", 1.2, 70)),
         ("espeak:en-gb:pitch=30:rate=0.9", Voice("espeak", "en-gb", 0.9, 30)),
     ],
@@ -67,7 +73,7 @@ def test_voice_spec_is_canonical() -> None:
 @pytest.mark.parametrize(
     ("spec", "problem"),
     [
-        ("festival:kal", "unknown engine"),
+        ("mbrola:us1", "unknown engine"),
         ("espeak", "missing voice name"),
         ("espeak:en-us:speed=2", "unknown option 'speed'"),
         ("espeak:en-us:rate=fast", "not a number"),
@@ -190,6 +196,48 @@ def test_bad_voice_name_is_a_synth_error(tmp_path: Path) -> None:
     with pytest.raises(SynthError, match="unknown flite voice"):
         synthesize("HELLO THERE", Voice.parse("flite:nosuchvoice"), out)
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_festival
+def test_festival_voices_are_listed_and_checked(tmp_path: Path) -> None:
+    voices = synth.list_voices()
+    assert {"festival:kal_diphone", "festival:cmu_us_slt_arctic_hts"} <= set(voices)
+    assert "espeak:en-us+klatt" in voices  # variants beyond the m/f speakers
+    with pytest.raises(SynthError, match="unknown festival voice"):
+        synthesize("HELLO THERE", Voice.parse("festival:nosuchvoice"), tmp_path / "x.flac")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _seconds(voice: str, tmp_path: Path, text: str = "THE QUICK BROWN FOX JUMPED") -> float:
+    return synthesize(text, Voice.parse(voice), tmp_path / f"{voice.replace(':', '_')}.flac")
+
+
+@needs_festival
+@pytest.mark.parametrize("name", ["kal_diphone", "cmu_us_slt_arctic_hts"])
+def test_festival_rate_changes_duration_for_diphone_and_hts(name: str, tmp_path: Path) -> None:
+    # Diphone voices time by Duration_Stretch, HTS voices by hts_engine's -r: both must obey.
+    normal = _seconds(f"festival:{name}", tmp_path)
+    fast = _seconds(f"festival:{name}:rate=1.5", tmp_path)
+    assert 1.0 < normal < 4.0
+    assert fast < 0.8 * normal
+
+
+@needs_festival
+def test_festival_pitch_moves_f0_and_output_is_deterministic(tmp_path: Path) -> None:
+    import torchaudio.functional as F
+
+    def f0(spec: str) -> float:
+        path = tmp_path / f"{spec.replace(':', '_')}.flac"
+        synthesize("A LONG VOWEL SOUNDS HERE", Voice.parse(spec), path)
+        wave = torch.from_numpy(sf.read(path, dtype="float32")[0])
+        return float(F.detect_pitch_frequency(wave, 16_000).median())
+
+    low, high = f0("festival:kal_diphone:pitch=20"), f0("festival:kal_diphone:pitch=80")
+    assert high > 1.1 * low  # 60 steps are 2 ** 0.6 = 1.5x by design; the detector is rough
+    first = tmp_path / "a.flac"
+    synthesize("HELLO THERE", Voice.parse("festival:ked_diphone"), first)
+    synthesize("HELLO THERE", Voice.parse("festival:ked_diphone"), tmp_path / "b.flac")
+    assert first.read_bytes() == (tmp_path / "b.flac").read_bytes()
 
 
 def test_missing_engine_is_a_synth_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -344,8 +392,8 @@ def test_run_missing_text_file_is_bad_input(
 def test_run_bad_voice_spec_is_bad_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert synth.run(_args("--voices", "espeak:en-us,festival:kal", "--out", str(tmp_path))) == 2
-    assert "festival:kal" in capsys.readouterr().err
+    assert synth.run(_args("--voices", "espeak:en-us,mbrola:us1", "--out", str(tmp_path))) == 2
+    assert "mbrola:us1" in capsys.readouterr().err
 
 
 @needs_espeak

@@ -1,4 +1,4 @@
-"""Synthetic speech corpora in the LibriSpeech layout, spoken by espeak-ng and flite voices.
+"""Synthetic speech corpora in the LibriSpeech layout, spoken by espeak-ng, flite and festival.
 
 The corpus is laid out exactly like LibriSpeech, so the same recipes (and
 `asr.data.librispeech.scan_subset`) run on it unchanged::
@@ -8,7 +8,7 @@ The corpus is laid out exactly like LibriSpeech, so the same recipes (and
     ROOT/<subset>/VOICES.TSV     "speaker<TAB>voice spec", one row per speaker (header row first)
     ROOT/<subset>/SOURCES.TSV    "utterance<TAB>source id", only when input lines carried IDs
 
-Voices are written as specs: ``espeak:en-us+m3``, ``flite:slt``,
+Voices are written as specs: ``espeak:en-us+m3``, ``flite:slt``, ``festival:kal_diphone``,
 ``espeak:en-us+f2:rate=1.2:pitch=70``. Each voice is one speaker, whose id is derived from
 the canonical spec (10000-99999, so it never collides with real LibriSpeech ids, all < 10000).
 Each (voice, subset) is one chapter (a chapter holds at most 10000 utterances; longer
@@ -21,19 +21,25 @@ sentences containing digits are skipped (with a logged count): spelling numbers 
 ("1984" as a year or a count) needs context we do not have, and a wrong transcript is worse
 than a missing sentence.
 
-Engines: espeak-ng writes 22050 Hz WAV and flite 16 kHz (8 kHz for kal); both are resampled to
-16 kHz and leading/trailing silence is cut to 0.2 s. Engines get the text in lower case, because
-flite spells all-capital words letter by letter. ``rate`` scales espeak-ng's 175 words per
-minute and divides flite's duration_stretch. ``pitch`` is espeak-ng's -p (0-99, default 50);
-for flite it sets int_f0_target_mean, with 50 at the voice's own mean and 0-99 spanning about
-an octave (flite's rms voice ignores it). Both engines quietly fall back to a default voice
-for unknown flite voices or espeak-ng variants, so those names are checked against the
-installed lists, and every voice speaks a probe word before a corpus run starts.
+Engines: espeak-ng writes 22050 Hz WAV, flite 16 kHz (8 kHz for kal), festival's diphone
+voices 16 kHz and its HTS voices 32 kHz; all are resampled to 16 kHz and leading/trailing
+silence is cut to 0.2 s. Three kinds of synthesis, which is the point of having them all:
+espeak-ng is a formant synthesizer (its klatt variants a Klatt one), flite and festival's
+kal/ked are diphone concatenation, festival's cmu_us_slt_arctic_hts a statistical parametric
+(HTS) voice. Engines get the text in lower case, because flite spells all-capital words letter
+by letter. ``rate`` scales espeak-ng's 175 words per minute, divides flite's duration_stretch
+and festival's Duration_Stretch, and is hts_engine's speed (-r) for HTS voices. ``pitch`` is
+espeak-ng's -p (0-99, default 50); for flite it sets int_f0_target_mean and for festival's
+diphone voices the target_f0_mean of their intonation model, with 50 at the voice's own mean
+and 0-99 spanning about an octave (flite's rms and festival's HTS voices ignore it: their F0
+comes from a model that takes no target). The engines quietly fall back to a default voice for
+unknown names, so names are checked against the installed lists, and every voice speaks a
+probe word before a corpus run starts.
 
 Runs are resumable and deterministic: a FLAC appears atomically only once complete, existing
-FLACs are skipped, and espeak-ng 1.51 and flite 2.2 produce byte-identical audio for the same
-input, so the same text and voices give byte-identical corpora. The transcript and TSV files are
-rewritten at the end of each run and list only utterances whose audio exists.
+FLACs are skipped, and espeak-ng 1.51, flite 2.2 and festival 2.5 produce byte-identical audio
+for the same input, so the same text and voices give byte-identical corpora. The transcript and
+TSV files are rewritten at the end of each run and list only utterances whose audio exists.
 """
 
 from __future__ import annotations
@@ -67,11 +73,12 @@ from asr.text import normalize_text
 
 log = logging.getLogger(__name__)
 
-ENGINES = {"espeak": "espeak-ng", "flite": "flite"}  # engine name in specs -> binary
+# Engine name in specs -> the program that speaks (festival's text2wave writes a WAV file).
+ENGINES = {"espeak": "espeak-ng", "flite": "flite", "festival": "text2wave"}
 ENGINE_ALIASES = {"espeak-ng": "espeak"}
 MIN_RATE, MAX_RATE = 0.25, 4.0  # speed multipliers beyond these are unintelligible
 ESPEAK_WPM = 175  # espeak-ng's default speed; rate=1.0 means exactly this
-ESPEAK_VARIANTS = tuple(f"m{i}" for i in range(1, 8)) + tuple(f"f{i}" for i in range(1, 6))
+ESPEAK_VARIANTS = tuple(f"m{i}" for i in range(1, 9)) + tuple(f"f{i}" for i in range(1, 6))
 # Default intonation mean (Hz) of flite 2.2's built-in voices, found by searching for the
 # int_f0_target_mean that reproduces the default output byte for byte; pitch 50 maps to it.
 # rms is missing on purpose: it ignores int_f0_target_mean, so pitch has no effect on it.
@@ -108,7 +115,7 @@ class SynthError(RuntimeError):
 
 @dataclass(frozen=True)
 class Voice:
-    """One TTS voice: `engine` ("espeak" or "flite"), the engine's voice `name`, a speed
+    """One TTS voice: `engine` (a key of ENGINES), the engine's voice `name`, a speed
     multiplier `rate` and an optional `pitch` (0-99, 50 is the voice's normal pitch)."""
 
     engine: str
@@ -244,18 +251,33 @@ def _flite_voices() -> tuple[str, ...]:
     return tuple(names.split())
 
 
+@functools.lru_cache(maxsize=1)
+def _festival_voices() -> tuple[str, ...]:
+    # Prints "(cmu_us_slt_arctic_hts ked_diphone kal_diphone)": every installed voice.
+    if shutil.which("text2wave") is None:
+        return ()
+    text = _run_tool(["festival", "-b", "(print (voice.list))"])
+    return tuple(sorted(text.strip().strip("()").split()))
+
+
 def list_voices() -> list[str]:
     """Voice specs available from the installed engines (missing engines are skipped).
 
-    espeak-ng: each non-mbrola English voice, alone and with the variants +m1..+m7, +f1..+f5.
+    espeak-ng: each non-mbrola English voice, alone and with every installed variant (the
+    +m1..+m8 and +f1..+f5 speakers first, then klatt, whisper, croak and the rest).
     flite: every built-in voice except limited-domain ones ("awb_time" only speaks clock times).
+    festival: every installed voice (Debian: festvox-kallpc16k, festvox-kdlpc16k,
+    festvox-us-slt-hts are the English ones).
     """
-    variants = [v for v in ESPEAK_VARIANTS if v in _espeak_variants()]
+    installed = _espeak_variants()
+    variants = [v for v in ESPEAK_VARIANTS if v in installed]
+    variants += sorted(installed - set(variants), key=str.lower)
     specs = []
     for language in _espeak_languages():
         specs.append(f"espeak:{language}")
         specs.extend(f"espeak:{language}+{variant}" for variant in variants)
     specs.extend(f"flite:{name}" for name in _flite_voices() if not name.endswith("_time"))
+    specs.extend(f"festival:{name}" for name in _festival_voices())
     return specs
 
 
@@ -305,20 +327,63 @@ def builtin_text() -> list[Sentence]:
 # One utterance
 
 
-def _engine_argv(voice: Voice, text: str, wav: Path) -> list[str]:
-    # Engines get lower case: flite spells all-capital words letter by letter ("NASA").
-    spoken = text.lower()
-    if voice.engine == "espeak":
-        argv = ["espeak-ng", "-v", voice.name, "-s", str(round(ESPEAK_WPM * voice.rate))]
-        if voice.pitch is not None:
-            argv += ["-p", str(voice.pitch)]
-        return [*argv, "-w", str(wav), "--", spoken]
+def _pitch_factor(pitch: int) -> float:
+    """F0 multiplier of a 0-99 pitch: 50 is the voice's own, 0-99 spans about one octave."""
+    return 2.0 ** ((pitch - 50) / 100)
+
+
+def _espeak_command(voice: Voice, spoken: str, wav: Path) -> tuple[list[str], str | None]:
+    argv = ["espeak-ng", "-v", voice.name, "-s", str(round(ESPEAK_WPM * voice.rate))]
+    if voice.pitch is not None:
+        argv += ["-p", str(voice.pitch)]
+    return [*argv, "-w", str(wav), "--", spoken], None
+
+
+def _flite_command(voice: Voice, spoken: str, wav: Path) -> tuple[list[str], str | None]:
     argv = ["flite", "-voice", voice.name, "--setf", f"duration_stretch={1.0 / voice.rate:.4f}"]
     if voice.pitch is not None:
-        base = FLITE_F0_MEAN.get(voice.name, FLITE_F0_FALLBACK)
-        f0 = base * 2.0 ** ((voice.pitch - 50) / 100)  # pitch 0-99 spans about one octave
+        f0 = FLITE_F0_MEAN.get(voice.name, FLITE_F0_FALLBACK) * _pitch_factor(voice.pitch)
         argv += ["--setf", f"int_f0_target_mean={f0:.1f}"]
-    return [*argv, "-t", spoken, "-o", str(wav)]
+    return [*argv, "-t", spoken, "-o", str(wav)], None
+
+
+def _festival_command(voice: Voice, spoken: str, wav: Path) -> tuple[list[str], str | None]:
+    # Scheme run after the voice is selected. Diphone voices time by Duration_Stretch and take
+    # their F0 from int_lr_params (an assoc list: a pair consed in front overrides the voice's);
+    # HTS voices ignore both and take hts_engine's own speed option instead.
+    argv = ["text2wave", "-eval", f"(voice_{voice.name})"]
+    if voice.rate != 1.0:
+        argv += [
+            "-eval",
+            f"(Parameter.set 'Duration_Stretch {1.0 / voice.rate:.4f})",
+            "-eval",
+            "(if (and (symbol-bound? 'hts_engine_params) hts_engine_params)"
+            " (set! hts_engine_params (append hts_engine_params"
+            f' (list (list "-r" {voice.rate:.4f})))))',
+        ]
+    if voice.pitch is not None:
+        mean = "(car (cdr (assoc 'target_f0_mean int_lr_params)))"
+        argv += [
+            "-eval",
+            "(if (and (symbol-bound? 'int_lr_params) (assoc 'target_f0_mean int_lr_params))"
+            f" (set! int_lr_params (cons (list 'target_f0_mean"
+            f" (* {_pitch_factor(voice.pitch):.4f} {mean})) int_lr_params)))",
+        ]
+    # The text goes in on stdin: text2wave reads it as a file, so nothing in it is Scheme.
+    return [*argv, "-o", str(wav)], spoken
+
+
+ENGINE_COMMANDS = {
+    "espeak": _espeak_command,
+    "flite": _flite_command,
+    "festival": _festival_command,
+}
+
+
+def _engine_command(voice: Voice, text: str, wav: Path) -> tuple[list[str], str | None]:
+    """The engine's argv and what to write to its stdin (None: nothing)."""
+    # Engines get lower case: flite spells all-capital words letter by letter ("NASA").
+    return ENGINE_COMMANDS[voice.engine](voice, text.lower(), wav)
 
 
 def _check_voice_name(voice: Voice, utterance: str) -> None:
@@ -330,6 +395,12 @@ def _check_voice_name(voice: Voice, utterance: str) -> None:
         if voice.name not in known and not Path(voice.name).is_file():
             available = ", ".join(known) or "none"
             raise SynthError(voice.spec, utterance, f"unknown flite voice (available: {available})")
+    elif voice.engine == "festival":
+        if voice.name not in _festival_voices():
+            available = ", ".join(_festival_voices()) or "none"
+            raise SynthError(
+                voice.spec, utterance, f"unknown festival voice (installed: {available})"
+            )
     elif "+" in voice.name:
         variant = voice.name.split("+", 1)[1]
         if variant not in _espeak_variants():
@@ -337,9 +408,11 @@ def _check_voice_name(voice: Voice, utterance: str) -> None:
 
 
 def _run_engine(voice: Voice, text: str, wav: Path, utterance: str) -> None:
-    argv = _engine_argv(voice, text, wav)
+    argv, stdin = _engine_command(voice, text, wav)
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
+        done = subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S
+        )
     except (OSError, subprocess.TimeoutExpired) as err:
         raise SynthError(voice.spec, utterance, f"{argv[0]} failed to run: {err}") from err
     stderr = " ".join(done.stderr.split())
@@ -684,7 +757,9 @@ def run(args: argparse.Namespace) -> int:
     if args.list_voices:
         specs = list_voices()
         if not specs:
-            print("asr synth: error: neither espeak-ng nor flite is installed", file=sys.stderr)
+            print(
+                "asr synth: error: none of espeak-ng, flite, festival is installed", file=sys.stderr
+            )
             return 2
         print("\n".join(specs))
         return 0
