@@ -91,11 +91,20 @@ class WordTiming:
     word: str
     start: float  # seconds from the start of the audio
     end: float
-    confidence: float  # in [0, 1]
+    confidence: float  # in [0, 1]: calibrated when the bundle has a calibration
+    raw_confidence: float | None = None  # before calibration (None: confidence is raw)
+
+    def to_dict(self) -> dict[str, object]:
+        """Its fields, `raw_confidence` only where calibration set it."""
+        out = asdict(self)
+        if self.raw_confidence is None:
+            del out["raw_confidence"]
+        return out
 
 
 def mean_confidence(words: Sequence[WordTiming]) -> float:
-    """An utterance's confidence: the mean of its words' (0 without words), to 4 places."""
+    """An utterance's confidence: the mean of its words' (0 without words), to 4 places; with
+    calibrated words, the expected fraction of its words that are right."""
     return round(sum(w.confidence for w in words) / len(words), 4) if words else 0.0
 
 
@@ -124,6 +133,6 @@ class Transcript:
             "text": self.text,
             "score": self.score,
             "confidence": self.confidence,
-            "words": [asdict(w) for w in self.words],
+            "words": [w.to_dict() for w in self.words],
             "nbest": [{"text": a.text, "score": a.score} for a in self.nbest],
         }
