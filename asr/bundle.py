@@ -1,7 +1,8 @@
 """Model bundles: the self-describing directory that export writes and the server and CLI load.
 
     config.json        model type and config, features, tokenizer, decoding defaults,
-                       training provenance and dev results
+                       word confidence calibration (optional), training provenance and
+                       dev results
     model.safetensors  weights (safetensors: loading never unpickles anything)
     tokenizer.model    sentencepiece model
     cmvn.json          global feature normalisation
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from asr.calibration import Calibration
 from asr.features import CMVN, FeatureConfig
 from asr.models import build_model, count_parameters
 from asr.models.base import attach_cmvn
@@ -54,6 +56,11 @@ class Bundle:
         # log-mel features.
         attach_cmvn(self.model, self.cmvn)
 
+    @property
+    def calibration(self) -> Calibration | None:
+        """The word confidence calibration export fitted (None: confidences are raw)."""
+        return Calibration.from_bundle(self.config)
+
 
 def git_commit() -> str:
     """The source revision, recorded as provenance (\"unknown\" outside a git checkout)."""
@@ -82,6 +89,7 @@ def write_bundle(
     training: dict[str, Any],
     results: dict[str, Any],
     decoding: dict[str, Any] | None = None,
+    calibration: Calibration | None = None,
 ) -> Path:
     """Write a bundle; the weights are checked to load into the rebuilt model first."""
     model = build_model(model_type, model_config)
@@ -103,6 +111,8 @@ def write_bundle(
         "features": asdict(feature_config),
         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
         "decoding": decoding or {},
+        # Absent without one: such bundles report raw confidences, as before calibration.
+        **({"calibration": calibration.to_bundle()} if calibration is not None else {}),
         "training": {
             **training,
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -138,6 +148,10 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         feature_config = FeatureConfig.from_dict(config["features"])
     except (KeyError, TypeError, RuntimeError) as err:
         raise BundleError(f"{root}: cannot rebuild the model ({err})") from err
+    try:
+        Calibration.from_bundle(config)
+    except ValueError as err:
+        raise BundleError(f"{root / FILES[0]}: {err}") from err
     model.to(device).eval()
     return Bundle(
         path=root,

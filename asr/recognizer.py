@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from asr.audio import AudioInput, as_samples
 from asr.bundle import Bundle, BundleError
+from asr.calibration import Calibration
 from asr.cancel import CancelToken
 from asr.data.sampler import BucketingBatchSampler
 from asr.decoding.alignment import word_timings
@@ -201,13 +202,18 @@ def default_options(offers: frozenset[str]) -> DecodeOptions:
 
 
 class Recognizer:
-    """A loaded bundle (plus, for two-pass CTC decoding, a LAS bundle) and decoding options."""
+    """A loaded bundle (plus, for two-pass CTC decoding, a LAS bundle) and decoding options.
+
+    `calibration` (the bundle's; None reports raw confidences) maps the raw word confidences
+    of every transcript it makes, whole-utterance or a stream's final, to calibrated ones.
+    """
 
     def __init__(
         self, bundle: Bundle, options: DecodeOptions | None = None, rescorer: Bundle | None = None
     ) -> None:
         self.bundle = bundle
         self.rescorer = rescorer
+        self.calibration: Calibration | None = bundle.calibration
         if rescorer is not None:
             if rescorer.model_type != "las":
                 raise BundleError(f"{rescorer.path}: a rescoring bundle must be LAS")
@@ -366,7 +372,8 @@ class Recognizer:
     ) -> Transcript:
         """Utterance `b`'s n-best (best first) as a Transcript, with the best's words aligned
         to row b of the CTC posteriors (when given) and refined with energy (T,); word times
-        count from `offset` seconds."""
+        count from `offset` seconds. The one place word confidences are made: calibrated here,
+        the utterance's confidence the mean of its calibrated words."""
         hyps = list(hyps) or [Hypothesis((), float("-inf"))]
         words: tuple[WordTiming, ...] = ()
         if opts.word_timings and ctc is not None:
@@ -379,6 +386,8 @@ class Recognizer:
                 energy,
                 offset=offset,
             )
+            if self.calibration is not None:
+                words = self.calibration.apply(words)
         return build_transcript(self.bundle.tokenizer, hyps[: opts.nbest], words)
 
 
