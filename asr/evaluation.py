@@ -1,6 +1,7 @@
 """Scoring on a manifest: a model during training (greedy, loss, WER/CER), and a recognizer
 (any decoding method, whole utterances or streamed) for `asr decode`, with the report that
-command writes (hypotheses, worst utterances, wer.json, a recipe's results.json)."""
+command writes (hypotheses, worst utterances, wer.json, a recipe's results.json), and the
+calibration of word confidences export fits on dev."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from asr.audio import SAMPLE_RATE, load_audio
+from asr.calibration import Calibration, expected_calibration_error, fit, word_labels
 from asr.data.dataset import Batch, SpeechDataset, collate
 from asr.data.manifest import Utterance
 from asr.data.sampler import BucketingBatchSampler
@@ -124,6 +126,87 @@ def stream_manifest(
 
 
 # ---------------------------------------------------------------------------------------------
+# Word confidence: how well it is calibrated, and fitting its calibration
+
+
+@dataclass(frozen=True)
+class ConfidenceScores:
+    """Per utterance (with words), the confidences a recognizer reported for its words, their
+    raw confidences (before calibration; the same without one) and whether each is right."""
+
+    reported: list[list[float]]
+    raw: list[list[float]]
+    right: list[list[bool]]
+
+    @property
+    def words(self) -> int:
+        return sum(map(len, self.right))
+
+    def ece(self, confidences: list[list[float]] | None = None) -> float | None:
+        """Word-confidence ECE of `confidences` (default: the reported ones); None without
+        words."""
+        chosen = self.reported if confidences is None else confidences
+        if not self.words:
+            return None
+        flat = [c for cs in chosen for c in cs]
+        return round(expected_calibration_error(flat, [y for ys in self.right for y in ys]), 4)
+
+
+def confidence_scores(
+    utterances: list[Utterance], transcripts: dict[str, Transcript]
+) -> ConfidenceScores:
+    """The word confidences of `transcripts` against the utterances' references."""
+    reported, raw, right = [], [], []
+    for utt in utterances:
+        words = transcripts[utt.id].words
+        if words:
+            reported.append([w.confidence for w in words])
+            raw.append(
+                [w.confidence if w.raw_confidence is None else w.raw_confidence for w in words]
+            )
+            right.append(word_labels(utt.text, [w.word for w in words]))
+    return ConfidenceScores(reported, raw, right)
+
+
+def spread(utterances: list[Utterance], limit: int) -> list[Utterance]:
+    """At most `limit` utterances evenly spaced through the list (manifests are often in
+    speaker order, so the first `limit` would miss voices)."""
+    if len(utterances) <= limit:
+        return list(utterances)
+    return [utterances[i * len(utterances) // limit] for i in range(limit)]
+
+
+def fit_calibration(
+    recognizer: Recognizer,
+    utterances: list[Utterance],
+    options: DecodeOptions | None = None,
+    *,
+    max_utterances: int = 300,
+    max_frames: int = 20_000,
+) -> tuple[Calibration | None, dict[str, Any]]:
+    """Fit word confidence calibration on (at most `max_utterances`, evenly spaced)
+    `utterances` decoded by `recognizer` with `options` (default: its own), and report it:
+    utterances and words used, the words' accuracy, and their ECE before and after. No
+    calibration (None, with the reason as "skipped") when the decode gives no words or
+    confidences that do not rank right words higher."""
+    chosen = spread(utterances, max_utterances)
+    transcripts = transcribe_manifest(recognizer, chosen, options, max_frames=max_frames)
+    scores = confidence_scores(chosen, transcripts)
+    report: dict[str, Any] = {"utterances": len(chosen), "words": scores.words}
+    try:
+        calibration = fit(scores.raw, scores.right)
+    except ValueError as err:
+        return None, report | {"skipped": str(err)}
+    calibrated = [calibration.confidences(c) for c in scores.raw]
+    report |= {
+        "word_accuracy": round(sum(map(sum, scores.right)) / scores.words, 4),
+        "ece_before": scores.ece(scores.raw),
+        "ece_after": scores.ece(calibrated),
+    }
+    return calibration, report
+
+
+# ---------------------------------------------------------------------------------------------
 # The `asr decode` report
 
 
@@ -138,11 +221,17 @@ def score_decode(
     rescore_model: Path | None = None,
 ) -> tuple[ErrorRates, dict[str, Any]]:
     """Corpus WER/CER of a decode, and its summary (wer.json, a results.json entry): the
-    rates, the method (`streaming-METHOD` when streamed), options, speed. `seconds`: the
-    decoding wall time; `rescore_model`: the LAS bundle a CTC model decoded with, if any."""
+    rates, the word confidences' ECE as reported (`ece`) and before calibration (`raw_ece`;
+    the same for a bundle without one; both None without words), the method
+    (`streaming-METHOD` when streamed), options, speed. `seconds`: the decoding wall time;
+    `rescore_model`: the LAS bundle a CTC model decoded with, if any."""
     rates = error_rates([u.text for u in utterances], [transcripts[u.id].text for u in utterances])
     audio_seconds = sum(u.duration for u in utterances)
+    confidence = confidence_scores(utterances, transcripts)
     summary = rates.to_dict() | {
+        "ece": confidence.ece(),
+        "raw_ece": confidence.ece(confidence.raw),
+        "confidence_words": confidence.words,
         "method": f"streaming-{options.method}" if streaming else options.method,
         "beam": 1 if options.method == "greedy" else options.beam,
         "options": asdict(options),
@@ -158,11 +247,16 @@ def score_decode(
 def decode_line(
     name: str, rates: ErrorRates, summary: dict[str, Any], seconds: float, out: Path
 ) -> str:
-    """The one line `asr decode` prints: a test set's rates, their counts and the speed."""
+    """The one line `asr decode` prints: a test set's rates, their counts, the word
+    confidences' ECE (and before calibration, where it differs) and the speed."""
+    ece, raw = summary.get("ece"), summary.get("raw_ece")
+    calibration = "" if ece is None else f", ECE {ece:.3f}"
+    if ece is not None and raw != ece:
+        calibration += f" (raw {raw:.3f})"
     return (
         f"{name}: {summary['method']} WER {rates.wer:.2f} % CER {rates.cer:.2f} % "
         f"(S {rates.substitutions} D {rates.deletions} I {rates.insertions} over "
-        f"{rates.words} words, {rates.utterances} utterances, {seconds:.1f} s, "
+        f"{rates.words} words, {rates.utterances} utterances{calibration}, {seconds:.1f} s, "
         f"RTF {summary['rtf']:.3f}) -> {out}"
     )
 
