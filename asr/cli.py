@@ -207,15 +207,48 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exp-dir", required=True, type=Path)
     p.add_argument("--average", type=int, default=1, help="average the last N checkpoints")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="store no word confidence calibration (confidences stay raw)",
+    )
+    p.add_argument(
+        "--calibration-manifest",
+        type=Path,
+        help="manifest to calibrate word confidences on (default: the experiment's dev set)",
+    )
+    p.add_argument(
+        "--calibration-utterances",
+        type=int,
+        default=300,
+        help="calibrate on at most this many of its utterances, evenly spaced",
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    out = export_experiment(args.exp_dir, args.out, average=args.average)
-    dev = json.loads((out / "config.json").read_text())["results"]["dev"]
+    out = export_experiment(
+        args.exp_dir,
+        args.out,
+        average=args.average,
+        calibrate=not args.no_calibrate,
+        calibration_manifest=args.calibration_manifest,
+        calibration_utterances=args.calibration_utterances,
+    )
+    results = json.loads((out / "config.json").read_text())["results"]
+    dev = results["dev"]
     print(
         f"{out}: bundle written; dev WER {dev['wer']:.2f} %, CER {dev['cer']:.2f} % "
         f"({dev['utterances']} utterances, greedy)"
     )
+    cal = results.get("calibration")
+    if cal is not None and "skipped" in cal:
+        print(f"word confidence left uncalibrated: {cal['skipped']}")
+    elif cal is not None:
+        print(
+            f"word confidence calibrated on {cal['words']} words of {cal['utterances']} dev "
+            f"utterances ({cal['method']}, {cal['word_accuracy']:.1%} right): "
+            f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}"
+        )
     return 0
 
 
