@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Synthetic LibriSpeech-format corpus from TTS voices, then the LibriSpeech recipe on it with the
 # cpu-small presets. Runs on a CPU-only machine; shows the whole pipeline without LibriSpeech.
+# Whole engines are held out, so the test sets measure speech recognition, not memory of a
+# synthesizer: a festival HTS voice and a flite voice never heard in training, and 17 real
+# LibriSpeech utterances (../shared/data, test only).
 #
 # Usage:
 #   recipes/synthetic/run.sh                                  # both models, default text
@@ -9,13 +12,17 @@
 #
 # Stages:
 #   0 split   text -> train / dev / test sentences (every 20th line test, every 20th+10 dev)
-#   1 synth   asr synth: train voices speak train and dev sentences; the same voices speak the
-#             test sentences (heldout-sentences); a voice never used in training speaks them
-#             too (heldout-voice)
+#   1 synth   asr synth: train voices (espeak-ng, flite, festival diphone) speak the train
+#             sentences; a few of them, one or two per engine, the dev and test sentences
+#             (heldout-sentences); voices of held-out engines speak the test sentences
+#             (heldout-festival: cmu_us_slt_arctic_hts; heldout-flite: slt, whose speaker is
+#             slt-hts's, so no slt voice trains); manifests of the real utterances
 #   2+        recipes/librispeech/run.sh --data-root WORK/LibriSpeech --preset cpu-small ...
-#             (prepare, tokenizer, cmvn, train, export, decode; results in EXP/results.json),
-#             then both models together (rescore and joint, BiLSTM-CTC with the LAS bundle),
-#             and the WER table
+#             (prepare, tokenizer, cmvn, train with on-the-fly augmentation, export, decode;
+#             results in EXP/results.json). The LAS trains with its CTC head at 80 ms, then
+#             fine-tunes with it at 40 ms and CTC weight 0.5 (learning to attend and to align
+#             at 40 ms at once fails from scratch); then both models together (rescore and
+#             joint), and the WER table
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -25,14 +32,21 @@ stop_stage=100
 text=$repo/../shared/data/text/librispeech-mini.txt
 model=both
 work=$repo/exp/synthetic
-train_voices=espeak:en-us+m1,espeak:en-us+f1,espeak:en-gb+m3,espeak:en-us+m7,flite:slt,flite:awb,flite:rms
-heldout_voice=espeak:en-us+f3
+# Training voices: formant (espeak-ng, Klatt variants too), diphone (flite, festival) synthesis.
+train_voices=espeak:en-us+m1,espeak:en-us+m3,espeak:en-us+m6,espeak:en-us+f1,espeak:en-us+f4
+train_voices+=,espeak:en-gb+m3,espeak:en-gb+f2,espeak:en-gb-x-rp+m5,espeak:en-029+m7
+train_voices+=,espeak:en-us+klatt,espeak:en-us+klatt4,espeak:en-gb+klatt2
+train_voices+=,flite:awb,flite:rms,flite:kal16,festival:kal_diphone,festival:ked_diphone
+dev_voices=espeak:en-us+m1,espeak:en-us+klatt,flite:awb,festival:kal_diphone,festival:ked_diphone
+heldout_festival=festival:cmu_us_slt_arctic_hts
+heldout_flite=flite:slt
+real_root=$repo/../shared/data/librispeech-real/LibriSpeech  # test only: never trained on
 train_sentences=0           # training sentences (0: all)
-voices_per_sentence=2       # training voices reading each sentence (empty: all of them)
+voices_per_sentence=3       # training voices reading each sentence (empty: all of them)
 max_words=50                # longer sentences are left out (about 5 % of LibriSpeech's)
 jobs=$(nproc)
 vocab_size=128
-epochs=                     # empty: 11 for ctc, 8 for las (about 80 min each on one core)
+epochs=                     # empty: 11 for ctc, 8 for las (+3 fine-tuning)
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -42,7 +56,10 @@ while [[ $# -gt 0 ]]; do
     --model) model=$2; shift 2 ;;
     --work) work=$2; shift 2 ;;
     --train-voices) train_voices=$2; shift 2 ;;
-    --heldout-voice) heldout_voice=$2; shift 2 ;;
+    --dev-voices) dev_voices=$2; shift 2 ;;
+    --heldout-festival) heldout_festival=$2; shift 2 ;;
+    --heldout-flite) heldout_flite=$2; shift 2 ;;
+    --real-root) real_root=$2; shift 2 ;;
     --train-sentences) train_sentences=$2; shift 2 ;;
     --voices-per-sentence) voices_per_sentence=$2; shift 2 ;;
     --max-words) max_words=$2; shift 2 ;;
@@ -75,41 +92,79 @@ if in_stage 0; then
   wc -l "$text_dir"/*.txt
 fi
 
+test_sets=heldout-sentences,heldout-festival,heldout-flite
 if in_stage 1; then
   run asr synth --text "$text_dir/train.txt" --voices "$train_voices" --out "$corpus" \
     --subset train-synth --jobs "$jobs" --rate-jitter 0.1 --pitch-jitter 10 \
     ${voices_per_sentence:+--voices-per-sentence "$voices_per_sentence"}
-  run asr synth --text "$text_dir/dev.txt" --voices "$train_voices" --out "$corpus" \
+  run asr synth --text "$text_dir/dev.txt" --voices "$dev_voices" --out "$corpus" \
     --subset dev-synth --jobs "$jobs"
-  run asr synth --text "$text_dir/test.txt" --voices "$train_voices" --out "$corpus" \
+  run asr synth --text "$text_dir/test.txt" --voices "$dev_voices" --out "$corpus" \
     --subset heldout-sentences --jobs "$jobs"
-  run asr synth --text "$text_dir/test.txt" --voices "$heldout_voice" --out "$corpus" \
-    --subset heldout-voice --jobs "$jobs"
+  run asr synth --text "$text_dir/test.txt" --voices "$heldout_festival" --out "$corpus" \
+    --subset heldout-festival --jobs "$jobs"
+  run asr synth --text "$text_dir/test.txt" --voices "$heldout_flite" --out "$corpus" \
+    --subset heldout-flite --jobs "$jobs"
+fi
+# The real utterances are one more test set when they are there: their speakers (unique across
+# the three subsets they come from) are linked into one subset of the corpus, so the recipe
+# prepares and decodes it like the others. Links, not copies: the audio stays in ../shared.
+if [[ -d $real_root ]]; then
+  test_sets+=,librispeech-real
+  if in_stage 1; then
+    mkdir -p "$corpus/librispeech-real"
+    for speaker in "$real_root"/*/*/; do
+      run ln -sfn "$(cd "$speaker" && pwd)" "$corpus/librispeech-real/$(basename "$speaker")"
+    done
+  fi
 fi
 
 declare -A default_epochs=([ctc]=11 [las]=8)
+finetune_epochs=3
 models=("$model")
 [[ $model == both ]] && models=(ctc las)
 for m in "${models[@]}"; do
   # The corpus-level stages (prepare, tokenizer, cmvn) are shared; run them once.
   first=$(( stage > 2 ? stage - 2 : 0 ))
   [[ $m != "${models[0]}" && $first -lt 3 ]] && first=3
-  if [[ $stop_stage -ge 2 ]]; then
+  [[ $stop_stage -ge 2 ]] || continue
+  common=(--data-root "$corpus" --train-sets train-synth --dev-set dev-synth
+    --test-sets "$test_sets" --model "$m" --preset cpu-small --vocab-size "$vocab_size"
+    --data-dir "$work/data" --average 3 --jobs "$jobs")
+  if [[ $m == ctc ]]; then
     run "$repo/recipes/librispeech/run.sh" --stage "$first" --stop-stage $(( stop_stage - 2 )) \
-      --data-root "$corpus" --train-sets train-synth --dev-set dev-synth \
-      --test-sets heldout-sentences,heldout-voice --model "$m" --preset cpu-small \
-      --vocab-size "$vocab_size" --data-dir "$work/data" --exp-dir "$work/exp/$m" \
-      --average 3 --jobs "$jobs" --epochs "${epochs:-${default_epochs[$m]}}" \
+      "${common[@]}" --exp-dir "$work/exp/ctc" --epochs "${epochs:-${default_epochs[$m]}}" \
       -- --set valid_max_utterances=300
+    continue
+  fi
+  # LAS: train and export the 80 ms model (stages 2-6), then fine-tune it (stages 5-7 again).
+  if [[ $first -le 4 ]]; then
+    run "$repo/recipes/librispeech/run.sh" --stage "$first" \
+      --stop-stage $(( stop_stage - 2 < 4 ? stop_stage - 2 : 4 )) "${common[@]}" \
+      --exp-dir "$work/exp/las-base" --epochs "${epochs:-${default_epochs[$m]}}" \
+      -- --set valid_max_utterances=300
+  fi
+  if [[ $stop_stage -ge 5 ]]; then
+    run "$repo/recipes/librispeech/run.sh" --stage $(( first > 3 ? first : 3 )) \
+      --stop-stage $(( stop_stage - 2 )) "${common[@]}" --exp-dir "$work/exp/las" \
+      --epochs "$finetune_epochs" -- --init "$work/exp/las-base/bundle" \
+      --model-set ctc_upsample=2 --model-set ctc_weight=0.5 \
+      --set lr=5e-4 --set warmup_steps=100 --set valid_max_utterances=300
   fi
 done
 # Both models together (same tokenizer): the BiLSTM-CTC n-best rescored by the LAS attention
 # decoder, and one-pass joint decoding (LAS attention beam search scored with the BiLSTM-CTC's
 # prefix probabilities; CTC weight 0.2, chosen on 300 dev utterances).
+results=()
 if [[ $stop_stage -ge 7 && -d $work/exp/las/bundle && -d $work/exp/ctc/bundle ]]; then
   run "$repo/recipes/librispeech/run.sh" --stage 5 --stop-stage 5 \
-    --test-sets heldout-sentences,heldout-voice --model ctc --data-dir "$work/data" \
+    --test-sets "$test_sets" --model ctc --data-dir "$work/data" \
     --exp-dir "$work/exp/ctc" --methods rescore,joint --ctc-weight 0.2 \
     --rescore-model "$work/exp/las/bundle"
-  run asr results "$work/exp/ctc/results.json" "$work/exp/las/results.json"
+fi
+for r in ctc las; do
+  [[ -f $work/exp/$r/results.json ]] && results+=("$work/exp/$r/results.json")
+done
+if [[ $stop_stage -ge 7 && ${#results[@]} -gt 0 ]]; then
+  run asr results "${results[@]}"
 fi
