@@ -3,7 +3,7 @@
 # cpu-small presets. Runs on a CPU-only machine; shows the whole pipeline without LibriSpeech.
 # Whole engines are held out, so the test sets measure speech recognition, not memory of a
 # synthesizer: a festival HTS voice and a flite voice never heard in training, and 17 real
-# LibriSpeech utterances (../shared/data, test only).
+# LibriSpeech utterances (../shared/data, test only). pocketsphinx decodes every test set too.
 #
 # Usage:
 #   recipes/synthetic/run.sh                                  # both models, default text
@@ -22,7 +22,8 @@
 #             results in EXP/results.json). The LAS trains with its CTC head at 80 ms, then
 #             fine-tunes with it at 40 ms and CTC weight 0.5 (learning to attend and to align
 #             at 40 ms at once fails from scratch); then both models together (rescore and
-#             joint), and the WER table
+#             joint), pocketsphinx on every test set (bench/peer_wer.py, the peer row), and
+#             the WER table
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -162,7 +163,15 @@ if [[ $stop_stage -ge 7 && -d $work/exp/las/bundle && -d $work/exp/ctc/bundle ]]
     --exp-dir "$work/exp/ctc" --methods rescore,joint --ctc-weight 0.2 \
     --rescore-model "$work/exp/las/bundle"
 fi
-for r in ctc las; do
+# The peer: pocketsphinx (CMU, generic US English model) on the same test audio.
+if [[ $stop_stage -ge 8 ]]; then
+  peer_args=()
+  IFS=, read -ra tests <<< "$test_sets"
+  for t in "${tests[@]}"; do peer_args+=(--manifest "$t=$work/data/manifests/$t.jsonl"); done
+  run python "$repo/bench/peer_wer.py" "${peer_args[@]}" --results "$work/exp/peer/results.json" \
+    --jobs "$jobs"
+fi
+for r in ctc las peer; do
   [[ -f $work/exp/$r/results.json ]] && results+=("$work/exp/$r/results.json")
 done
 if [[ $stop_stage -ge 7 && ${#results[@]} -gt 0 ]]; then
