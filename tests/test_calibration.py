@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from asr.audio import save_flac
 from asr.bundle import Bundle, BundleError, load_bundle, write_bundle
 from asr.calibration import Calibration, expected_calibration_error, fit, word_labels
-from asr.data.manifest import Utterance, write_manifest
+from asr.data.manifest import Utterance
 from asr.decoding.alignment import word_timings
 from asr.decoding.options import DecodeOptions, Hypothesis, Transcript, WordTiming
 from asr.evaluation import confidence_scores, decode_line, score_decode, spread
@@ -30,7 +29,7 @@ from asr.training import checkpoint as ckpt
 from asr.training.config import TrainConfig
 from asr.training.export import export_experiment
 from asr.training.trainer import Experiment
-from tests.word_corpus import TRAINING, WordCorpus
+from tests.word_corpus import TRAINING, WordCorpus, write_clips_manifest
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -352,17 +351,7 @@ def test_spread_takes_utterances_from_the_whole_manifest() -> None:
 
 @pytest.fixture(scope="module")
 def word_dev(word_corpus: WordCorpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("dev")
-    rng = random.Random(11)
-    utterances = []
-    for i in range(10):
-        utt = word_corpus.utterance(rng)
-        path = root / f"utt{i}.flac"
-        save_flac(path, utt.audio)
-        duration = utt.audio.numel() / 16000
-        utterances.append(Utterance(f"utt{i}", str(path), duration, utt.text, "s"))
-    write_manifest(root / "dev.jsonl", utterances)
-    return root / "dev.jsonl"
+    return write_clips_manifest(word_corpus, tmp_path_factory.mktemp("dev"), 10, 11, "s", "dev")
 
 
 def test_export_fits_calibration_on_dev_and_the_recognizer_applies_it(

@@ -11,16 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from asr.audio import save_flac
 from asr.bundle import Bundle, BundleError, load_bundle
 from asr.cli import main
-from asr.data.manifest import Utterance, write_manifest
 from asr.decoding.attention import attention_scores
 from asr.decoding.options import DecodeOptions
 from asr.models.las import LAS
 from asr.recognizer import METHODS, Recognizer
 from asr.tokenizer import Tokenizer
-from tests.word_corpus import WordCorpus, save_bundle, untrained_las
+from tests.word_corpus import WordCorpus, save_bundle, untrained_las, write_clips_manifest
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +35,7 @@ def las_dir(word_model: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture(scope="module")
 def manifest(word_corpus: WordCorpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("audio")
-    rng = random.Random(7)
-    utterances = []
-    for i in range(12):
-        utt = word_corpus.utterance(rng)
-        path = root / f"utt{i}.flac"
-        save_flac(path, utt.audio)
-        utterances.append(
-            Utterance(f"utt{i}", str(path), utt.audio.numel() / 16000, utt.text, "s1")
-        )
-    write_manifest(root / "test.jsonl", utterances)
-    return root / "test.jsonl"
+    return write_clips_manifest(word_corpus, root, 12, 7, "s1", "test")
 
 
 def test_decode_writes_hypotheses_report_and_scores(

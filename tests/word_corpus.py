@@ -84,6 +84,26 @@ def synthesize_clips() -> WordCorpus:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_clips_manifest(
+    corpus: WordCorpus, root: Path, count: int, seed: int, speaker: str, name: str
+) -> Path:
+    """`count` random word-corpus utterances as FLACs in `root` and their manifest
+    ROOT/NAME.jsonl (utt0, utt1, ..., all by `speaker`)."""
+    from asr.audio import save_flac
+    from asr.data.manifest import Utterance as Row
+    from asr.data.manifest import write_manifest
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        utt = corpus.utterance(rng)
+        path = root / f"utt{i}.flac"
+        save_flac(path, utt.audio)
+        rows.append(Row(f"utt{i}", str(path), utt.audio.numel() / SAMPLE_RATE, utt.text, speaker))
+    write_manifest(root / f"{name}.jsonl", rows)
+    return root / f"{name}.jsonl"
+
+
 def features(utterances: list[Utterance], config: FeatureConfig) -> list[torch.Tensor]:
     return [log_mel(u.audio, config) for u in utterances]
 
