@@ -122,7 +122,12 @@ def _describe(hint: Any) -> str:
 
 
 def _nested(hint: Any, value: Any) -> Any:
-    """`value` rebuilt as the Config its field holds (`X` or `X | None`), if it is a dict."""
+    """`value` rebuilt as the Config its field holds (`X` or `X | None`), if it is a dict; a
+    list (what JSON makes of a tuple) as the tuple its field holds."""
+    if isinstance(value, list) and any(
+        typing.get_origin(kind) is tuple for kind in (hint, *typing.get_args(hint))
+    ):
+        return tuple(value)
     if not isinstance(value, Mapping):
         return value
     for kind in (hint, *typing.get_args(hint)):

@@ -11,6 +11,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
 from asr.audio import SAMPLE_RATE, load_audio
+from asr.data.augment import AugmentConfig, Augmenter
 from asr.data.manifest import Utterance
 from asr.features import (
     CMVN,
@@ -59,9 +60,10 @@ class Batch:
 class SpeechDataset(Dataset[Example]):
     """Items are computed on the fly (in DataLoader workers) so augmentation differs per epoch.
 
-    Training randomness (speed factor, dither, SpecAugment masks) is drawn from a generator
-    seeded by (seed, epoch, index): an item is reproducible in any worker, in any order, which
-    is what makes a resumed run see exactly the data the interrupted one would have.
+    Training randomness (speed factor, `augment`, dither, SpecAugment masks) is drawn from a
+    generator seeded by (seed, epoch, index): an item is reproducible in any worker, in any
+    order, which is what makes a resumed run see exactly the data the interrupted one would
+    have.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class SpeechDataset(Dataset[Example]):
         train: bool = False,
         speed_factors: Sequence[float] = SPEED_FACTORS,
         spec_augment: SpecAugmentConfig | None = None,
+        augment: AugmentConfig | None = None,
         seed: int = 0,
     ) -> None:
         self.utterances = list(utterances)
@@ -85,6 +88,12 @@ class SpeechDataset(Dataset[Example]):
         self.train = train
         self.speed_factors = tuple(speed_factors) if train else (1.0,)
         self.spec_augment = spec_augment if train else None
+        # Babble is made of the other training utterances.
+        self.augmenter = (
+            Augmenter(augment, feature_config, babble=[u.path for u in self.utterances])
+            if train and augment is not None
+            else None
+        )
         self.seed = seed
         self.epoch = 0
 
@@ -111,7 +120,11 @@ class SpeechDataset(Dataset[Example]):
         if len(self.speed_factors) > 1:
             choice = int(torch.randint(len(self.speed_factors), (1,), generator=gen))
             wave = speed_perturb(wave, self.speed_factors[choice])
+        if self.augmenter is not None:
+            wave = self.augmenter.wave(wave, gen)
         feats = log_mel(wave, self.feature_config, train=self.train, generator=gen)
+        if self.augmenter is not None:
+            feats = self.augmenter.features(feats, gen)
         if self.spec_augment is not None:
             feats = spec_augment(feats, self.spec_augment, gen, self.mask_value)
         tokens = torch.tensor(self.tokenizer.encode(normalize_text(utt.text)), dtype=torch.long)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from asr.config import Config
+from asr.data.augment import AugmentConfig
 from asr.features import SpecAugmentConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -33,6 +34,10 @@ class TrainConfig(Config):
     num_workers: int = 2  # DataLoader processes per rank
     speed_perturb: bool = True
     spec_augment: SpecAugmentConfig | None = field(default_factory=SpecAugmentConfig)
+    # Noise, reverberation, channels, pitch, VTLP (asr.data.augment); None: off, as for real
+    # read speech where speed perturbation and SpecAugment are the standard. `--set augment={}`
+    # turns it on with the defaults, `--set 'augment={"noise_dir": "musan/noise"}'` tunes it.
+    augment: AugmentConfig | None = None
     checkpoint_every: int = 1000  # optimizer steps; a checkpoint is also written every epoch
     keep_last: int = 5
     log_every: int = 50

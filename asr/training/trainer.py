@@ -202,6 +202,7 @@ class Trainer:
             train=True,
             speed_factors=SPEED_FACTORS if self.cfg.speed_perturb else (1.0,),
             spec_augment=self.cfg.spec_augment,
+            augment=self.cfg.augment,
             seed=self.cfg.seed,
         )
         self.sampler = BucketingBatchSampler(
