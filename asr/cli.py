@@ -7,6 +7,7 @@ stderr naming the input and exit status 2; partial failures (some files bad) exi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -32,7 +33,7 @@ from asr.evaluation import (
     transcribe_manifest,
     write_decode,
 )
-from asr.features import FeatureConfig
+from asr.features import DEFAULT_CMN_PRIOR, FeatureConfig
 from asr.models import MODELS, model_config
 from asr.text import normalize_text
 from asr.tokenizer import KINDS, Tokenizer
@@ -109,15 +110,31 @@ def _add_cmvn(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, type=Path, help="training manifest")
     p.add_argument("--out", required=True, type=Path, help="cmvn.json to write")
     p.add_argument("--max-utterances", type=int, default=20_000)
+    p.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        help="also subtract a causal sliding-window mean over this many frames (300 = 3 s), "
+        "so channel and level matter less; 0: global CMVN only",
+    )
+    p.add_argument(
+        "--prior-frames",
+        type=int,
+        default=DEFAULT_CMN_PRIOR,
+        help="weight, in frames, of the global mean in the sliding window",
+    )
     p.add_argument("--jobs", type=int, default=_default_jobs())
 
 
 def _run_cmvn(args: argparse.Namespace) -> int:
+    if args.window < 0 or args.prior_frames < 0:
+        raise ValueError("--window and --prior-frames must be >= 0")
     utterances = read_manifest(args.manifest)
     workers = args.jobs if args.jobs > 1 else 0
     cmvn = manifest_cmvn(
         utterances, FeatureConfig(), max_utterances=args.max_utterances, workers=workers
     )
+    cmvn = dataclasses.replace(cmvn, window=args.window, prior_frames=args.prior_frames)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     cmvn.save(args.out)
     print(f"{args.out}: CMVN over {cmvn.frames} frames ({cmvn.frames / 360000:.2f} h)")

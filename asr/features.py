@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -126,22 +127,81 @@ class StreamingFeatures:
         return feats
 
 
+DEFAULT_CMN_PRIOR = 100  # frames (1 s) of the global mean that a sliding window starts from
+
+
 @dataclass(frozen=True)
 class CMVN:
-    """Global cepstral mean and variance normalisation statistics over a training set."""
+    """Global cepstral mean and variance normalisation statistics over a training set, and
+    optionally a causal sliding-window mean normalisation after it (`window` frames, 0: off).
+
+    The sliding mean removes what stays constant over a few seconds (the channel, the level,
+    a synthesizer's or microphone's spectral tilt), which global statistics cannot. It is
+    causal (frame t sees frames t - window + 1 .. t), so a stream normalises exactly as the
+    whole utterance (`stream`); the first frames, with little history, lean on the global
+    mean, counted as `prior_frames` frames (as Kaldi's online CMVN starts from global stats).
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     frames: int
+    window: int = 0
+    prior_frames: int = DEFAULT_CMN_PRIOR
+
+    def __post_init__(self) -> None:
+        if self.window < 0 or self.prior_frames < 0:
+            raise ValueError(
+                f"CMVN window and prior_frames must be >= 0, got {self.window}, {self.prior_frames}"
+            )
 
     def apply(self, feats: torch.Tensor) -> torch.Tensor:
-        """Normalise (..., F) features to zero mean and unit variance per dimension."""
+        """Normalise (..., T, F) features (zero-padded at the end, if batched: the window is
+        causal, so padding never reaches a real frame). Without a window any (..., F) works."""
+        normed = self._global(feats)
+        return normed if self.window == 0 else self._slide(normed, normed[..., :0, :])[0]
+
+    def stream(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A stateful normaliser for one stream: call it on consecutive (..., n, F) chunks; the
+        outputs joined equal `apply` on the joined input."""
+        history: torch.Tensor | None = None
+
+        def accept(feats: torch.Tensor) -> torch.Tensor:
+            nonlocal history
+            normed = self._global(feats)
+            if self.window == 0:
+                return normed
+            out, history = self._slide(normed, normed[..., :0, :] if history is None else history)
+            return out
+
+        return accept
+
+    def _global(self, feats: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, dtype=feats.dtype, device=feats.device)
         std = torch.tensor(self.std, dtype=feats.dtype, device=feats.device)
         return (feats - mean) / std
 
+    def _slide(
+        self, normed: torch.Tensor, history: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Subtract the causal window mean from (..., n, F) globally normalised frames that
+        follow `history` (..., h, F), h < window -> (output, the new history). The global
+        mean (zero after `_global`) fills the window with weight `prior_frames`."""
+        joined = torch.cat([history, normed], dim=-2).to(torch.float64)
+        total = joined.shape[-2]
+        cumsum = torch.cat([torch.zeros_like(joined[..., :1, :]), joined.cumsum(-2)], dim=-2)
+        ends = torch.arange(history.shape[-2] + 1, total + 1, device=joined.device)
+        starts = (ends - self.window).clamp(min=0)
+        sums = cumsum[..., ends, :] - cumsum[..., starts, :]
+        # A window not yet full is topped up with the prior; a full one still keeps it, so
+        # the estimate never rests on a single frame.
+        counts = (ends - starts).to(torch.float64)[:, None] + self.prior_frames
+        out = (joined[..., history.shape[-2] :, :] - sums / counts.clamp(min=1)).to(normed.dtype)
+        return out, joined[..., max(0, total - self.window + 1) :, :].to(normed.dtype)
+
     def save(self, path: str | Path) -> None:
         data = {"dim": len(self.mean), "frames": self.frames, "mean": self.mean, "std": self.std}
+        if self.window:
+            data |= {"window": self.window, "prior_frames": self.prior_frames}
         Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
     @classmethod
@@ -150,11 +210,15 @@ class CMVN:
             data = json.loads(Path(path).read_text())
             mean, std = tuple(map(float, data["mean"])), tuple(map(float, data["std"]))
             frames = int(data["frames"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            window = int(data.get("window", 0))
+            prior = int(data.get("prior_frames", DEFAULT_CMN_PRIOR))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{path}: not a CMVN statistics file ({err})") from err
         if len(mean) != len(std) or min(std, default=0.0) <= 0:
             raise ValueError(f"{path}: mean/std have different sizes or a non-positive std")
-        return cls(mean=mean, std=std, frames=frames)
+        if window < 0 or prior < 0:
+            raise ValueError(f"{path}: window and prior_frames must be >= 0")
+        return cls(mean=mean, std=std, frames=frames, window=window, prior_frames=prior)
 
 
 class CMVNAccumulator:

@@ -111,6 +111,46 @@ def test_cmvn_errors(tmp_path: Path) -> None:
         CMVN.load(bad)
 
 
+SLIDING = CMVN(mean=(1.0, -2.0, 0.5), std=(2.0, 1.0, 4.0), frames=10, window=7, prior_frames=3)
+
+
+def test_sliding_cmvn_subtracts_the_causal_window_mean() -> None:
+    feats = torch.randn(2, 30, 3) * 3 + 5
+    glob = (feats - torch.tensor(SLIDING.mean)) / torch.tensor(SLIDING.std)
+    window_means = [glob[:, max(0, t - 6) : t + 1].sum(1) / (min(t + 1, 7) + 3) for t in range(30)]
+    expected = glob - torch.stack(window_means, dim=1)
+    torch.testing.assert_close(SLIDING.apply(feats), expected)
+    # A constant offset (a channel, a level) is gone once the window has filled, but for the
+    # prior's share (3 of 7 + 3 frames)...
+    shifted = SLIDING.apply(feats + 4.0) - SLIDING.apply(feats)
+    residual = 4.0 / torch.tensor(SLIDING.std) * 3 / 10
+    torch.testing.assert_close(shifted[:, 6:], residual.expand(2, 24, 3))
+    # ...and a frame never sees the future: padding a batch changes nothing before it.
+    padded = torch.cat([feats, torch.zeros(2, 9, 3)], dim=1)
+    torch.testing.assert_close(SLIDING.apply(padded)[:, :30], SLIDING.apply(feats))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sliding_cmvn_streams_exactly_as_the_whole(seed: int) -> None:
+    rng = torch.Generator().manual_seed(seed)
+    feats = torch.randn(1, 60, 3, generator=rng)
+    cuts = sorted(torch.randint(0, 61, (5,), generator=rng).tolist())
+    stream = SLIDING.stream()
+    pieces = [stream(feats[:, a:b]) for a, b in zip([0, *cuts], [*cuts, 60], strict=True)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), SLIDING.apply(feats), atol=1e-6, rtol=0)
+
+
+def test_sliding_cmvn_round_trips_and_old_files_load(tmp_path: Path) -> None:
+    SLIDING.save(tmp_path / "cmvn.json")
+    assert CMVN.load(tmp_path / "cmvn.json") == SLIDING
+    old = tmp_path / "old.json"
+    old.write_text('{"mean": [0.0], "std": [1.0], "frames": 1}')  # written before windows
+    assert CMVN.load(old).window == 0
+    old.write_text('{"mean": [0.0], "std": [1.0], "frames": 1, "window": -3}')
+    with pytest.raises(ValueError, match=">= 0"):
+        CMVN.load(old)
+
+
 def test_spec_augment_masks_within_limits() -> None:
     feats = torch.randn(500, 80) + 10.0  # offset so masked (zeroed) cells are unambiguous
     config = SpecAugmentConfig(freq_masks=2, freq_width=27, time_masks=2, time_width=40)

@@ -8,6 +8,7 @@ One training loop serves every model because each one implements
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,8 +46,14 @@ class NormalizesInput:
     cmvn: CMVN | None = None
 
     def normalize(self, feats: torch.Tensor) -> torch.Tensor:
-        """(..., F) log-mel features -> the same, normalised to zero mean and unit variance."""
+        """(..., T, F) log-mel features -> the same, normalised to zero mean and unit variance."""
         return feats if self.cmvn is None else self.cmvn.apply(feats)
+
+    def stream_normalizer(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`normalize` for one stream's consecutive (..., n, F) chunks (a sliding-window CMVN
+        carries history from chunk to chunk); the outputs joined equal `normalize` of the
+        joined input."""
+        return (lambda feats: feats) if self.cmvn is None else self.cmvn.stream()
 
 
 def attach_cmvn(model: object, cmvn: CMVN) -> None:

@@ -296,6 +296,7 @@ class BiLSTMCTCStream:
         """Forget the current utterance; the next `accept` starts a new one."""
         self.frames_emitted = 0  # log-prob frames returned so far (40 ms each at a 10 ms hop)
         self._subsampling = SubsamplingStream(self.model.subsampling)
+        self._normalize = self.model.stream_normalizer()
         self._pending: torch.Tensor | None = None  # (1, n, D) subsampled, not yet emitted
         self._states: torch.Tensor | None = None  # (L, S, 1, H)
 
@@ -303,7 +304,7 @@ class BiLSTMCTCStream:
     def accept(self, feats: torch.Tensor) -> torch.Tensor:
         """feats (1, T, F) new raw log-mel frames -> (1, T'', V) newly final log-probs
         (T'' >= 0)."""
-        new = self._subsampling.accept(self.model.normalize(feats))  # (1, n, D)
+        new = self._subsampling.accept(self._normalize(feats))  # (1, n, D)
         pending = new if self._pending is None else torch.cat([self._pending, new], dim=1)
         return self._run(pending, self.model.config.chunk_size + self.model.config.right_context)
 
