@@ -11,7 +11,7 @@
 # Stages (each is one command; they are printed as they run, copy them to run by hand):
 #   0 prepare    asr prepare --librispeech-root ROOT --subsets SETS --out DATA/manifests
 #   1 tokenizer  asr tokenizer --manifest DATA/manifests/train.jsonl --kind unigram --vocab-size V --out DATA/tokenizer.model
-#   2 cmvn       asr cmvn --manifest DATA/manifests/train.jsonl --out DATA/cmvn.json
+#   2 cmvn       asr cmvn --manifest DATA/manifests/train.jsonl --window W --out DATA/cmvn.json
 #   3 train      torchrun --nproc_per_node=NGPU -m asr.cli train --exp-dir EXP --model M --preset P ...
 #   4 export     asr export --exp-dir EXP --average N --out EXP/bundle
 #   5 decode     asr decode --model EXP/bundle --manifest DATA/manifests/TEST.jsonl --method M \
@@ -42,6 +42,10 @@ beam=10
 rescore_model=              # a LAS bundle: adds "rescore" and "joint" (both models) to a ctc model's methods
 ctc_weight=                 # decode stage: CTC weight of joint and rescore (empty: 0.3)
 jobs=$(nproc)
+cmvn_window=0               # frames of causal sliding-window mean normalisation (0: global CMVN only)
+augment=0                   # 1: noise, reverb, channel, pitch and VTLP augmentation (asr.data.augment)
+noise_dir=                  # recorded noise for augmentation (e.g. MUSAN's noise/); implies --augment
+rir_dir=                    # measured room impulse responses instead of simulated; implies --augment
 train_args=()               # extra `asr train` arguments after --, e.g. -- --set lr=5e-4
 
 while [[ $# -gt 0 ]]; do
@@ -66,6 +70,10 @@ while [[ $# -gt 0 ]]; do
     --beam) beam=$2; shift 2 ;;
     --rescore-model) rescore_model=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
+    --cmvn-window) cmvn_window=$2; shift 2 ;;
+    --augment) augment=1; shift ;;
+    --noise-dir) noise_dir=$2; augment=1; shift 2 ;;
+    --rir-dir) rir_dir=$2; augment=1; shift 2 ;;
     --) shift; train_args=("$@"); break ;;
     -h|--help) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -92,13 +100,26 @@ if in_stage 1; then
 fi
 
 if in_stage 2; then
-  run asr cmvn --manifest "$manifests/train.jsonl" --out "$data_dir/cmvn.json" --jobs "$jobs"
+  run asr cmvn --manifest "$manifests/train.jsonl" --window "$cmvn_window" \
+    --out "$data_dir/cmvn.json" --jobs "$jobs"
 fi
 
 if in_stage 3; then
   launcher=(asr)
   if [[ $ngpu -gt 1 ]]; then launcher=(torchrun --standalone --nproc_per_node="$ngpu" -m asr.cli); fi
   [[ -n $epochs ]] && train_args=(--epochs "$epochs" "${train_args[@]}")
+  if [[ $augment == 1 ]]; then
+    # Recorded noise joins the generated kinds (coloured, babble); the directories' absolute
+    # paths go into the experiment's config.
+    spec={}
+    if [[ -n $noise_dir || -n $rir_dir ]]; then
+      spec=$(python3 -c 'import json, os, sys
+noise, rir = sys.argv[1:]
+spec = {"noise_dir": os.path.abspath(noise), "noise_kinds": ["white", "pink", "brown", "babble", "file"]} if noise else {}
+print(json.dumps(spec | ({"rir_dir": os.path.abspath(rir)} if rir else {})))' "$noise_dir" "$rir_dir")
+    fi
+    train_args=(--set "augment=$spec" "${train_args[@]}")
+  fi
   start=$(date +%s)
   run "${launcher[@]}" train --exp-dir "$exp_dir" --model "$model" --preset "$preset" \
     --train "$manifests/train.jsonl" --dev "$manifests/$dev_set.jsonl" \

@@ -18,8 +18,10 @@
 #             (heldout-festival: cmu_us_slt_arctic_hts; heldout-flite: slt, whose speaker is
 #             slt-hts's, so no slt voice trains); manifests of the real utterances
 #   2+        recipes/librispeech/run.sh --data-root WORK/LibriSpeech --preset cpu-small ...
-#             (prepare, tokenizer, cmvn, train with on-the-fly augmentation, export, decode;
-#             results in EXP/results.json). The LAS trains with its CTC head at 80 ms, then
+#             (prepare, tokenizer, cmvn with a 3 s sliding window, train with on-the-fly
+#             augmentation: speed, SpecAugment, and noise, reverb, channel, pitch, VTLP
+#             (--no-augment: speed and SpecAugment only), export, decode; results in
+#             EXP/results.json). The LAS trains with its CTC head at 80 ms, then
 #             fine-tunes with it at 40 ms and CTC weight 0.5 (learning to attend and to align
 #             at 40 ms at once fails from scratch); then both models together (rescore and
 #             joint), pocketsphinx on every test set (bench/peer_wer.py, the peer row), and
@@ -48,6 +50,8 @@ max_words=50                # longer sentences are left out (about 5 % of LibriS
 jobs=$(nproc)
 vocab_size=128
 epochs=                     # empty: 11 for ctc, 8 for las (+3 fine-tuning)
+cmvn_window=300             # frames of sliding-window mean normalisation (0: global CMVN only)
+augment=(--augment)         # signal augmentation of the training audio (asr.data.augment)
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -67,6 +71,8 @@ while [[ $# -gt 0 ]]; do
     --jobs) jobs=$2; shift 2 ;;
     --vocab-size) vocab_size=$2; shift 2 ;;
     --epochs) epochs=$2; shift 2 ;;
+    --cmvn-window) cmvn_window=$2; shift 2 ;;
+    --no-augment) augment=(); shift ;;
     -h|--help) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -131,7 +137,8 @@ for m in "${models[@]}"; do
   [[ $stop_stage -ge 2 ]] || continue
   common=(--data-root "$corpus" --train-sets train-synth --dev-set dev-synth
     --test-sets "$test_sets" --model "$m" --preset cpu-small --vocab-size "$vocab_size"
-    --data-dir "$work/data" --average 3 --jobs "$jobs")
+    --data-dir "$work/data" --average 3 --jobs "$jobs" --cmvn-window "$cmvn_window"
+    "${augment[@]}")
   if [[ $m == ctc ]]; then
     run "$repo/recipes/librispeech/run.sh" --stage "$first" --stop-stage $(( stop_stage - 2 )) \
       "${common[@]}" --exp-dir "$work/exp/ctc" --epochs "${epochs:-${default_epochs[$m]}}" \
