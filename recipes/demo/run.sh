@@ -177,7 +177,7 @@ if [[ ${#reused[@]} -gt 0 ]]; then
   say "reusing ${reused[*]} from $work (make demo DEMO_ARGS=--fresh starts over)"
 fi
 
-# The streamed utterance: the longest held-out sentence, in the held-out voice.
+# The streamed utterance: the longest held-out sentence, by the held-out engine.
 row=$("$python" - "$manifests/heldout-engine.jsonl" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
