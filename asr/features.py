@@ -83,6 +83,14 @@ def _mel_transform(config: FeatureConfig) -> AT.MelSpectrogram:
     )
 
 
+def mel_centres(config: FeatureConfig) -> torch.Tensor:
+    """(F,) centre frequency in Hz of each mel filter `log_mel` uses (its filterbank's
+    weighted mean frequency)."""
+    fbank = _mel_transform(config).mel_scale.fb  # (n_freqs, F)
+    freqs = torch.linspace(0, SAMPLE_RATE / 2, fbank.shape[0])
+    return (fbank * freqs[:, None]).sum(0) / fbank.sum(0).clamp(min=1e-10)
+
+
 def log_mel(
     wave: torch.Tensor,
     config: FeatureConfig,
@@ -216,9 +224,10 @@ class CMVN:
             raise ValueError(f"{path}: not a CMVN statistics file ({err})") from err
         if len(mean) != len(std) or min(std, default=0.0) <= 0:
             raise ValueError(f"{path}: mean/std have different sizes or a non-positive std")
-        if window < 0 or prior < 0:
-            raise ValueError(f"{path}: window and prior_frames must be >= 0")
-        return cls(mean=mean, std=std, frames=frames, window=window, prior_frames=prior)
+        try:
+            return cls(mean=mean, std=std, frames=frames, window=window, prior_frames=prior)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
 
 
 class CMVNAccumulator:

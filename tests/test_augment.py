@@ -237,6 +237,8 @@ def test_noise_and_rir_directories(tmp_path: Path) -> None:
         ({"noise_kinds": ("hum",)}, "noise_kinds"),
         ({"lowpass_hz": (3000.0, 9000.0)}, "lowpass_hz"),
         ({"rt60": (0.0, 0.5)}, "rt60"),
+        ({"babble_talkers": (5, 2)}, "babble_talkers"),
+        ({"vtlp_alpha": (1.2, 0.9)}, "vtlp_alpha"),
     ],
 )
 def test_bad_config_is_named(overrides: dict[str, object], message: str) -> None:

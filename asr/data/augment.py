@@ -40,7 +40,7 @@ import torchaudio.functional as AF
 
 from asr.audio import SAMPLE_RATE, load_audio, resample
 from asr.config import Config
-from asr.features import FeatureConfig
+from asr.features import FeatureConfig, mel_centres
 
 NoiseKind = Literal["white", "pink", "brown", "babble", "file"]
 Codec = Literal["ulaw", "alaw", "gsm", "vorbis", "opus", "mp3"]
@@ -103,15 +103,7 @@ class AugmentConfig(Config):
             {name: (0.0 <= getattr(self, name) <= 1.0, "in [0, 1]") for name in probs}
             | {
                 name: _range(*getattr(self, name))
-                for name in (
-                    "pitch_semitones",
-                    "rt60",
-                    "snr_db",
-                    "babble_talkers",
-                    "lowpass_hz",
-                    "gain_db",
-                    "vtlp_alpha",
-                )
+                for name in ("pitch_semitones", "snr_db", "gain_db")
             }
             | {
                 "rt60": (0.0 < self.rt60[0] <= self.rt60[1] <= 5.0, "within (0, 5] s"),
@@ -120,14 +112,20 @@ class AugmentConfig(Config):
                     and ("file" not in self.noise_kinds or self.noise_dir is not None),
                     "non-empty, and 'file' only with noise_dir",
                 ),
-                "babble_talkers": (self.babble_talkers[0] >= 1, "at least 1 talker"),
+                "babble_talkers": (
+                    1 <= self.babble_talkers[0] <= self.babble_talkers[1],
+                    "a (low, high) pair with 1 <= low <= high",
+                ),
                 "eq_bands": (self.eq_bands >= 0, ">= 0"),
                 "eq_gain_db": (self.eq_gain_db >= 0, ">= 0"),
                 "lowpass_hz": (
                     0 < self.lowpass_hz[0] <= self.lowpass_hz[1] <= SAMPLE_RATE / 2,
-                    f"within (0, {SAMPLE_RATE // 2}] Hz",
+                    f"a (low, high) pair within (0, {SAMPLE_RATE // 2}] Hz",
                 ),
-                "vtlp_alpha": (self.vtlp_alpha[0] > 0, "positive"),
+                "vtlp_alpha": (
+                    0 < self.vtlp_alpha[0] <= self.vtlp_alpha[1],
+                    "a (low, high) pair with 0 < low <= high",
+                ),
             }
         )
 
@@ -290,30 +288,13 @@ def apply_gain(wave: torch.Tensor, gain_db: float) -> torch.Tensor:
     return (wave * 10 ** (gain_db / 20)).clamp(-1.0, 1.0)
 
 
-@functools.lru_cache(maxsize=8)
-def _mel_centres(config: FeatureConfig) -> torch.Tensor:
-    """(F,) centre frequency in Hz of each of the features' mel filters."""
-    n_freqs = config.win_length // 2 + 1
-    fbank = AF.melscale_fbanks(
-        n_freqs,
-        config.f_min,
-        config.f_max,
-        config.num_mel_bins,
-        SAMPLE_RATE,
-        norm="slaney",
-        mel_scale="slaney",
-    )  # (n_freqs, F), as `asr.features.log_mel` builds it
-    freqs = torch.linspace(0, SAMPLE_RATE / 2, n_freqs)
-    return (fbank * freqs[:, None]).sum(0) / fbank.sum(0).clamp(min=_EPS)
-
-
 def vtlp(feats: torch.Tensor, alpha: float, config: FeatureConfig) -> torch.Tensor:
     """Vocal tract length perturbation of (T, F) log-mel features: the spectrum's frequency
     axis scaled by `alpha` (> 1 moves formants up, as a shorter vocal tract does), piecewise
     linear so the band edge stays put (Jaitly & Hinton 2013), by interpolating between bins."""
     if alpha == 1.0 or feats.shape[0] == 0:
         return feats
-    centres = _mel_centres(config).to(feats.dtype)
+    centres = mel_centres(config).to(feats.dtype)
     f_hi = 0.8 * config.f_max  # warp linearly up to here, then join the top edge
     boundary = f_hi * min(alpha, 1.0) / alpha
     # Output bin at frequency f shows what the original had at warp^-1(f).
