@@ -25,7 +25,8 @@
 #             fine-tunes with it at 40 ms and CTC weight 0.5 (learning to attend and to align
 #             at 40 ms at once fails from scratch); then both models together (rescore and
 #             joint), pocketsphinx on every test set (bench/peer_wer.py, the peer row), and
-#             the WER table
+#             the WER table. With both models and 2+ cores the two train at once, each on
+#             half the cores (logs in EXP/ctc.log and EXP/las.log)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -49,7 +50,7 @@ voices_per_sentence=3       # training voices reading each sentence (empty: all 
 max_words=50                # longer sentences are left out (about 5 % of LibriSpeech's)
 jobs=$(nproc)
 vocab_size=128
-epochs=                     # empty: 11 for ctc, 8 for las (+3 fine-tuning)
+epochs=                     # empty: 8 for ctc, 5 for las (+2 fine-tuning)
 cmvn_window=300             # frames of sliding-window mean normalisation (0: global CMVN only)
 augment=(--augment)         # signal augmentation of the training audio (asr.data.augment)
 
@@ -126,16 +127,16 @@ if [[ -d $real_root ]]; then
   fi
 fi
 
-declare -A default_epochs=([ctc]=11 [las]=8)
-finetune_epochs=3
+# Epochs sized so that `run.sh` with both models fits about 2.5 h on a 2-core machine.
+declare -A default_epochs=([ctc]=8 [las]=5)
+finetune_epochs=2
 models=("$model")
 [[ $model == both ]] && models=(ctc las)
-for m in "${models[@]}"; do
-  # The corpus-level stages (prepare, tokenizer, cmvn) are shared; run them once.
-  first=$(( stage > 2 ? stage - 2 : 0 ))
-  [[ $m != "${models[0]}" && $first -lt 3 ]] && first=3
-  [[ $stop_stage -ge 2 ]] || continue
-  common=(--data-root "$corpus" --train-sets train-synth --dev-set dev-synth
+
+# train MODEL FIRST: the LibriSpeech recipe's stages FIRST..stop_stage-2 for one model.
+train() {
+  local m=$1 first=$2
+  local common=(--data-root "$corpus" --train-sets train-synth --dev-set dev-synth
     --test-sets "$test_sets" --model "$m" --preset cpu-small --vocab-size "$vocab_size"
     --data-dir "$work/data" --average 3 --jobs "$jobs" --cmvn-window "$cmvn_window"
     "${augment[@]}")
@@ -143,7 +144,7 @@ for m in "${models[@]}"; do
     run "$repo/recipes/librispeech/run.sh" --stage "$first" --stop-stage $(( stop_stage - 2 )) \
       "${common[@]}" --exp-dir "$work/exp/ctc" --epochs "${epochs:-${default_epochs[$m]}}" \
       -- --set valid_max_utterances=300
-    continue
+    return
   fi
   # LAS: train and export the 80 ms model (stages 2-6), then fine-tune it (stages 5-7 again).
   if [[ $first -le 4 ]]; then
@@ -159,7 +160,58 @@ for m in "${models[@]}"; do
       --model-set ctc_upsample=2 --model-set ctc_weight=0.5 \
       --set lr=5e-4 --set warmup_steps=100 --set valid_max_utterances=300
   fi
-done
+}
+
+# The peer: pocketsphinx (CMU, generic US English model) on the same test audio.
+peer() {
+  local peer_args=() tests t
+  IFS=, read -ra tests <<< "$test_sets"
+  for t in "${tests[@]}"; do peer_args+=(--manifest "$t=$work/data/manifests/$t.jsonl"); done
+  run python "$repo/bench/peer_wer.py" "${peer_args[@]}" --results "$work/exp/peer/results.json" \
+    --jobs "$jobs"
+}
+
+first=$(( stage > 2 ? stage - 2 : 0 ))
+peer_done=
+if [[ $stop_stage -ge 2 && ${#models[@]} -eq 2 && $jobs -ge 2 && $stop_stage -ge 5 ]]; then
+  # Both models train at once, each on half the cores: on the 2-core machine one job ran only
+  # about 1.4x faster on two threads than on one, so two at once finish sooner than one after
+  # the other. The corpus-level stages (prepare, tokenizer, cmvn) run first, once. The peer
+  # runs after the BiLSTM-CTC, which finishes first, while the LAS trains on. Each job logs
+  # to EXP/<model>.log.
+  if [[ $first -lt 3 ]]; then
+    (stop_stage=4; train ctc "$first")
+    first=3
+  fi
+  mkdir -p "$work/exp"
+  half=$(( jobs / 2 ))
+  pids=()
+  for m in ctc las; do
+    (
+      export OMP_NUM_THREADS=$half
+      jobs=$half
+      train "$m" "$first"
+      if [[ $m == ctc && $stop_stage -ge 8 ]]; then peer; fi
+    ) > "$work/exp/$m.log" 2>&1 &
+    pids+=($!)
+    echo "training $m in the background (OMP_NUM_THREADS=$half): log $work/exp/$m.log"
+  done
+  failed=0
+  for i in 0 1; do
+    if ! wait "${pids[$i]}"; then
+      failed=1
+      echo "${models[$i]} failed; the end of $work/exp/${models[$i]}.log:" >&2
+      tail -n 20 "$work/exp/${models[$i]}.log" >&2
+    fi
+  done
+  [[ $failed -eq 0 ]] || exit 1
+  [[ $stop_stage -ge 8 ]] && peer_done=1
+elif [[ $stop_stage -ge 2 ]]; then
+  for m in "${models[@]}"; do
+    # The corpus-level stages (prepare, tokenizer, cmvn) are shared; run them once.
+    if [[ $m != "${models[0]}" && $first -lt 3 ]]; then train "$m" 3; else train "$m" "$first"; fi
+  done
+fi
 # Both models together (same tokenizer): the BiLSTM-CTC n-best rescored by the LAS attention
 # decoder, and one-pass joint decoding (LAS attention beam search scored with the BiLSTM-CTC's
 # prefix probabilities; CTC weight 0.2, chosen on 300 dev utterances).
@@ -170,13 +222,8 @@ if [[ $stop_stage -ge 7 && -d $work/exp/las/bundle && -d $work/exp/ctc/bundle ]]
     --exp-dir "$work/exp/ctc" --methods rescore,joint --ctc-weight 0.2 \
     --rescore-model "$work/exp/las/bundle"
 fi
-# The peer: pocketsphinx (CMU, generic US English model) on the same test audio.
-if [[ $stop_stage -ge 8 ]]; then
-  peer_args=()
-  IFS=, read -ra tests <<< "$test_sets"
-  for t in "${tests[@]}"; do peer_args+=(--manifest "$t=$work/data/manifests/$t.jsonl"); done
-  run python "$repo/bench/peer_wer.py" "${peer_args[@]}" --results "$work/exp/peer/results.json" \
-    --jobs "$jobs"
+if [[ $stop_stage -ge 8 && -z $peer_done ]]; then
+  peer
 fi
 for r in ctc las peer; do
   [[ -f $work/exp/$r/results.json ]] && results+=("$work/exp/$r/results.json")
