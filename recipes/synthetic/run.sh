@@ -127,7 +127,10 @@ if [[ -d $real_root ]]; then
   fi
 fi
 
-# Epochs sized so that `run.sh` with both models fits about 2.5 h on a 2-core machine.
+# Measured 2026-12-03 on the 2-core machine with both models training at once on one core
+# each (14.1 h corpus, augmentation): BiLSTM-CTC 19.5 min per epoch, LAS 39 min per epoch.
+# So these defaults take about 2.6 h (CTC) and 4.5 h (LAS): more than the 2-3 h a run should
+# take on such a machine; shrinking the corpus or the LAS is still to do.
 declare -A default_epochs=([ctc]=8 [las]=5)
 finetune_epochs=2
 models=("$model")
@@ -175,8 +178,8 @@ first=$(( stage > 2 ? stage - 2 : 0 ))
 peer_done=
 if [[ $stop_stage -ge 2 && ${#models[@]} -eq 2 && $jobs -ge 2 && $stop_stage -ge 5 ]]; then
   # Both models train at once, each on half the cores: on the 2-core machine one job ran only
-  # about 1.4x faster on two threads than on one, so two at once finish sooner than one after
-  # the other. The corpus-level stages (prepare, tokenizer, cmvn) run first, once. The peer
+  # about 1.4x faster on two threads than on one (BiLSTM-CTC, comparing runs of 2026-12-02),
+  # so two at once should finish sooner than one after the other. The corpus-level stages (prepare, tokenizer, cmvn) run first, once. The peer
   # runs after the BiLSTM-CTC, which finishes first, while the LAS trains on. Each job logs
   # to EXP/<model>.log.
   if [[ $first -lt 3 ]]; then
