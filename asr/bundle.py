@@ -27,6 +27,7 @@ from asr.calibration import Calibration
 from asr.features import CMVN, FeatureConfig
 from asr.models import build_model, count_parameters
 from asr.models.base import attach_cmvn
+from asr.models.lm import LSTMLM, LSTMLMConfig
 from asr.tokenizer import Tokenizer
 
 FORMAT = "asr-bundle"
@@ -162,3 +163,91 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         feature_config=feature_config,
         config=config,
     )
+
+
+# ---------------------------------------------------------------- language models
+# An LM bundle: config.json (format asr-lm-bundle, model config, tokenizer, training
+# provenance, dev perplexity), model.safetensors, tokenizer.model. No features, no CMVN.
+
+LM_FORMAT = "asr-lm-bundle"
+LM_FILES = ("config.json", "model.safetensors", "tokenizer.model")
+
+
+@dataclass
+class LMBundle:
+    """A loaded language model and the tokenizer its units come from."""
+
+    path: Path
+    model: LSTMLM
+    tokenizer: Tokenizer
+    config: dict[str, Any]
+
+    @property
+    def perplexity(self) -> float | None:
+        """Dev perplexity of the exported weights (None: unknown)."""
+        value = self.config.get("results", {}).get("dev", {}).get("perplexity")
+        return None if value is None else float(value)
+
+
+def write_lm_bundle(
+    out_dir: str | Path,
+    *,
+    model_config: dict[str, Any],
+    weights: dict[str, torch.Tensor],
+    tokenizer: Tokenizer,
+    training: dict[str, Any],
+    results: dict[str, Any],
+) -> Path:
+    """Write an LM bundle; the weights are checked to load into the rebuilt model first."""
+    model = LSTMLM(LSTMLMConfig.from_dict(model_config))
+    model.load_state_dict(weights)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Tied embeddings are one tensor under two names: store it once, as the embedding.
+    tied = {"out.weight"} if model.config.tie_embeddings else set()
+    stored = {k: v.detach().contiguous().clone() for k, v in weights.items() if k not in tied}
+    save_file(stored, out / LM_FILES[1])
+    tokenizer.save(out / LM_FILES[2])
+    config = {
+        "format": LM_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {"type": "lstm-lm", "config": model_config, "parameters": count_parameters(model)},
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
+        "training": {
+            **training,
+            "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "exported_by_commit": git_commit(),
+        },
+        "results": results,
+    }
+    (out / LM_FILES[0]).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def load_lm_bundle(path: str | Path, device: str | torch.device = "cpu") -> LMBundle:
+    """Load a directory written by `asr lm export`; the model is in eval mode."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root}: language model bundle directory not found")
+    missing = [name for name in LM_FILES if not (root / name).is_file()]
+    if missing:
+        raise BundleError(f"{root}: not a language model bundle (missing {', '.join(missing)})")
+    try:
+        config = json.loads((root / LM_FILES[0]).read_text())
+    except ValueError as err:
+        raise BundleError(f"{root / LM_FILES[0]}: invalid JSON ({err})") from err
+    if config.get("format") != LM_FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{root}: unsupported language model bundle format {config.get('format')!r} "
+            f"version {config.get('format_version')!r} (expected {LM_FORMAT} {FORMAT_VERSION})"
+        )
+    try:
+        model = LSTMLM(LSTMLMConfig.from_dict(config["model"]["config"]))
+        state = load_file(str(root / LM_FILES[1]), device=str(device))
+        if model.config.tie_embeddings:
+            state["out.weight"] = state["embed.weight"]
+        model.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise BundleError(f"{root}: cannot rebuild the language model ({err})") from err
+    model.to(device).eval()
+    return LMBundle(root, model, Tokenizer.load(root / LM_FILES[2]), config)

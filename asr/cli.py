@@ -569,6 +569,90 @@ def _run_transcribe(args: argparse.Namespace) -> int:
     return transcribe.run(args, _decode_overrides(args))
 
 
+def _add_lm(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="lm_command", required=True, metavar="LM_COMMAND")
+    train = sub.add_parser("train", help="train an LSTM LM on text (run under torchrun for DDP)")
+    train.add_argument("--exp-dir", required=True, type=Path, help="checkpoints, logs; resumes")
+    train.add_argument("--preset", required=True, help="LM and training preset, e.g. cpu-small")
+    train.add_argument(
+        "--train", required=True, type=Path, help="text (one sentence per line) or JSONL manifest"
+    )
+    train.add_argument("--dev", required=True, type=Path, help="validation text or manifest")
+    train.add_argument(
+        "--tokenizer", required=True, type=Path, help="the acoustic models' tokenizer.model"
+    )
+    train.add_argument("--epochs", type=int, help="override the preset's epochs")
+    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    train.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    export = sub.add_parser("export", help="write an LM bundle from an LM experiment")
+    export.add_argument("--exp-dir", required=True, type=Path)
+    export.add_argument("--average", type=int, default=1, help="average the last N checkpoints")
+    export.add_argument("--out", required=True, type=Path, help="LM bundle directory to write")
+    ppl = sub.add_parser("perplexity", help="per-unit perplexity of an LM bundle on text")
+    ppl.add_argument("--lm", required=True, type=Path, help="LM bundle directory")
+    ppl.add_argument("--text", required=True, type=Path, help="text or JSONL manifest")
+
+
+def _run_lm(args: argparse.Namespace) -> int:
+    from asr.bundle import load_lm_bundle
+    from asr.models.lm import PRESETS as LM_PRESETS
+    from asr.models.lm import LSTMLMConfig
+    from asr.training import lm
+
+    if args.lm_command == "export":
+        out = lm.export_lm(args.exp_dir, args.out, average=args.average)
+        dev = json.loads((out / "config.json").read_text())["results"]["dev"]
+        print(f"{out}: dev perplexity {dev['perplexity']:.2f}")
+        return 0
+    if args.lm_command == "perplexity":
+        bundle = load_lm_bundle(args.lm)
+        data = lm.TextDataset(lm.read_sentences(args.text), bundle.tokenizer)
+        result = lm.perplexity(bundle.model, data)
+        print(
+            f"{args.text}: perplexity {result['perplexity']:.2f} over {int(result['units'])} "
+            f"units ({len(data)} sentences)"
+        )
+        return 0
+    if args.preset not in lm.TRAIN_PRESETS or args.preset not in LM_PRESETS:
+        raise ValueError(
+            f"unknown LM preset {args.preset!r}; choose one of {', '.join(lm.TRAIN_PRESETS)}"
+        )
+    overrides = _parse_overrides(args.set, "training")
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    train_config = TrainConfig.from_dict(lm.TRAIN_PRESETS[args.preset].to_dict() | overrides)
+    tokenizer = Tokenizer.load(args.tokenizer)
+    config = LSTMLMConfig.from_dict(
+        LM_PRESETS[args.preset].to_dict()
+        | {"vocab_size": tokenizer.vocab_size}
+        | _parse_overrides(args.model_set, "model")
+    )
+    experiment = Experiment(
+        model_type=lm.MODEL_TYPE,
+        model_config=config.to_dict(),
+        train=train_config,
+        train_manifest=str(args.train.resolve()),
+        dev_manifest=str(args.dev.resolve()),
+        preset=args.preset,
+    )
+    trainer = lm.LMTrainer(
+        args.exp_dir,
+        experiment,
+        args.tokenizer,
+        device=args.device,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    try:
+        trainer.train(max_steps=args.max_steps)
+    except TrainingInterrupted as err:
+        print(f"asr lm train: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -587,6 +671,7 @@ COMMANDS: dict[str, Command] = {
     "cmvn": Command("global CMVN statistics over a manifest", _add_cmvn, _run_cmvn),
     "train": Command("train a model (run under torchrun for DDP)", _add_train, _run_train),
     "export": Command("write a model bundle from an experiment", _add_export, _run_export),
+    "lm": Command("language models: train, export, perplexity", _add_lm, _run_lm),
     "decode": Command("transcribe a manifest with a bundle and score it", _add_decode, _run_decode),
     "transcribe": Command(
         "transcribe files, directories or manifests (txt, jsonl, srt, vtt); resumable",

@@ -44,6 +44,10 @@ class Batch:
     targets: torch.Tensor  # (B, U) int64, padded with IGNORE_ID
     target_lens: torch.Tensor  # (B,) int64
 
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """The model's forward arguments."""
+        return self.feats, self.feat_lens, self.targets, self.target_lens
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=non_blocking)

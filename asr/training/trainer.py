@@ -14,21 +14,21 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from asr.data.dataset import Batch, Example, SpeechDataset, collate
+from asr.data.dataset import SpeechDataset, collate
 from asr.data.manifest import read_manifest
 from asr.data.sampler import BucketingBatchSampler
 from asr.evaluation import evaluate
@@ -41,6 +41,17 @@ from asr.training.config import TrainConfig
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _WINDOW_KEYS = {"loss", "utts", "audio", "batches", "start"}  # the loop's own counters
+
+
+class TrainingSet(Protocol):
+    """What the loop needs of a training set (speech or text): indexable, sized, and told the
+    epoch so its per-example randomness follows (seed, epoch, example)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
 
 
 class TrainingInterrupted(RuntimeError):
@@ -158,7 +169,7 @@ class Trainer:
         exp_dir: str | Path,
         experiment: Experiment,
         tokenizer_path: str | Path,
-        cmvn_path: str | Path,
+        cmvn_path: str | Path | None,
         *,
         device: str | None = None,
         progress: bool = True,
@@ -177,14 +188,16 @@ class Trainer:
             self.device = torch.device("cpu")
         self.progress = progress and self.dist.main
         self.tokenizer = Tokenizer.load(tokenizer_path)
-        self.cmvn = CMVN.load(cmvn_path)
+        # A language model has no features to normalise, so no statistics.
+        self.cmvn = None if cmvn_path is None else CMVN.load(cmvn_path)
         if self.dist.main:
             self._write_experiment(tokenizer_path, cmvn_path)
 
         torch.manual_seed(self.cfg.seed + self.dist.rank)  # model init identical: broadcast by DDP
         random.seed(self.cfg.seed + self.dist.rank)
-        self.model = build_model(experiment.model_type, experiment.model_config).to(self.device)
-        attach_cmvn(self.model, self.cmvn)  # the model normalises its input
+        self.model = self._build_model().to(self.device)
+        if self.cmvn is not None:
+            attach_cmvn(self.model, self.cmvn)  # the model normalises its input
         self.ddp: nn.Module = (
             DistributedDataParallel(
                 self.model, device_ids=[self.dist.local_rank] if device_type == "cuda" else None
@@ -192,21 +205,9 @@ class Trainer:
             if self.dist.enabled
             else self.model
         )
-        self.train_utts = read_manifest(experiment.train_manifest)
-        self.dev_utts = read_manifest(experiment.dev_manifest)
-        self.train_set = SpeechDataset(
-            self.train_utts,
-            self.tokenizer,
-            experiment.feature_config,
-            cmvn=self.cmvn,
-            train=True,
-            speed_factors=SPEED_FACTORS if self.cfg.speed_perturb else (1.0,),
-            spec_augment=self.cfg.spec_augment,
-            augment=self.cfg.augment,
-            seed=self.cfg.seed,
-        )
+        self.train_set, lengths = self._training_data()
         self.sampler = BucketingBatchSampler(
-            self.train_set.num_frames,
+            lengths,
             max_frames=self.cfg.max_frames,
             num_buckets=self.cfg.num_buckets,
             max_batch_size=self.cfg.max_batch_size,
@@ -216,7 +217,7 @@ class Trainer:
         )
         if self.sampler.excluded and self.dist.main:
             print(
-                f"warning: {len(self.sampler.excluded)} training utterances are longer than "
+                f"warning: {len(self.sampler.excluded)} training {self.unit}s are longer than "
                 f"max_frames={self.cfg.max_frames} and are skipped"
             )
         params = self.model.parameters()
@@ -240,13 +241,53 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._writer: Any = None  # a SummaryWriter once the first record is logged
 
+    # ------------------------------------------------------------------- data
+    # What a kind of training (speech here, text in asr.training.lm) supplies to the loop.
+
+    unit = "utterance"  # what one training example is, for messages
+    throughput = "audio_s_per_s"  # the logged rate of `_amount` per second
+
+    def _build_model(self) -> nn.Module:
+        return build_model(self.exp.model_type, self.exp.model_config)
+
+    def _training_data(self) -> tuple[TrainingSet, Sequence[int]]:
+        """The training set and each example's length for the sampler's batch budget."""
+        self.train_utts = read_manifest(self.exp.train_manifest)
+        self.dev_utts = read_manifest(self.exp.dev_manifest)
+        train_set = SpeechDataset(
+            self.train_utts,
+            self.tokenizer,
+            self.exp.feature_config,
+            cmvn=self.cmvn,
+            train=True,
+            speed_factors=SPEED_FACTORS if self.cfg.speed_perturb else (1.0,),
+            spec_augment=self.cfg.spec_augment,
+            augment=self.cfg.augment,
+            seed=self.cfg.seed,
+        )
+        return train_set, train_set.num_frames
+
+    def _collate(self, examples: Sequence[Any]) -> Any:
+        return collate(examples)
+
+    def _amount(self, batch: Any) -> float:
+        """What `throughput` counts in one batch: seconds of audio."""
+        return float(batch.feat_lens.sum()) * self.exp.feature_config.hop_ms / 1e3
+
+    def _epoch_summary(self, result: dict[str, float]) -> str:
+        return (
+            f"valid loss {result['valid_loss']:.3f}, "
+            f"WER {result['wer']:.2f} %, CER {result['cer']:.2f} %"
+        )
+
     # ------------------------------------------------------------------ files
 
-    def _write_experiment(self, tokenizer_path: str | Path, cmvn_path: str | Path) -> None:
+    def _write_experiment(self, tokenizer_path: str | Path, cmvn_path: str | Path | None) -> None:
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         # Copies travel with the experiment, so export never depends on data/ still existing.
         self.tokenizer.save(self.exp_dir / "tokenizer.model")
-        self.cmvn.save(self.exp_dir / "cmvn.json")
+        if self.cmvn is not None:
+            self.cmvn.save(self.exp_dir / "cmvn.json")
         path = self.exp_dir / "experiment.json"
         data = self.exp.to_dict()
         if path.exists():
@@ -363,28 +404,26 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _loader(self, epoch: int) -> DataLoader[Example]:
+    def _loader(self, epoch: int) -> DataLoader[Any]:
         self.train_set.set_epoch(epoch)
         # A private generator: the DataLoader otherwise draws its worker seed from the global
         # RNG, which would shift dropout masks after a resume.
         return DataLoader(
-            self.train_set,
+            cast(Dataset[Any], self.train_set),
             batch_sampler=self.sampler,
-            collate_fn=collate,
+            collate_fn=self._collate,
             num_workers=self.cfg.num_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.cfg.seed + epoch),
         )
 
-    def _forward(self, batch: Batch) -> ModelOutput:
+    def _forward(self, batch: Any) -> ModelOutput:
         batch = batch.to(self.device, non_blocking=True)
         with self._autocast():
-            out: ModelOutput = self.ddp(
-                batch.feats, batch.feat_lens, batch.targets, batch.target_lens
-            )
+            out: ModelOutput = self.ddp(*batch.inputs())
         return out
 
-    def _epoch_batches(self) -> Iterator[Batch]:
+    def _epoch_batches(self) -> Iterator[Any]:
         for batch in self._loader(self.epoch):
             self.batches_done += 1
             yield batch
@@ -401,7 +440,7 @@ class Trainer:
         if self.dist.main:
             print(
                 f"{self.exp.model_type}: {count_parameters(self.model) / 1e6:.2f} M parameters, "
-                f"{len(self.train_utts)} training utterances, {self.dist.world} rank(s) on "
+                f"{len(self.train_set)} training {self.unit}s, {self.dist.world} rank(s) on "
                 f"{self.device.type}"
             )
         with _StopSignal() as stop:
@@ -445,7 +484,7 @@ class Trainer:
             micro += 1
             window["loss"] += float(out.loss.detach())
             window["utts"] += len(batch.ids)
-            window["audio"] += float(batch.feat_lens.sum()) * self.exp.feature_config.hop_ms / 1e3
+            window["audio"] += self._amount(batch)
             window["batches"] += 1
             for key, value in out.metrics.items():  # the model's loss parts, e.g. att_acc
                 window[key] = window.get(key, 0.0) + value
@@ -494,7 +533,7 @@ class Trainer:
             "loss": window["loss"] / batches,
             "lr": self.scheduler.get_last_lr()[0],
             "utt_per_s": window["utts"] * self.dist.world / elapsed,
-            "audio_s_per_s": window["audio"] * self.dist.world / elapsed,
+            self.throughput: window["audio"] * self.dist.world / elapsed,
             "skipped_batches": self.skipped_batches,
             **parts,
         }
@@ -515,10 +554,7 @@ class Trainer:
         self.history.append(record)
         self._log(record)
         if self.dist.main:
-            print(
-                f"epoch {self.epoch + 1}: valid loss {result['valid_loss']:.3f}, "
-                f"WER {result['wer']:.2f} %, CER {result['cer']:.2f} %"
-            )
+            print(f"epoch {self.epoch + 1}: {self._epoch_summary(result)}")
         self.epoch += 1
         self.batches_done = 0
         self.sampler.set_epoch(min(self.epoch, self.cfg.epochs - 1))

@@ -1,0 +1,186 @@
+"""The LSTM language model: its step interface, training on the shared Trainer, export, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from asr.bundle import BundleError, load_lm_bundle
+from asr.cli import main
+from asr.models.lm import LSTMLM, LSTMLMConfig
+from asr.tokenizer import SOS_EOS_ID, Tokenizer
+from asr.training.lm import TextDataset, perplexity, read_sentences
+
+SENTENCES = ["THE CAT SAT ON THE MAT", "A DOG RAN IN THE PARK", "SHE READ A LONG BOOK"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    Tokenizer.train(SENTENCES * 5, "char", 40).save(path)
+    return path
+
+
+def test_step_matches_whole_sentence_scoring() -> None:
+    torch.manual_seed(0)
+    model = LSTMLM(LSTMLMConfig(vocab_size=20, embed_dim=16, hidden_size=16)).eval()
+    tokens = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    lengths = torch.tensor([3, 2])
+    whole = model.sentence_log_probs(tokens, lengths)
+    state = model.init_state(2)
+    stepped = torch.zeros(2)
+    for t in range(4):
+        target = torch.where(t < lengths, tokens[:, t], SOS_EOS_ID)
+        live = t <= lengths
+        stepped += torch.where(live, state.log_probs.gather(1, target[:, None])[:, 0], 0.0)
+        state = model.step(state, target)
+    assert torch.allclose(stepped, whole, atol=1e-4)
+    # Blank is never a unit of text.
+    assert bool((state.log_probs[:, 0] == -float("inf")).all())
+
+
+def test_read_sentences_drops_ids_and_reads_manifests(tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("1089-134686-0000 he hoped\n\nplain sentence, here\n")
+    assert read_sentences(text) == ["HE HOPED", "PLAIN SENTENCE HERE"]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "text": "ONE TWO"}) + "\n")
+    assert read_sentences(manifest) == ["ONE TWO"]
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
+        read_sentences(tmp_path / "bad.jsonl")
+    with pytest.raises(FileNotFoundError):
+        read_sentences(tmp_path / "missing.txt")
+
+
+def test_lm_overfits_a_few_sentences_then_exports(tmp_path: Path, tokenizer: Path) -> None:
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(SENTENCES) + "\n")
+    exp, out = tmp_path / "exp", tmp_path / "lm"
+    common = ["--tokenizer", str(tokenizer), "--train", str(text), "--dev", str(text)]
+    sizes = ["--model-set", "embed_dim=64", "--model-set", "hidden_size=64"]
+    # dropout is the model's, not training's: a clear error, exit 2
+    assert (
+        main(
+            [
+                "lm",
+                "train",
+                "--exp-dir",
+                str(exp),
+                "--preset",
+                "cpu-small",
+                *common,
+                "--set",
+                "dropout=0.0",
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "lm",
+                "train",
+                "--exp-dir",
+                str(exp),
+                "--preset",
+                "cpu-small",
+                "--epochs",
+                "150",
+                "--no-progress",
+                *common,
+                *sizes,
+                "--model-set",
+                "dropout=0.0",
+                "--set",
+                "warmup_steps=5",
+                "--set",
+                "lr=0.01",
+            ]
+        )
+        == 0
+    )
+    history = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in history if "perplexity" in r][-1]
+    # Three memorised sentences: each next character is nearly certain (a margin, not an edge).
+    assert final["perplexity"] < 1.5
+    assert main(["lm", "export", "--exp-dir", str(exp), "--out", str(out)]) == 0
+    bundle = load_lm_bundle(out)
+    assert bundle.perplexity is not None and bundle.perplexity < 1.5
+    data = TextDataset(SENTENCES, bundle.tokenizer)
+    assert perplexity(bundle.model, data)["perplexity"] == pytest.approx(bundle.perplexity)
+    assert main(["lm", "perplexity", "--lm", str(out), "--text", str(text)]) == 0
+
+
+def test_load_lm_bundle_errors(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="not found"):
+        load_lm_bundle(tmp_path / "none")
+    (tmp_path / "b").mkdir()
+    with pytest.raises(BundleError, match="missing"):
+        load_lm_bundle(tmp_path / "b")
+
+
+def test_cli_rejects_unknown_preset(
+    tmp_path: Path, tokenizer: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("A B\n")
+    code = main(
+        [
+            "lm",
+            "train",
+            "--exp-dir",
+            str(tmp_path / "e"),
+            "--preset",
+            "huge",
+            "--train",
+            str(text),
+            "--dev",
+            str(text),
+            "--tokenizer",
+            str(tokenizer),
+        ]
+    )
+    assert code == 2
+    assert "unknown LM preset 'huge'" in capsys.readouterr().err
+
+
+def test_lm_training_resumes_exactly(tmp_path: Path, tokenizer: Path) -> None:
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(SENTENCES * 4) + "\n")
+    args = [
+        "--preset",
+        "cpu-small",
+        "--tokenizer",
+        str(tokenizer),
+        "--train",
+        str(text),
+        "--dev",
+        str(text),
+        "--epochs",
+        "3",
+        "--no-progress",
+        "--model-set",
+        "embed_dim=32",
+        "--model-set",
+        "hidden_size=32",
+        "--set",
+        "max_frames=100",
+        "--set",
+        "log_every=1",
+    ]
+
+    def losses(exp: Path) -> list[float]:
+        lines = (exp / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+    assert main(["lm", "train", "--exp-dir", str(tmp_path / "whole"), *args]) == 0
+    split = tmp_path / "split"
+    assert main(["lm", "train", "--exp-dir", str(split), "--max-steps", "5", *args]) == 0
+    assert main(["lm", "train", "--exp-dir", str(split), *args]) == 0
+    whole = losses(tmp_path / "whole")
+    assert len(whole) > 5
+    assert losses(split) == pytest.approx(whole)
