@@ -125,23 +125,31 @@ def write_bundle(
     return out
 
 
+def _read_config(root: Path, files: tuple[str, ...], fmt: str, what: str) -> dict[str, Any]:
+    """config.json (files[0]) of the `what` in `root`, once every file is there and the
+    format is `fmt` at FORMAT_VERSION; BundleError saying what is wrong otherwise."""
+    if not root.is_dir():
+        raise BundleError(f"{root}: {what} directory not found")
+    missing = [name for name in files if not (root / name).is_file()]
+    if missing:
+        raise BundleError(f"{root}: not a {what} (missing {', '.join(missing)})")
+    try:
+        config: dict[str, Any] = json.loads((root / files[0]).read_text())
+    except ValueError as err:
+        raise BundleError(f"{root / files[0]}: invalid JSON ({err})") from err
+    if config.get("format") != fmt or config.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{root}: unsupported {what.removesuffix(' bundle')} bundle format "
+            f"{config.get('format')!r} version {config.get('format_version')!r} "
+            f"(expected {fmt} {FORMAT_VERSION})"
+        )
+    return config
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle directory written by `asr export`; the model is in eval mode."""
     root = Path(path)
-    if not root.is_dir():
-        raise BundleError(f"{root}: model bundle directory not found")
-    missing = [name for name in FILES if not (root / name).is_file()]
-    if missing:
-        raise BundleError(f"{root}: not a model bundle (missing {', '.join(missing)})")
-    try:
-        config = json.loads((root / FILES[0]).read_text())
-    except ValueError as err:
-        raise BundleError(f"{root / FILES[0]}: invalid JSON ({err})") from err
-    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{root}: unsupported bundle format {config.get('format')!r} "
-            f"version {config.get('format_version')!r} (expected {FORMAT} {FORMAT_VERSION})"
-        )
+    config = _read_config(root, FILES, FORMAT, "model bundle")
     try:
         model_type = config["model"]["type"]
         model = build_model(model_type, config["model"]["config"])
@@ -227,20 +235,7 @@ def write_lm_bundle(
 def load_lm_bundle(path: str | Path, device: str | torch.device = "cpu") -> LMBundle:
     """Load a directory written by `asr lm export`; the model is in eval mode."""
     root = Path(path)
-    if not root.is_dir():
-        raise BundleError(f"{root}: language model bundle directory not found")
-    missing = [name for name in LM_FILES if not (root / name).is_file()]
-    if missing:
-        raise BundleError(f"{root}: not a language model bundle (missing {', '.join(missing)})")
-    try:
-        config = json.loads((root / LM_FILES[0]).read_text())
-    except ValueError as err:
-        raise BundleError(f"{root / LM_FILES[0]}: invalid JSON ({err})") from err
-    if config.get("format") != LM_FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{root}: unsupported language model bundle format {config.get('format')!r} "
-            f"version {config.get('format_version')!r} (expected {LM_FORMAT} {FORMAT_VERSION})"
-        )
+    config = _read_config(root, LM_FILES, LM_FORMAT, "language model bundle")
     try:
         model = LSTMLM(LSTMLMConfig.from_dict(config["model"]["config"]))
         state = load_file(str(root / LM_FILES[1]), device=str(device))

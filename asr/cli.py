@@ -212,10 +212,15 @@ def _run_train(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
+    return _train(trainer, args.max_steps, "asr train")
+
+
+def _train(trainer: Trainer, max_steps: int | None, command: str) -> int:
+    """Run `trainer`; 1 when a signal stopped it (after its checkpoint), else 0."""
     try:
-        trainer.train(max_steps=args.max_steps)
+        trainer.train(max_steps=max_steps)
     except TrainingInterrupted as err:
-        print(f"asr train: {err}", file=sys.stderr)
+        print(f"{command}: {err}", file=sys.stderr)
         return 1
     return 0
 
@@ -645,12 +650,7 @@ def _run_lm(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
-    try:
-        trainer.train(max_steps=args.max_steps)
-    except TrainingInterrupted as err:
-        print(f"asr lm train: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return _train(trainer, args.max_steps, "asr lm train")
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,6 @@ class LSTMLM(nn.Module):
             loss=nll / max(count, 1),
             log_probs=None,
             out_lens=valid.sum(dim=1),
-            metrics={"nll_sum": float(nll.detach()), "units": float(count)},
         )
 
     @torch.no_grad()

@@ -22,6 +22,31 @@ from asr.training import checkpoint as ckpt
 from asr.training.trainer import Experiment
 
 
+def average_checkpoints(
+    exp_dir: Path, average: int
+) -> tuple[Experiment, dict[str, torch.Tensor], dict[str, Any]]:
+    """The experiment of `exp_dir`, the mean of its newest `average` checkpoints' weights, and
+    their provenance for a bundle's config.json (experiment, checkpoints, steps, epochs, wall
+    time, validation history)."""
+    found = ckpt.list_checkpoints(exp_dir)
+    if not found:
+        raise FileNotFoundError(f"{exp_dir}: no checkpoints to export")
+    if average < 1:
+        raise ValueError(f"--average must be >= 1, got {average}")
+    chosen = found[-average:]
+    newest = ckpt.load(chosen[-1])
+    experiment = Experiment.from_dict(json.loads(newest["experiment"]))
+    training = {
+        "experiment": experiment.to_dict(),
+        "checkpoints_averaged": [p.name for p in chosen],
+        "steps": int(newest["step"]),
+        "epochs_completed": int(newest["epoch"]),
+        "wall_seconds": round(float(newest.get("train_seconds", 0.0)), 1),
+        "history": json.loads(newest["history"]),
+    }
+    return experiment, ckpt.average_models(chosen), training
+
+
 def export_experiment(
     exp_dir: str | Path,
     out_dir: str | Path,
@@ -41,15 +66,7 @@ def export_experiment(
     if calibration_utterances < 1:
         raise ValueError(f"calibration utterances must be >= 1, got {calibration_utterances}")
     exp_path = Path(exp_dir)
-    found = ckpt.list_checkpoints(exp_path)
-    if not found:
-        raise FileNotFoundError(f"{exp_path}: no checkpoints to export")
-    if average < 1:
-        raise ValueError(f"--average must be >= 1, got {average}")
-    chosen = found[-average:]
-    newest = ckpt.load(chosen[-1])
-    experiment = Experiment.from_dict(json.loads(newest["experiment"]))
-    weights = ckpt.average_models(chosen)
+    experiment, weights, training = average_checkpoints(exp_path, average)
     tokenizer = Tokenizer.load(exp_path / "tokenizer.model")
     cmvn = CMVN.load(exp_path / "cmvn.json")
 
@@ -82,15 +99,7 @@ def export_experiment(
         )
         results["calibration"] = report | {"manifest": manifest, "method": decoding.method}
     train_utts = read_manifest(experiment.train_manifest)
-    training = {
-        "experiment": experiment.to_dict(),
-        "checkpoints_averaged": [p.name for p in chosen],
-        "steps": int(newest["step"]),
-        "epochs_completed": int(newest["epoch"]),
-        "wall_seconds": round(float(newest.get("train_seconds", 0.0)), 1),
-        "train_hours": round(sum(u.duration for u in train_utts) / 3600, 3),
-        "history": json.loads(newest["history"]),
-    }
+    training["train_hours"] = round(sum(u.duration for u in train_utts) / 3600, 3)
     return write_bundle(
         out_dir,
         model_type=experiment.model_type,

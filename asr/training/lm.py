@@ -26,8 +26,8 @@ from asr.bundle import write_lm_bundle
 from asr.models.lm import LSTMLM, LSTMLMConfig
 from asr.text import normalize_text
 from asr.tokenizer import Tokenizer
-from asr.training import checkpoint as ckpt
 from asr.training.config import TrainConfig
+from asr.training.export import average_checkpoints
 from asr.training.trainer import Experiment, Trainer, TrainingSet
 
 MODEL_TYPE = "lstm-lm"
@@ -209,29 +209,13 @@ def export_lm(exp_dir: str | Path, out_dir: str | Path, *, average: int = 1) -> 
     """An LM bundle from the newest `average` checkpoints of `exp_dir`, with the averaged
     weights' dev perplexity."""
     exp_path = Path(exp_dir)
-    found = ckpt.list_checkpoints(exp_path)
-    if not found:
-        raise FileNotFoundError(f"{exp_path}: no checkpoints to export")
-    if average < 1:
-        raise ValueError(f"--average must be >= 1, got {average}")
-    chosen = found[-average:]
-    newest = ckpt.load(chosen[-1])
-    experiment = Experiment.from_dict(json.loads(newest["experiment"]))
+    experiment, weights, training = average_checkpoints(exp_path, average)
     if experiment.model_type != MODEL_TYPE:
         raise ValueError(f"{exp_path}: not a language model experiment ({experiment.model_type})")
-    weights = ckpt.average_models(chosen)
     tokenizer = Tokenizer.load(exp_path / "tokenizer.model")
     model = LSTMLM(LSTMLMConfig.from_dict(experiment.model_config))
     model.load_state_dict(weights)
     dev = perplexity(model, TextDataset(read_sentences(experiment.dev_manifest), tokenizer))
-    training = {
-        "experiment": experiment.to_dict(),
-        "checkpoints_averaged": [p.name for p in chosen],
-        "steps": int(newest["step"]),
-        "epochs_completed": int(newest["epoch"]),
-        "wall_seconds": round(float(newest.get("train_seconds", 0.0)), 1),
-        "history": json.loads(newest["history"]),
-    }
     return write_lm_bundle(
         out_dir,
         model_config=experiment.model_config,
