@@ -82,8 +82,6 @@ class LSTMLM(nn.Module):
     `step(state, tokens (N,))`, one unit per prefix at a time.
     """
 
-    offers = frozenset[str]()  # not an acoustic model: no decoder of its own
-
     def __init__(self, config: LSTMLMConfig) -> None:
         super().__init__()
         self.config = config
@@ -100,11 +98,13 @@ class LSTMLM(nn.Module):
         if config.tie_embeddings:
             self.out.weight = self.embed.weight
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        # Made once, not at every search step; not a weight, so not in the state dict.
+        self.register_buffer("_blank", torch.tensor([BLANK_ID]), persistent=False)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.out(self.dropout(hidden))
         # Blank is a CTC symbol, never a unit of text.
-        return logits.index_fill(-1, torch.tensor([BLANK_ID], device=logits.device), -math.inf)
+        return logits.index_fill(-1, self._blank, -math.inf)
 
     @staticmethod
     def _shifted(tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -156,7 +156,3 @@ class LSTMLM(nn.Module):
         hc = None if state is None else (state.h, state.c)
         hidden, (h, c) = self.lstm(x, hc)
         return LMState(h, c, self._logits(hidden[:, 0]).log_softmax(dim=-1).float())
-
-
-def lstm_lm(config: LSTMLMConfig) -> LSTMLM:
-    return LSTMLM(config)

@@ -157,7 +157,7 @@ def perplexity(
     for index in [*order.tolist(), None]:
         if index is not None:
             batch.append(data[index])
-            padded = (len(batch)) * (int(data.lengths[index]) + 1)
+            padded = len(batch) * (int(data.lengths[index]) + 1)
             if padded < max_units:
                 continue
         if batch:

@@ -191,7 +191,7 @@ class Trainer:
         # A language model has no features to normalise, so no statistics.
         self.cmvn = None if cmvn_path is None else CMVN.load(cmvn_path)
         if self.dist.main:
-            self._write_experiment(tokenizer_path, cmvn_path)
+            self._write_experiment()
 
         torch.manual_seed(self.cfg.seed + self.dist.rank)  # model init identical: broadcast by DDP
         random.seed(self.cfg.seed + self.dist.rank)
@@ -282,7 +282,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ files
 
-    def _write_experiment(self, tokenizer_path: str | Path, cmvn_path: str | Path | None) -> None:
+    def _write_experiment(self) -> None:
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         # Copies travel with the experiment, so export never depends on data/ still existing.
         self.tokenizer.save(self.exp_dir / "tokenizer.model")
