@@ -124,10 +124,15 @@ def _describe(hint: Any) -> str:
 def _nested(hint: Any, value: Any) -> Any:
     """`value` rebuilt as the Config its field holds (`X` or `X | None`), if it is a dict; a
     list (what JSON makes of a tuple) as the tuple its field holds."""
-    if isinstance(value, list) and any(
-        typing.get_origin(kind) is tuple for kind in (hint, *typing.get_args(hint))
-    ):
-        return tuple(value)
+    if isinstance(value, list):
+        for kind in (hint, *typing.get_args(hint)):
+            if typing.get_origin(kind) is tuple:
+                args = typing.get_args(kind)
+                if len(args) == 2 and args[1] is Ellipsis:
+                    return tuple(_nested(args[0], v) for v in value)
+                if len(args) == len(value):
+                    return tuple(_nested(a, v) for a, v in zip(args, value, strict=True))
+                return tuple(value)
     if not isinstance(value, Mapping):
         return value
     for kind in (hint, *typing.get_args(hint)):

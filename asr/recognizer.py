@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any, Protocol, cast, overload
 
 import torch
@@ -33,11 +33,21 @@ from asr.decoding.options import (
     WordTiming,
     mean_confidence,
 )
+from asr.decoding.scorers import (
+    Fusion,
+    HotwordGraph,
+    HotwordScorer,
+    LengthBonus,
+    Scorer,
+    compile_hotwords,
+)
 from asr.features import log_mel
+from asr.language_model import DEFAULT_LM_WEIGHT, LanguageModel
 from asr.masks import lengths_to_mask
 from asr.models.base import ATTENTION, CTC, offers
 from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.models.las import LAS, EncoderOutput
+from asr.text import normalize_text
 from asr.tokenizer import Tokenizer
 
 
@@ -91,6 +101,7 @@ class Evidence:
         self.attention = cast(LAS | None, attention)  # Recognizer checked what it is
         self.ctc_model = cast(CTCModel, model) if self.own == CTC else None
         self.raw, self.lengths = raw, lengths
+        self.fusion = recognizer.fusion
         self._ctc = ctc
         self._ctc_nbest = ctc_nbest
         self.cancel = cancel
@@ -125,7 +136,7 @@ class Evidence:
         if self._ctc_nbest is None:
             ctc = self.needed_ctc()
             wide = replace(opts, nbest=opts.beam)
-            search = CTCPrefixBeamSearch(wide)
+            search = CTCPrefixBeamSearch(wide, self.fusion(opts))
             self._ctc_nbest = search(ctc.log_probs, ctc.lengths, cancel=self.cancel)
         return self._ctc_nbest
 
@@ -144,9 +155,12 @@ def _greedy(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
 def _beam(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
     if ev.own == ATTENTION:
         assert ev.attention is not None
-        return attention_beam_search(ev.attention, ev.encoded, opts, cancel=ev.cancel)
+        return attention_beam_search(
+            ev.attention, ev.encoded, opts, fusion=ev.fusion(opts), cancel=ev.cancel
+        )
     ctc = ev.needed_ctc()
-    return CTCPrefixBeamSearch(opts)(ctc.log_probs, ctc.lengths, cancel=ev.cancel)
+    search = CTCPrefixBeamSearch(opts, ev.fusion(opts))
+    return search(ctc.log_probs, ctc.lengths, cancel=ev.cancel)
 
 
 def _joint(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
@@ -160,13 +174,16 @@ def _joint(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
         ctc_log_probs=ctc.log_probs.float(),
         ctc_lengths=ctc.lengths.to(ev.encoded.lengths),
     )
-    return attention_beam_search(ev.attention, enc, opts, joint=True, cancel=ev.cancel)
+    return attention_beam_search(
+        ev.attention, enc, opts, joint=True, fusion=ev.fusion(opts), cancel=ev.cancel
+    )
 
 
 def _rescore(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
     """The CTC n-best re-ranked by the attention decoder."""
     assert ev.attention is not None
-    return rescore(ev.attention, ev.encoded, ev.ctc_nbest(opts), opts, ev.cancel)
+    nbest = ev.ctc_nbest(opts)
+    return rescore(ev.attention, ev.encoded, nbest, opts, ev.cancel, ev.fusion(opts))
 
 
 @dataclass(frozen=True)
@@ -206,13 +223,23 @@ class Recognizer:
 
     `calibration` (the bundle's; None reports raw confidences) maps the raw word confidences
     of every transcript it makes, whole-utterance or a stream's final, to calibrated ones.
+    `lm`: a language model every search fuses at `options.lm_weight` (without options, the
+    bundle's stored weight or `DEFAULT_LM_WEIGHT`).
     """
 
     def __init__(
-        self, bundle: Bundle, options: DecodeOptions | None = None, rescorer: Bundle | None = None
+        self,
+        bundle: Bundle,
+        options: DecodeOptions | None = None,
+        rescorer: Bundle | None = None,
+        *,
+        lm: LanguageModel | None = None,
     ) -> None:
         self.bundle = bundle
         self.rescorer = rescorer
+        self.lm = lm
+        # Hotword graphs of recent requests (a server sees the same phrase lists again).
+        self._hotwords = lru_cache(maxsize=64)(self._compile_hotwords)
         self.calibration: Calibration | None = bundle.calibration
         if rescorer is not None:
             if rescorer.model_type != "las":
@@ -229,7 +256,27 @@ class Recognizer:
         self.options = options or (DecodeOptions.from_dict(stored) if stored else best)
         if options is None and rescorer is not None:  # given the LAS, decode with both
             self.options = replace(self.options, method=best.method)
+        if options is None and lm is not None and self.options.lm_weight == 0:
+            self.options = replace(self.options, lm_weight=DEFAULT_LM_WEIGHT)
         self.check(self.options)
+
+    def fusion(self, options: DecodeOptions) -> Fusion | None:
+        """The scorers `options` asks the searches to add (None: none)."""
+        vocab = self.bundle.tokenizer.vocab_size
+        weighted: list[tuple[float, Scorer]] = []
+        if self.lm is not None:
+            weighted.append((options.lm_weight, self.lm.scorer))
+        if options.length_bonus:
+            weighted.append((options.length_bonus, LengthBonus(vocab)))
+        if options.hotwords:
+            weighted.append((1.0, HotwordScorer(self._hotwords(options.hotwords), vocab)))
+        fusion = Fusion(weighted)
+        return fusion if fusion else None
+
+    def _compile_hotwords(self, hotwords: tuple[tuple[str, float], ...]) -> HotwordGraph:
+        tokenizer = self.bundle.tokenizer
+        units = [(tokenizer.encode(normalize_text(p)), boost) for p, boost in hotwords]
+        return compile_hotwords([(u, b) for u, b in units if u], tokenizer.vocab_size)
 
     @property
     def offers(self) -> frozenset[str]:

@@ -91,7 +91,8 @@ class StreamingSession:
         beam = 1 if self.options.method == "greedy" else self.options.beam
         wide = self.options.method == "rescore"
         self.search = CTCPrefixBeamSearch(
-            replace(self.options, beam=beam, nbest=beam if wide else self.options.nbest)
+            replace(self.options, beam=beam, nbest=beam if wide else self.options.nbest),
+            None if self.options.method == "greedy" else recognizer.fusion(self.options),
         )
         self.features = StreamingFeatures(recognizer.bundle.feature_config)
         self.encoder = BiLSTMCTCStream(model)
@@ -189,7 +190,7 @@ class StreamingSession:
             self.search.advance(self.state, log_probs[None], torch.tensor([log_probs.shape[0]]))
 
     def _partial(self) -> StreamResult:
-        scores = torch.logaddexp(self.state.blank, self.state.nonblank)[0]  # (K,)
+        scores = self.search.ranking(self.state)[0]  # (K,)
         share = float((scores.max() - scores.logsumexp(dim=0)).exp())
         tokens = tuple(self.search.best(self.state)[0])
         text = self.recognizer.bundle.tokenizer.decode(tokens)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import torch
 
 from asr.cancel import CHECK_FRAMES, CancelToken
 from asr.decoding.options import DecodeOptions, Hypothesis
+from asr.decoding.scorers import Fusion
 from asr.tokenizer import BLANK_ID, SOS_EOS_ID
 
 
@@ -168,6 +169,7 @@ def attention_beam_search(
     options: DecodeOptions,
     *,
     joint: bool = False,
+    fusion: Fusion | None = None,
     cancel: CancelToken | None = None,
 ) -> list[list[Hypothesis]]:
     """Beam search over `model.step`, batched over B utterances x K beams.
@@ -176,7 +178,9 @@ def attention_beam_search(
     score / (tokens + 1) ** length_penalty (+ coverage bonus); the search for an utterance
     stops once it has K finished hypotheses or reaches max_len_ratio * T' tokens. With
     `joint`, each step scores the `joint_candidates` best attention tokens with the model's
-    CTC head: (1 - ctc_weight) * attention + ctc_weight * CTC prefix score.
+    CTC head: (1 - ctc_weight) * attention + ctc_weight * CTC prefix score. A `fusion` of
+    scorers (language model, hotwords, length bonus) adds its weighted scores to every step,
+    eos included (candidates for CTC scoring are the best by attention + fusion).
     Returns the `nbest` best per utterance with their (unnormalised) log-prob scores; raises
     `Cancelled` at a step where `cancel` says stop.
     """
@@ -200,6 +204,8 @@ def attention_beam_search(
         ctc = CTCPrefixScorer(enc_k.ctc_log_probs, enc_k.ctc_lengths, cancel)
         ctc_state = ctc.initial()
     n_cand = options.joint_candidates or max(int(1.5 * k), 1)
+    fusion = fusion if fusion else None
+    fusion_state: tuple[Any, ...] = () if fusion is None else fusion.init(n, device)
     finished: list[list[tuple[float, float, tuple[int, ...]]]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     offsets = (torch.arange(batch, device=device) * k)[:, None]  # (B, 1)
@@ -218,13 +224,18 @@ def attention_beam_search(
             best = log_probs.max(dim=-1).values
             weak = log_probs[:, SOS_EOS_ID] < best - options.eos_threshold
             log_probs[:, SOS_EOS_ID] = log_probs[:, SOS_EOS_ID].masked_fill(weak, -math.inf)
+        extra = None if fusion is None else fusion.scores(fusion_state)  # (N, V)
         if ctc is not None and ctc_state is not None:
-            att, cand = log_probs.topk(min(n_cand, log_probs.shape[1]), dim=-1)  # (N, C)
+            ranked = log_probs if extra is None else log_probs + extra
+            _, cand = ranked.topk(min(n_cand, log_probs.shape[1]), dim=-1)  # (N, C)
+            att = log_probs.gather(1, cand)
             ctc_scores, ctc_nb, ctc_b = ctc.extend(ctc_state, cand)
             step_scores = (1 - weight) * att + weight * (ctc_scores - ctc_state.score[:, None])
+            if extra is not None:
+                step_scores = step_scores + extra.gather(1, cand)
             step_scores = step_scores.masked_fill(att == -math.inf, -math.inf)
         else:
-            step_scores, cand = log_probs, None
+            step_scores, cand = log_probs if extra is None else log_probs + extra, None
         width = step_scores.shape[1]
         total = (scores.reshape(n, 1) + step_scores).reshape(batch, k * width)
         cand_tokens = (
@@ -261,6 +272,8 @@ def attention_beam_search(
         state = state.select(rows)
         if coverage is not None:
             coverage = coverage.index_select(0, rows)
+        if fusion is not None:
+            fusion_state = fusion.advance(fusion_state, rows, tokens)
         if ctc is not None and ctc_state is not None:
             cols = (live_idx % width).reshape(n)
             assert cand is not None
@@ -280,6 +293,8 @@ def attention_beam_search(
             enc_k, state, tokens = enc_k.select(rows), state.select(rows), tokens[rows]
             if coverage is not None:
                 coverage = coverage.index_select(0, rows)
+            if fusion is not None:
+                fusion_state = fusion.advance(fusion_state, rows, torch.full_like(rows, -1))
             if ctc is not None and ctc_state is not None:
                 ctc, ctc_state = ctc.select(rows), ctc_state.select(rows)
             history, scores = history[keep], scores[keep]
@@ -339,9 +354,14 @@ def rescore(
     nbest: Sequence[Sequence[Hypothesis]],
     options: DecodeOptions,
     cancel: CancelToken | None = None,
+    fusion: Fusion | None = None,
 ) -> list[list[Hypothesis]]:
     """Second pass: re-rank CTC n-best lists (scores = CTC log-probs) of the B utterances of
-    `enc` by (1 - ctc_weight) * log P_att(y + eos | x) + ctc_weight * CTC score."""
+    `enc` by (1 - ctc_weight) * log P_att(y + eos | x) + ctc_weight * CTC score.
+
+    With a `fusion`, the n-best came from a search fused with it (score = CTC + F), and
+    (1 - ctc_weight) * F is added, so the fusion keeps its full weight: (1 - w) att + w CTC + F.
+    """
     rows = [b for b, hyps in enumerate(nbest) for _ in hyps]
     flat = [h for hyps in nbest for h in hyps]
     device = enc.lengths.device
@@ -353,9 +373,12 @@ def rescore(
         cancel,
     ).tolist()
     weight = options.ctc_weight
+    extra = [0.0] * len(flat)
+    if fusion:
+        extra = fusion.sequence_scores([h.tokens for h in flat], device).tolist()
     ranked: list[list[Hypothesis]] = [[] for _ in nbest]
-    for b, h, a in zip(rows, flat, att, strict=True):
-        ranked[b].append(Hypothesis(h.tokens, (1 - weight) * a + weight * h.score))
+    for b, h, a, f in zip(rows, flat, att, extra, strict=True):
+        ranked[b].append(Hypothesis(h.tokens, (1 - weight) * (a + f) + weight * h.score))
     for hyps in ranked:
         hyps.sort(key=lambda h: -h.score)
     return [hyps[: options.nbest] for hyps in ranked]

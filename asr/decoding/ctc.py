@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from asr.cancel import CHECK_FRAMES, CancelToken
 from asr.decoding.options import DecodeOptions, Hypothesis
+from asr.decoding.scorers import Fusion
 from asr.masks import lengths_to_mask
-from asr.tokenizer import BLANK_ID
+from asr.tokenizer import BLANK_ID, SOS_EOS_ID
 
 
 def ctc_greedy(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
@@ -51,6 +53,10 @@ class CTCBeamState:
     skipped: torch.Tensor  # (B,) float32 log-prob of skipped blank frames not yet applied
     pending: torch.Tensor  # (B,) bool: blank frames were skipped after the last searched one
     frames: torch.Tensor  # (B,) int64 frames consumed
+    # Shallow fusion: the weighted scorer total of each prefix (B, K) (it depends on the
+    # prefix only, not on its alignment) and the scorers' state of its B * K rows.
+    fused: torch.Tensor | None = None
+    scorer_state: Any = None
     parents: list[torch.Tensor] = field(default_factory=list)  # (B, K) row each row came from
     emitted: list[torch.Tensor] = field(default_factory=list)  # (B, K) token appended, -1 none
 
@@ -68,11 +74,17 @@ class CTCPrefixBeamSearch:
     Streaming: `init`, then `advance` with each chunk of log-probs, `finalize` (or `best` for a
     partial result) at any point; the result equals one `advance` over the whole utterance.
 
+    Fusion: with a `Fusion` of scorers (language models, hotwords, length bonus), a prefix is
+    ranked by its CTC log-probability plus its weighted scorer total, which is added when a
+    token extends it (and at eos in `finalize`); blank and nonblank stay pure CTC, so merging
+    is unchanged and streaming stays exact.
+
     Cancellation: given a `CancelToken`, the search checks it every `CHECK_FRAMES` searched
     frames; `Cancelled` leaves the state half-advanced (throw it away).
     """
 
-    def __init__(self, options: DecodeOptions) -> None:
+    def __init__(self, options: DecodeOptions, fusion: Fusion | None = None) -> None:
+        self.fusion = fusion if fusion else None
         self.beam = options.beam
         self.nbest = min(options.nbest, options.beam)
         self.top_k = options.prune_top_k
@@ -84,6 +96,7 @@ class CTCPrefixBeamSearch:
         blank = torch.full((batch, k), -math.inf, device=device)
         blank[:, 0] = 0.0  # only the empty prefix is alive
         ints = torch.zeros((batch, k), dtype=torch.long, device=device)
+        fusion = self.fusion
         return CTCBeamState(
             blank=blank,
             nonblank=torch.full_like(blank, -math.inf),
@@ -94,6 +107,8 @@ class CTCPrefixBeamSearch:
             skipped=torch.zeros(batch, device=device),
             pending=torch.zeros(batch, dtype=torch.bool, device=device),
             frames=torch.zeros(batch, dtype=torch.long, device=device),
+            fused=None if fusion is None else torch.zeros((batch, k), device=device),
+            scorer_state=None if fusion is None else fusion.init(batch * k, device),
         )
 
     def __call__(
@@ -223,7 +238,18 @@ class CTCPrefixBeamSearch:
             ext = torch.cat([ext.flatten(1), ext.new_full((batch, 1), ninf)], dim=1)
             ext = ext.scatter(1, flat, ninf)[:, :-1]
         scores = torch.cat([torch.logaddexp(stay_b, stay_nb), ext.flatten(1)], dim=1)
-        top, idx = scores.topk(k, dim=1)  # (B, K)
+        fused = None
+        if state.fused is not None and self.fusion is not None:
+            # Ranked by CTC + fusion; a candidate's fusion score is that of its row's scorers.
+            extra = self.fusion.scores(state.scorer_state).reshape(batch, k, -1)  # (B, K, V)
+            extra = extra.gather(2, cand[:, None, :].expand(-1, k, -1))  # (B, K, C)
+            fused = torch.cat(
+                [state.fused, (state.fused[:, :, None] + extra).flatten(1)], dim=1
+            )  # (B, K + K * C)
+            _, idx = (scores + fused).topk(k, dim=1)
+            top = scores.gather(1, idx)
+        else:
+            top, idx = scores.topk(k, dim=1)  # (B, K)
         is_ext = idx >= k
         src = torch.where(is_ext, (idx - k) // n_cand, idx)
         tok = cand.gather(1, ((idx - k) % n_cand).clamp(min=0))
@@ -236,6 +262,8 @@ class CTCPrefixBeamSearch:
             "parent_key": torch.where(is_ext, key, state.parent_key.gather(1, src)),
             "length": state.length.gather(1, src) + is_ext.long(),
         }
+        if fused is not None:
+            new["fused"] = fused.gather(1, idx)
         parents, emitted = src, torch.where(is_ext, tok, -1)
         if active is not None:
             # Inactive streams (past their length) keep everything; `pb`/`pnb` include a
@@ -248,12 +276,19 @@ class CTCPrefixBeamSearch:
             emitted = torch.where(rows, emitted, -1)
         for name, value in new.items():
             setattr(state, name, value)
+        if self.fusion is not None:
+            rows = (parents + torch.arange(batch, device=src.device)[:, None] * k).flatten()
+            state.scorer_state = self.fusion.advance(state.scorer_state, rows, emitted.flatten())
         state.parents.append(parents)
         state.emitted.append(emitted)
 
     def finalize(self, state: CTCBeamState) -> list[list[Hypothesis]]:
-        """The `nbest` best prefixes of each stream, best first, with total log-probs."""
+        """The `nbest` best prefixes of each stream, best first, with total log-probs (plus
+        the fusion scores, eos included, when fused)."""
         score = torch.logaddexp(state.blank, state.nonblank) + state.skipped[:, None]  # (B, K)
+        if state.fused is not None and self.fusion is not None:
+            ends = self.fusion.scores(state.scorer_state)[:, SOS_EOS_ID]
+            score = score + state.fused + ends.reshape(score.shape)
         top, rows = score.topk(self.nbest, dim=1)  # (B, N)
         tokens = self._backtrack(state, rows)  # (B, N) lists
         return [
@@ -267,8 +302,14 @@ class CTCPrefixBeamSearch:
 
     def best(self, state: CTCBeamState) -> list[list[int]]:
         """Token ids of the current best prefix of each stream (a partial result)."""
-        rows = torch.logaddexp(state.blank, state.nonblank).argmax(dim=1, keepdim=True)
+        rows = self.ranking(state).argmax(dim=1, keepdim=True)
         return [row[0] for row in self._backtrack(state, rows)]
+
+    @staticmethod
+    def ranking(state: CTCBeamState) -> torch.Tensor:
+        """What the beam's rows (B, K) are ranked by: CTC log-prob (+ fusion so far)."""
+        total = torch.logaddexp(state.blank, state.nonblank)
+        return total if state.fused is None else total + state.fused
 
     @staticmethod
     def _backtrack(state: CTCBeamState, rows: torch.Tensor) -> list[list[list[int]]]:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from asr.config import Config
+
+# Limits on a request's hotwords: their prefix tree is built per request.
+MAX_HOTWORDS = 1000
+MAX_HOTWORD_CHARS = 100
+MAX_BOOST = 20.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,12 @@ class DecodeOptions(Config):
     # Joint CTC/attention scoring and two-pass rescoring.
     ctc_weight: float = 0.3
     joint_candidates: int | None = None  # tokens scored by CTC per hypothesis (None: 1.5 beam)
+    # Shallow fusion (asr.decoding.scorers), in every search but greedy: the recognizer's LM
+    # at this weight (0: not used), a bonus per emitted unit, and phrases to favour, each with
+    # its boost per unit matched (withdrawn if the phrase is left unfinished).
+    lm_weight: float = 0.0
+    length_bonus: float = 0.0
+    hotwords: tuple[tuple[str, float], ...] = ()
     # Results.
     word_timings: bool = True
 
@@ -62,6 +74,17 @@ class DecodeOptions(Config):
                 "coverage_threshold": (self.coverage_threshold > 0, "> 0"),
                 "ctc_weight": (0.0 <= self.ctc_weight <= 1.0, "in [0, 1]"),
                 "joint_candidates": (candidates is None or candidates >= 1, "None or >= 1"),
+                "lm_weight": (0.0 <= self.lm_weight <= 10.0, "in [0, 10]"),
+                "length_bonus": (math.isfinite(self.length_bonus), "finite"),
+                "hotwords": (
+                    len(self.hotwords) <= MAX_HOTWORDS
+                    and all(
+                        0 < len(p.strip()) <= MAX_HOTWORD_CHARS and 0 < b <= MAX_BOOST
+                        for p, b in self.hotwords
+                    ),
+                    f"at most {MAX_HOTWORDS} (phrase, boost) pairs, each phrase 1-"
+                    f"{MAX_HOTWORD_CHARS} characters and boost in (0, {MAX_BOOST:g}]",
+                ),
             }
         )
 

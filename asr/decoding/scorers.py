@@ -1,0 +1,332 @@
+"""Scorers that a beam search adds to its model's scores: language models, hotwords, a length
+bonus (shallow fusion, as ESPnet's `BeamSearch` scorers and whisper's logit filters).
+
+Every scorer is token-synchronous with the acoustic model's units (the LM is trained on the same
+tokenizer) and batched over N hypotheses. It keeps its own state for them, and a search needs
+only three calls:
+
+- `init(n, device)`: the state of n empty prefixes;
+- `scores(state)`: (N, V) float32 log-scores of every next unit, where column `SOS_EOS_ID`
+  scores ending the sentence (a language model's P(eos), a hotword's withdrawn partial match);
+- `advance(state, rows, tokens)`: the state of prefixes `rows` (M,) (rows of the old state,
+  repeated or reordered as the beam is) extended by `tokens` (M,), -1 meaning "not extended".
+  With all tokens -1 it is a reorder: that is how a search drops finished utterances.
+
+`Fusion` holds the scorers with their weights (those of weight 0 are left out, so weight 0 is
+exactly no fusion) and is itself a scorer, so a search sees one object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Protocol
+
+import torch
+
+from asr.models.lm import LSTMLM, LMState
+from asr.models.ngram import NGramLM
+from asr.tokenizer import BLANK_ID, SOS_EOS_ID, Tokenizer
+
+WORD_START = "\u2581"  # sentencepiece marks a unit that begins a word with it
+
+
+class Scorer(Protocol):
+    """See the module docstring."""
+
+    def init(self, n: int, device: torch.device | str) -> Any: ...
+
+    def scores(self, state: Any) -> torch.Tensor: ...
+
+    def advance(self, state: Any, rows: torch.Tensor, tokens: torch.Tensor) -> Any: ...
+
+
+class Fusion:
+    """Weighted scorers as one: scores are sum_i w_i * scores_i, the state a tuple of theirs."""
+
+    def __init__(self, weighted: Sequence[tuple[float, Scorer]]) -> None:
+        self.weighted = tuple((w, s) for w, s in weighted if w != 0.0)
+
+    def __bool__(self) -> bool:
+        return bool(self.weighted)
+
+    def init(self, n: int, device: torch.device | str) -> tuple[Any, ...]:
+        return tuple(s.init(n, device) for _, s in self.weighted)
+
+    def scores(self, state: tuple[Any, ...]) -> torch.Tensor:
+        """(N, V): the weighted sum; a scorer's -inf (an LM's blank) stays -inf."""
+        total: torch.Tensor | None = None
+        for (w, s), st in zip(self.weighted, state, strict=True):
+            part = w * s.scores(st)
+            total = part if total is None else total + part
+        assert total is not None, "an empty Fusion has no scores (check bool(fusion))"
+        return total
+
+    def advance(
+        self, state: tuple[Any, ...], rows: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[Any, ...]:
+        return tuple(
+            s.advance(st, rows, tokens) for (_, s), st in zip(self.weighted, state, strict=True)
+        )
+
+    def sequence_scores(
+        self, hyps: Sequence[Sequence[int]], device: torch.device | str
+    ) -> torch.Tensor:
+        """The weighted score of each whole sentence y1 .. yU eos (M,), for rescoring."""
+        m = len(hyps)
+        if m == 0 or not self:
+            return torch.zeros(m, device=device)
+        width = max(len(h) for h in hyps) + 1
+        targets = torch.full((m, width), -1, dtype=torch.long, device=device)
+        for i, h in enumerate(hyps):
+            targets[i, : len(h)] = torch.tensor(list(h), dtype=torch.long, device=device)
+        lengths = torch.tensor([len(h) for h in hyps], device=device)
+        targets = targets.scatter(1, lengths[:, None], SOS_EOS_ID)
+        state = self.init(m, device)
+        rows = torch.arange(m, device=device)
+        total = torch.zeros(m, device=device)
+        for t in range(width):
+            target = targets[:, t]
+            picked = self.scores(state).gather(1, target.clamp(min=0)[:, None])[:, 0]
+            total += torch.where(target >= 0, picked, 0.0)
+            state = self.advance(state, rows, target.masked_fill(target == SOS_EOS_ID, -1))
+        return total
+
+
+def _extended(tokens: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows that `advance` extends (M',)."""
+    return (tokens >= 0).nonzero()[:, 0]
+
+
+class LSTMLMScorer:
+    """An LSTM language model over the units: scores are its next-unit log-probabilities
+    (cached in the state, so `scores` costs nothing; `advance` runs one LSTM step for the
+    extended rows only: a CTC search extends a few of its prefixes per frame)."""
+
+    def __init__(self, model: LSTMLM) -> None:
+        self.model = model.eval()
+
+    def init(self, n: int, device: torch.device | str) -> LMState:
+        return self.model.init_state(n, device)
+
+    def scores(self, state: LMState) -> torch.Tensor:
+        return state.log_probs
+
+    def advance(self, state: LMState, rows: torch.Tensor, tokens: torch.Tensor) -> LMState:
+        new = state.select(rows)  # indexing copies, so the rows may be overwritten
+        ext = _extended(tokens)
+        if ext.numel():
+            step = self.model.step(
+                LMState(new.h[:, ext], new.c[:, ext], new.log_probs[ext]), tokens[ext]
+            )
+            new.h[:, ext], new.c[:, ext], new.log_probs[ext] = step.h, step.c, step.log_probs
+        return new
+
+
+class LengthBonus:
+    """A constant score per emitted unit (an insertion bonus): offsets the LM's and the
+    attention decoder's preference for short hypotheses."""
+
+    def __init__(self, vocab_size: int) -> None:
+        row = torch.ones(1, vocab_size)
+        row[0, SOS_EOS_ID] = 0.0
+        row[0, BLANK_ID] = 0.0
+        self.row = row
+
+    def init(self, n: int, device: torch.device | str) -> int:
+        self.row = self.row.to(device)
+        return n
+
+    def scores(self, state: int) -> torch.Tensor:
+        return self.row.expand(state, -1)
+
+    def advance(self, state: int, rows: torch.Tensor, tokens: torch.Tensor) -> int:
+        return rows.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Word n-gram over subword hypotheses
+
+
+@dataclass
+class NGramState:
+    """Per hypothesis: the words before the current one (the n-gram context), the current
+    word's units so far, and (N,) the log-prob of ending that word as it stands, alone and
+    followed by the end of the sentence."""
+
+    context: list[tuple[str, ...]]
+    word: list[str]
+    word_score: torch.Tensor  # (N,) ln P(word | context); 0 before the first word
+    end_score: torch.Tensor  # (N,) ... + ln P(</s> | context, word)
+
+
+class NGramScorer:
+    """A word n-gram (ARPA) applied at the word boundaries of subword hypotheses: a unit that
+    starts a word (sentencepiece's leading U+2581) or eos completes the current word and
+    scores it given the words before it; units inside a word score 0. So a word is scored
+    once, when it is certain, which delays the LM by a word (as flashlight's lexicon-free
+    decoder does); the recognizer's length bonus keeps the unscored units from losing."""
+
+    def __init__(self, lm: NGramLM, tokenizer: Tokenizer) -> None:
+        self.lm = lm
+        pieces = tokenizer.pieces()
+        self.pieces = pieces
+        self.starts = torch.tensor([p.startswith(WORD_START) for p in pieces])  # (V,)
+        self.starts[[BLANK_ID, SOS_EOS_ID]] = False
+        self._ends_word = lru_cache(maxsize=1 << 16)(self._ends_word_uncached)
+
+    def _ends_word_uncached(self, context: tuple[str, ...], word: str) -> tuple[float, float]:
+        if not word:  # nothing said yet: only the sentence can end
+            return 0.0, self.lm.log_prob(context, self.lm.END)
+        score = self.lm.log_prob(context, word)
+        after = self.lm.context_after(context, word)
+        return score, score + self.lm.log_prob(after, self.lm.END)
+
+    def init(self, n: int, device: torch.device | str) -> NGramState:
+        self.starts = self.starts.to(device)
+        word, end = self._ends_word((self.lm.START,), "")
+        return NGramState(
+            context=[(self.lm.START,)] * n,
+            word=[""] * n,
+            word_score=torch.full((n,), word, device=device),
+            end_score=torch.full((n,), end, device=device),
+        )
+
+    def scores(self, state: NGramState) -> torch.Tensor:
+        out = torch.where(self.starts[None], state.word_score[:, None], 0.0)  # (N, V)
+        out[:, SOS_EOS_ID] = state.end_score
+        return out
+
+    def advance(self, state: NGramState, rows: torch.Tensor, tokens: torch.Tensor) -> NGramState:
+        picked = rows.tolist()
+        context = [state.context[r] for r in picked]
+        word = [state.word[r] for r in picked]
+        word_score, end_score = state.word_score[rows], state.end_score[rows]
+        ext = _extended(tokens)
+        if ext.numel():
+            changed = []
+            for i, tok in zip(ext.tolist(), tokens[ext].tolist(), strict=True):
+                piece = self.pieces[tok]
+                if piece.startswith(WORD_START):
+                    if word[i]:
+                        context[i] = self.lm.context_after(context[i], word[i])
+                    word[i] = piece[1:]
+                else:
+                    word[i] += piece
+                changed.append(self._ends_word(context[i], word[i]))
+            values = torch.tensor(changed, device=word_score.device)  # (M', 2)
+            word_score[ext], end_score[ext] = values[:, 0], values[:, 1]
+        return NGramState(context, word, word_score, end_score)
+
+
+# --------------------------------------------------------------------------------------------
+# Hotwords
+
+
+@dataclass(frozen=True)
+class HotwordGraph:
+    """Phrases as a prefix tree over units with Aho-Corasick failure links, stored as tables.
+
+    A hypothesis sits at a node (0: the root): the longest phrase prefix its last units match.
+    Every unit matched earns the phrase's boost; a unit that breaks the match moves to the
+    node its failure links reach and withdraws the boost of the units left behind; finishing a
+    phrase keeps its boost and returns to the root (sherpa/icefall's "strict mode", so a
+    phrase inside a longer one fires once: "NEW" before "NEW YORK" is matched as "NEW").
+    For each node, only the units that lead somewhere other than the root are listed
+    (padded with the dummy unit V); any other unit goes to the root.
+    """
+
+    pending: torch.Tensor  # (nodes,) boost earned on the way to the node, not yet kept
+    units: torch.Tensor  # (nodes, C) long: units that lead off the root, V for padding
+    delta: torch.Tensor  # (nodes, C) float: the score of taking that unit
+    target: torch.Tensor  # (nodes, C) long: the node it leads to
+
+    def to(self, device: torch.device | str) -> HotwordGraph:
+        return HotwordGraph(*(t.to(device) for t in vars(self).values()))
+
+
+def compile_hotwords(
+    phrases: Sequence[tuple[Sequence[int], float]], vocab_size: int
+) -> HotwordGraph:
+    """Build the graph of (units, boost per unit) phrases; phrases sharing a prefix share its
+    nodes (taking the larger boost)."""
+    children: list[dict[int, int]] = [{}]
+    score = [0.0]
+    end = [False]
+    for units, boost in phrases:
+        node = 0
+        for u in units:
+            if u not in children[node]:
+                children[node][u] = len(children)
+                children.append({})
+                score.append(-math.inf)
+                end.append(False)
+            parent, node = node, children[node][u]
+            score[node] = max(score[node], score[parent] + boost)
+        end[node] = node != 0
+    # Failure links, breadth first: the longest proper suffix of a node that is also a node.
+    fail = [0] * len(children)
+    queue = list(children[0].values())
+    for node in queue:
+        for u, child in children[node].items():
+            f = fail[node]
+            while f and u not in children[f]:
+                f = fail[f]
+            fail[child] = children[f][u] if u in children[f] and children[f][u] != child else 0
+            queue.append(child)
+    rows: list[dict[int, tuple[float, int]]] = []
+    for node in range(len(children)):
+        moves: dict[int, tuple[float, int]] = {}
+        f = node
+        while True:  # the node's own children win over those of its suffixes
+            for u, child in children[f].items():
+                if u not in moves:
+                    kept = 0 if end[child] else child
+                    moves[u] = (score[child] - score[node], kept)
+            if f == 0:
+                break
+            f = fail[f]
+        rows.append(moves)
+    width = max(1, max(len(m) for m in rows))
+    table = torch.full((len(rows), width), vocab_size, dtype=torch.long)
+    delta = torch.zeros(len(rows), width)
+    target = torch.zeros(len(rows), width, dtype=torch.long)
+    for node, moves in enumerate(rows):
+        for j, (u, (d, t)) in enumerate(sorted(moves.items())):
+            table[node, j], delta[node, j], target[node, j] = u, d, t
+    return HotwordGraph(torch.tensor(score).clamp(min=0.0), table, delta, target)
+
+
+class HotwordScorer:
+    """Boosts the phrases of a `HotwordGraph`; the state is each hypothesis' node (N,)."""
+
+    def __init__(self, graph: HotwordGraph, vocab_size: int) -> None:
+        self.graph = graph
+        self.vocab_size = vocab_size
+
+    def init(self, n: int, device: torch.device | str) -> torch.Tensor:
+        self.graph = self.graph.to(device)
+        return torch.zeros(n, dtype=torch.long, device=device)
+
+    def scores(self, state: torch.Tensor) -> torch.Tensor:
+        g = self.graph
+        withdraw = -g.pending[state]  # (N,) leaving the match
+        out = withdraw[:, None].expand(-1, self.vocab_size + 1).clone()
+        out.scatter_(1, g.units[state], g.delta[state])
+        out[:, SOS_EOS_ID] = withdraw  # a sentence that ends mid-phrase earns nothing of it
+        return out[:, : self.vocab_size]
+
+    def advance(
+        self, state: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor
+    ) -> torch.Tensor:
+        g = self.graph
+        node = state[rows]
+        ext = _extended(tokens)
+        if ext.numel():
+            at = node[ext]
+            hit = g.units[at] == tokens[ext, None]  # (M', C)
+            moved = (g.target[at] * hit).sum(dim=1)  # at most one hit; none: the root
+            node[ext] = moved
+        return node

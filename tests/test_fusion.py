@@ -1,0 +1,371 @@
+"""Shallow fusion: LSTM LM, word n-gram (ARPA) and hotword scorers in the CTC prefix and the
+attention beam searches, through the scorer interface and through a Recognizer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from asr.audio import AudioInput
+from asr.bundle import Bundle, BundleError
+from asr.decoding.attention import attention_beam_search
+from asr.decoding.ctc import CTCPrefixBeamSearch
+from asr.decoding.options import DecodeOptions
+from asr.decoding.scorers import (
+    Fusion,
+    HotwordScorer,
+    LengthBonus,
+    LSTMLMScorer,
+    NGramScorer,
+    compile_hotwords,
+)
+from asr.language_model import LanguageModel, load_language_model
+from asr.models.lm import LSTMLM, LSTMLMConfig
+from asr.models.ngram import LN10, ARPAError, NGramLM
+from asr.recognizer import Recognizer
+from asr.tokenizer import BLANK_ID, SOS_EOS_ID, Tokenizer
+from tests.test_decoding_attention import _Frames
+from tests.test_decoding_ctc import assert_same, exhaustive, peaky
+
+SENTENCE = "THE CAT SAT ON THE MAT"
+TEXTS = [SENTENCE, "A DOG RAN HOME", "SHE SAW THE SEA", "WE WENT OUT AT NOON", "HE HAD A RED HAT"]
+BEAM = DecodeOptions(beam=8, prune_top_k=None, prune_threshold=None, blank_skip=None)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    Tokenizer.train(TEXTS * 4, "char", 40).save(path)
+    return Tokenizer.load(path)
+
+
+@pytest.fixture(scope="module")
+def sentence_lm(tokenizer: Tokenizer) -> LSTMLM:
+    """An LSTM LM that knows one sentence by heart: trained to a per-unit NLL < 0.05, so every
+    wrong unit costs it more than 3 nats, far more than the 0.22 nats the posteriors below
+    favour the wrong unit by."""
+    torch.manual_seed(0)
+    config = LSTMLMConfig(tokenizer.vocab_size, 64, 64, num_layers=1, dropout=0.0)
+    model = LSTMLM(config)
+    units = torch.tensor([tokenizer.encode(SENTENCE)])
+    lengths = torch.tensor([units.shape[1]])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss = model(units, lengths).loss
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert float(model(units, lengths).loss) < 0.05
+    return model
+
+
+def confusable(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """The units of `text` and, for each, a different unit (not a neighbour's, so CTC never
+    merges it): the unit the posteriors below prefer."""
+    units = tokenizer.encode(text)
+    letters = [i for i in range(3, tokenizer.vocab_size) if i not in units]
+    return units, [letters[i % len(letters)] for i in range(len(units))]
+
+
+def ambiguous_posteriors(units: list[int], wrong: list[int], vocab: int) -> torch.Tensor:
+    """(1, 2U, V) CTC log-probs: per unit, a frame with P(wrong) 0.5 > P(right) 0.4, then a
+    blank frame. The most probable labeling is all wrong units."""
+    probs = torch.full((2 * len(units), vocab), 1e-4)
+    for i, (right, bad) in enumerate(zip(units, wrong, strict=True)):
+        probs[2 * i, right], probs[2 * i, bad], probs[2 * i, BLANK_ID] = 0.4, 0.5, 0.1
+        probs[2 * i + 1, BLANK_ID] = 1.0
+    return (probs / probs.sum(dim=-1, keepdim=True)).log()[None]
+
+
+def ctc_search(log_probs: torch.Tensor, fusion: Fusion | None) -> tuple[int, ...]:
+    search = CTCPrefixBeamSearch(BEAM, fusion)
+    return search(log_probs, torch.tensor([log_probs.shape[1]]))[0][0].tokens
+
+
+def test_the_lstm_lm_recovers_its_sentence_from_ambiguous_ctc_posteriors(
+    tokenizer: Tokenizer, sentence_lm: LSTMLM
+) -> None:
+    units, wrong = confusable(tokenizer, SENTENCE)
+    log_probs = ambiguous_posteriors(units, wrong, tokenizer.vocab_size)
+    assert ctc_search(log_probs, None) == tuple(wrong)
+    assert ctc_search(log_probs, Fusion([(0.0, LSTMLMScorer(sentence_lm))])) == tuple(wrong)
+    fused = ctc_search(log_probs, Fusion([(1.0, LSTMLMScorer(sentence_lm))]))
+    assert tokenizer.decode(fused) == SENTENCE
+
+
+@dataclass
+class _Position:
+    attention: torch.Tensor  # (N, 1)
+    steps: torch.Tensor  # (N,)
+
+    def select(self, rows: torch.Tensor) -> _Position:
+        return _Position(self.attention[rows], self.steps[rows])
+
+
+class _Ambiguous:
+    """An attention decoder that, whatever came before, prefers the wrong unit at step i
+    (0.5 against the right one's 0.4) and eos after the last unit."""
+
+    def __init__(self, units: list[int], wrong: list[int], vocab: int) -> None:
+        rows = []
+        for right, bad in [*zip(units, wrong, strict=True), (SOS_EOS_ID, SOS_EOS_ID)]:
+            p = torch.full((vocab,), 1e-3)
+            p[right], p[bad] = (0.4, 0.5) if right != bad else (0.9, 0.9)
+            rows.append((p / p.sum()).log())
+        self.table = torch.stack(rows)  # (U + 1, V)
+
+    def init_state(self, enc: _Frames) -> _Position:
+        n = enc.lengths.shape[0]
+        return _Position(torch.ones(n, 1), torch.zeros(n, dtype=torch.long))
+
+    def step(
+        self, enc: _Frames, state: _Position, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, _Position]:
+        at = state.steps.clamp(max=self.table.shape[0] - 1)
+        return self.table[at].clone(), _Position(state.attention, state.steps + 1)
+
+
+def test_the_lstm_lm_recovers_its_sentence_in_attention_beam_search(
+    tokenizer: Tokenizer, sentence_lm: LSTMLM
+) -> None:
+    units, wrong = confusable(tokenizer, SENTENCE)
+    model = _Ambiguous(units, wrong, tokenizer.vocab_size)
+    enc = _Frames(torch.tensor([len(units) * 2]))
+    options = DecodeOptions(beam=4, length_penalty=0.0)
+    plain = attention_beam_search(model, enc, options)[0][0].tokens
+    assert plain == tuple(wrong)
+    fusion = Fusion([(1.0, LSTMLMScorer(sentence_lm))])
+    fused = attention_beam_search(model, enc, options, fusion=fusion)[0][0].tokens
+    assert tokenizer.decode(fused) == SENTENCE
+
+
+def random_fusion(tokenizer: Tokenizer, seed: int = 0) -> Fusion:
+    torch.manual_seed(seed)
+    lm = LSTMLM(LSTMLMConfig(tokenizer.vocab_size, embed_dim=16, hidden_size=16)).eval()
+    graph = compile_hotwords([(tokenizer.encode("THE CAT"), 1.5)], tokenizer.vocab_size)
+    return Fusion(
+        [
+            (0.5, LSTMLMScorer(lm)),
+            (0.3, LengthBonus(tokenizer.vocab_size)),
+            (1.0, HotwordScorer(graph, tokenizer.vocab_size)),
+        ]
+    )
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_a_fused_search_streamed_in_chunks_equals_the_whole_utterance(
+    tokenizer: Tokenizer, chunk: int
+) -> None:
+    log_probs = peaky(3, 24, tokenizer.vocab_size, seed=chunk)
+    lengths = torch.tensor([24, 17, 9])
+    options = replace(DecodeOptions(beam=6, nbest=3), blank_skip=0.95)
+    search = CTCPrefixBeamSearch(options, random_fusion(tokenizer))
+    whole = search(log_probs, lengths)
+    state = search.init(3)
+    for start in range(0, 24, chunk):
+        piece = log_probs[:, start : start + chunk]
+        left = (lengths - start).clamp(min=0, max=piece.shape[1])
+        search.advance(state, piece, left)
+    assert_same(search.finalize(state), whole)
+    # And batched equals one utterance at a time.
+    for b in range(3):
+        one = search(log_probs[b : b + 1, : int(lengths[b])], lengths[b : b + 1])
+        assert_same(one, whole[b : b + 1])
+
+
+def test_fused_scores_are_exact_ctc_plus_the_weighted_scorers() -> None:
+    # Few enough labelings (of units 1, 3, 4 over 4 frames) for the beam to hold them all, so
+    # CTC probabilities are exact: the search's scores are those plus the scorers'.
+    torch.manual_seed(2)
+    vocab = 5
+    log_probs = peaky(1, 4, vocab, seed=9)
+    log_probs[..., SOS_EOS_ID] = -math.inf  # eos is not a CTC unit
+    lm = LSTMLM(LSTMLMConfig(vocab, embed_dim=8, hidden_size=8)).eval()
+    graph = compile_hotwords([([3, 4], 0.7)], vocab)
+    fusion = Fusion(
+        [(0.6, LSTMLMScorer(lm)), (0.2, LengthBonus(vocab)), (1.0, HotwordScorer(graph, vocab))]
+    )
+    options = DecodeOptions(
+        beam=128, nbest=10, prune_top_k=None, prune_threshold=None, blank_skip=None
+    )
+    hyps = CTCPrefixBeamSearch(options, fusion)(log_probs, torch.tensor([4]))[0]
+    exact = exhaustive(log_probs[0])
+    extra = fusion.sequence_scores([h.tokens for h in hyps], "cpu").tolist()
+    expected = sorted((exact[h.tokens] + f for h, f in zip(hyps, extra, strict=True)), reverse=True)
+    assert [h.score for h in hyps] == pytest.approx(expected, abs=1e-4)
+    best = max(exact, key=lambda t: exact[t] + float(fusion.sequence_scores([t], "cpu")[0]))
+    assert hyps[0].tokens == best
+
+
+# --------------------------------------------------------------------------------------------
+# Hotwords
+
+
+def test_a_hotword_turns_a_near_miss_into_the_phrase_and_nothing_else(
+    tokenizer: Tokenizer,
+) -> None:
+    vocab = tokenizer.vocab_size
+    units = tokenizer.encode("THE CAT SAT")
+    near = list(units)
+    near[units.index(tokenizer.encode("CAT")[1])] = tokenizer.encode("DAT")[1]
+    # Sure of every unit (0.83) but at "C", where the audio leans to "D" (0.5 against 0.4).
+    log_probs = ambiguous_posteriors(units, near, vocab)
+    graph = compile_hotwords([(tokenizer.encode("CAT"), 1.0)], vocab)
+    hotwords = Fusion([(1.0, HotwordScorer(graph, vocab))])
+    assert tokenizer.decode(ctc_search(log_probs, None)) == "THE DAT SAT"
+    assert tokenizer.decode(ctc_search(log_probs, hotwords)) == "THE CAT SAT"
+    # Audio that clearly says something else is left alone: "DOG" at 0.9 per unit.
+    dog = tokenizer.encode("THE DOG SAT")
+    sure = ambiguous_posteriors(dog, dog, vocab)
+    assert tokenizer.decode(ctc_search(sure, hotwords)) == "THE DOG SAT"
+
+
+def test_an_unfinished_hotword_earns_nothing(tokenizer: Tokenizer) -> None:
+    vocab = tokenizer.vocab_size
+    phrase = tokenizer.encode("CAT")  # the word-start unit, C, A, T
+    graph = compile_hotwords([(phrase, 2.0), (tokenizer.encode("SEA"), 1.0)], vocab)
+    fusion = Fusion([(1.0, HotwordScorer(graph, vocab))])
+
+    def score(text: str) -> float:
+        return float(fusion.sequence_scores([tokenizer.encode(text)], "cpu")[0])
+
+    assert score("CAT") == pytest.approx(2.0 * len(phrase))
+    assert score("THE CAT SAT") == pytest.approx(2.0 * len(phrase))
+    assert score("CAT CAT") == pytest.approx(4.0 * len(phrase))  # fires each time
+    assert score("CA") == pytest.approx(0.0)  # ends mid-phrase: withdrawn
+    assert score("CAR") == pytest.approx(0.0)  # breaks off: withdrawn
+    # SEA shares CAT's word-start unit, which earns the larger boost of the two.
+    assert score("CAT SEA") == pytest.approx(2.0 * len(phrase) + 2.0 + 1.0 * 3)
+    assert score("HE HAD A RED HAT") == pytest.approx(0.0)
+
+
+def test_hotwords_reach_the_recognizer_per_request(word_model: Bundle) -> None:
+    recognizer = Recognizer(word_model, DecodeOptions(method="beam"))
+    assert recognizer.fusion(recognizer.options) is None
+    opts = recognizer.options.override(hotwords=(("hello world", 2.0),))
+    fusion = recognizer.fusion(opts)
+    assert fusion is not None and len(fusion.weighted) == 1
+    units = word_model.tokenizer.encode("HELLO WORLD")
+    scores = fusion.sequence_scores([units], "cpu")
+    assert float(scores[0]) == pytest.approx(2.0 * len(units))
+    with pytest.raises(ValueError, match="hotwords"):
+        recognizer.options.override(hotwords=(("x", 0.0),))
+
+
+# --------------------------------------------------------------------------------------------
+# ARPA n-gram
+
+TINY_ARPA = """Some toolkit header text is allowed here.
+
+\\data\\
+ngram 1=5
+ngram 2=3
+
+\\1-grams:
+-1.0 <s> -0.5
+-0.7 </s>
+-0.5 THE -0.3
+-0.8 CAT -0.2
+-1.2 <unk>
+
+\\2-grams:
+-0.2 <s> THE
+-0.1 THE CAT
+-0.4 CAT </s>
+
+\\end\\
+"""
+
+
+@pytest.fixture
+def arpa(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.arpa"
+    path.write_text(TINY_ARPA)
+    return path
+
+
+def test_arpa_scores_match_hand_computed_backoff(arpa: Path) -> None:
+    lm = NGramLM.load(arpa)
+    assert lm.order == 2
+    cases = {
+        (("<s>",), "THE"): -0.2,  # listed bigram
+        (("<s>",), "CAT"): -0.5 - 0.8,  # bow(<s>) + p(CAT)
+        (("THE",), "</s>"): -0.3 - 0.7,  # bow(THE) + p(</s>)
+        (("THE",), "DOG"): -0.3 - 1.2,  # an unknown word is <unk>
+        (("CAT",), "THE"): -0.2 - 0.5,
+        (("DOG",), "THE"): -0.5,  # unlisted history: backoff 0
+    }
+    for (context, word), log10 in cases.items():
+        assert lm.log_prob(context, word) == pytest.approx(log10 * LN10)
+    assert lm.sentence_log_prob(["THE", "CAT"]) == pytest.approx((-0.2 - 0.1 - 0.4) * LN10)
+
+
+def test_the_ngram_scorer_scores_words_at_their_boundaries(
+    arpa: Path, tokenizer: Tokenizer
+) -> None:
+    lm = NGramLM.load(arpa)
+    fusion = Fusion([(1.0, NGramScorer(lm, tokenizer))])
+    for words in (["THE", "CAT"], ["THE", "DOG", "SAT"], ["CAT"], []):
+        units = tokenizer.encode(" ".join(words))
+        got = float(fusion.sequence_scores([units], "cpu")[0])
+        assert got == pytest.approx(lm.sentence_log_prob(words), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("no data section at all\n", "no \\\\data\\\\ section"),
+        (TINY_ARPA.replace("\\end\\\n", ""), "truncated"),
+        (TINY_ARPA.replace("ngram 2=3", "ngram 2=4"), "counts 4 2-grams"),
+        (TINY_ARPA.replace("-0.1 THE CAT", "x THE CAT"), "tiny.arpa:16"),
+    ],
+)
+def test_a_broken_arpa_file_is_a_clear_error(tmp_path: Path, text: str, error: str) -> None:
+    path = tmp_path / "tiny.arpa"
+    path.write_text(text)
+    with pytest.raises(ARPAError, match=error):
+        NGramLM.load(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Through a Recognizer
+
+
+def test_lm_weight_zero_equals_no_lm(word_model: Bundle, tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    vocab = word_model.tokenizer.vocab_size
+    lm = LSTMLM(LSTMLMConfig(vocab, embed_dim=16, hidden_size=16)).eval()
+    language_model = LanguageModel(tmp_path, "lstm", LSTMLMScorer(lm))
+    gen = torch.Generator().manual_seed(0)
+    audio: list[AudioInput] = [
+        torch.randn(16000, generator=gen) * 0.1,
+        torch.randn(9000, generator=gen) * 0.1,
+    ]
+    plain = Recognizer(word_model, DecodeOptions(method="beam"))
+    zero = Recognizer(word_model, DecodeOptions(method="beam", lm_weight=0.0), lm=language_model)
+    assert zero.fusion(zero.options) is None
+    assert [t.to_dict() for t in zero.transcribe(audio)] == [
+        t.to_dict() for t in plain.transcribe(audio)
+    ]
+    # Without options the LM is used at the default weight.
+    fused = Recognizer(word_model, lm=language_model)
+    assert fused.options.lm_weight > 0 and fused.fusion(fused.options) is not None
+    for t in fused.transcribe(audio):
+        assert math.isfinite(t.score)
+
+
+def test_an_lm_needs_the_acoustic_models_units(
+    word_model: Bundle, tokenizer: Tokenizer, tmp_path: Path, arpa: Path
+) -> None:
+    with pytest.raises(BundleError, match="no such language model"):
+        load_language_model(tmp_path / "missing", word_model.tokenizer)
+    (tmp_path / "junk.arpa").write_text("not an lm")
+    with pytest.raises(BundleError, match=r"junk\.arpa"):
+        load_language_model(tmp_path / "junk.arpa", word_model.tokenizer)
+    assert load_language_model(arpa, word_model.tokenizer).kind == "ngram"
