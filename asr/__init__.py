@@ -20,6 +20,7 @@ import torch
 
 from asr.bundle import Bundle, load_bundle
 from asr.decoding.options import DecodeOptions, Transcript, WordTiming
+from asr.language_model import load_language_model
 from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.recognizer import Recognizer
 
@@ -29,6 +30,7 @@ def load_model(
     device: str | torch.device = "cpu",
     *,
     rescorer: str | Path | None = None,
+    lm: str | Path | None = None,
     chunking: tuple[int, int] | None = None,
     **decode_options: Any,
 ) -> Recognizer:
@@ -38,6 +40,9 @@ def load_model(
     rescorer: a LAS bundle directory a BiLSTM-CTC bundle decodes with: method "joint" (the
     LAS's attention beam search scored with the CTC posteriors; the default then) or "rescore"
     (the CTC n-best rescored by attention).
+    lm: a language model every beam search fuses: an LM bundle directory (`asr lm export`,
+    same tokenizer as the model) or a word n-gram ARPA file; at `lm_weight` (default: the
+    bundle's stored weight, else `asr.language_model.DEFAULT_LM_WEIGHT`).
     chunking: (chunk_size, right_context) LC blocks in encoder frames for a BiLSTM-CTC model,
     in place of those it was trained with ((0, 0) runs it offline); other models have no
     blocks and ignore it, so one server setting can cover a mixed set of models.
@@ -48,7 +53,8 @@ def load_model(
     if chunking is not None and isinstance(bundle.model, BiLSTMCTC):
         bundle = replace(bundle, model=bundle.model.with_chunking(*chunking))
     second = load_bundle(rescorer, device) if rescorer is not None else None
-    recognizer = Recognizer(bundle, rescorer=second)
+    fused = load_language_model(lm, bundle.tokenizer, device) if lm is not None else None
+    recognizer = Recognizer(bundle, rescorer=second, lm=fused)
     recognizer.options = recognizer.options.override(**decode_options)
     recognizer.check(recognizer.options)
     return recognizer

@@ -24,7 +24,7 @@ from asr.data import synth
 from asr.data.dataset import manifest_cmvn
 from asr.data.librispeech import prepare
 from asr.data.manifest import read_manifest
-from asr.decoding.options import DecodeOptions
+from asr.decoding.options import DEFAULT_BOOST, DecodeOptions
 from asr.evaluation import (
     add_results,
     decode_line,
@@ -34,6 +34,7 @@ from asr.evaluation import (
     write_decode,
 )
 from asr.features import DEFAULT_CMN_PRIOR, FeatureConfig
+from asr.language_model import DEFAULT_LM_WEIGHT
 from asr.models import MODELS, model_config
 from asr.text import normalize_text
 from asr.tokenizer import KINDS, Tokenizer
@@ -290,13 +291,55 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
         "or rescore (its n-best rescored)",
     )
     p.add_argument(
+        "--lm",
+        type=Path,
+        help="language model fused into the beam search: an LM bundle (asr lm export) or a "
+        "word n-gram ARPA file (.arpa, .arpa.gz)",
+    )
+    p.add_argument("--lm-weight", type=float, help=f"LM weight (default {DEFAULT_LM_WEIGHT})")
+    p.add_argument("--length-bonus", type=float, help="score added per emitted unit")
+    p.add_argument(
+        "--hotwords",
+        type=Path,
+        metavar="FILE",
+        help=f"phrases to favour, one per line, optionally PHRASE<TAB>BOOST (default boost "
+        f"{DEFAULT_BOOST:g} per unit)",
+    )
+    p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any DecodeOptions field"
     )
 
 
+def read_hotwords(path: Path) -> tuple[tuple[str, float], ...]:
+    """A hotword file: one phrase per line, optionally followed by a tab and its boost; blank
+    lines and lines starting with # are skipped. ValueError names the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the hotwords file: {err}") from err
+    phrases = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        phrase, _, boost = line.partition("\t")
+        try:
+            value = float(boost) if boost.strip() else DEFAULT_BOOST
+        except ValueError:
+            raise ValueError(f"{path}:{number}: the boost {boost!r} is not a number") from None
+        phrases.append((phrase.strip(), value))
+    return tuple(phrases)
+
+
 def _decode_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """DecodeOptions fields the command line sets (validated by `DecodeOptions.override`)."""
-    flags = {"method": args.method, "beam": args.beam, "ctc_weight": args.ctc_weight}
+    flags = {
+        "method": args.method,
+        "beam": args.beam,
+        "ctc_weight": args.ctc_weight,
+        "lm_weight": args.lm_weight,
+        "length_bonus": args.length_bonus,
+        "hotwords": None if args.hotwords is None else read_hotwords(args.hotwords),
+    }
     return {k: v for k, v in flags.items() if v is not None} | _parse_overrides(
         args.set, "decoding"
     )
@@ -328,7 +371,7 @@ def _decode_options(args: argparse.Namespace, base: DecodeOptions) -> DecodeOpti
 
 
 def _run_decode(args: argparse.Namespace) -> int:
-    recognizer = load_model(args.model, args.device, rescorer=args.rescore_model)
+    recognizer = load_model(args.model, args.device, rescorer=args.rescore_model, lm=args.lm)
     options = _decode_options(args, recognizer.options)
     recognizer.check(options)
     utterances = read_manifest(args.manifest)
@@ -344,6 +387,7 @@ def _run_decode(args: argparse.Namespace) -> int:
         manifest=args.manifest,
         seconds=seconds,
         rescore_model=None if recognizer.rescorer is None else args.rescore_model,
+        lm=recognizer.lm,
     )
     write_decode(args.out, utterances, transcripts, rates, summary, args.worst)
     name = args.name or args.manifest.stem
@@ -423,6 +467,14 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         "search over each segment (repeatable)",
     )
     p.add_argument(
+        "--lm",
+        action="append",
+        default=[],
+        metavar="NAME=LM",
+        help="model NAME's beam searches (streaming partials and finals too) fuse this "
+        "language model: an LM bundle directory or ARPA file (repeatable)",
+    )
+    p.add_argument(
         "--chunk-size",
         type=int,
         help="run BiLSTM-CTC models latency-controlled with blocks of this many encoder frames "
@@ -450,6 +502,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         models=_name_paths(args.model, "--model"),
         rescorers=_name_paths(args.rescore_model, "--rescore-model"),
+        lms=_name_paths(args.lm, "--lm"),
         chunking=_chunking(args.chunk_size, args.right_context),
         host=args.host,
         port=args.port,
@@ -487,7 +540,7 @@ def _name_paths(items: list[str], flag: str) -> tuple[tuple[str, str], ...]:
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"{flag} {item!r} is not NAME=BUNDLE_DIR")
+            raise ValueError(f"{flag} {item!r} is not NAME=PATH")
         pairs.append((name, path))
     return tuple(pairs)
 

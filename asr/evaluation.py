@@ -22,6 +22,7 @@ from asr.data.manifest import Utterance
 from asr.data.sampler import BucketingBatchSampler
 from asr.decoding.options import DecodeOptions, Transcript
 from asr.features import FeatureConfig
+from asr.language_model import LanguageModel
 from asr.metrics import ErrorRates, error_rates, utterance_errors
 from asr.models import greedy_decode
 from asr.recognizer import Recognizer
@@ -219,20 +220,27 @@ def score_decode(
     manifest: Path,
     seconds: float,
     rescore_model: Path | None = None,
+    lm: LanguageModel | None = None,
 ) -> tuple[ErrorRates, dict[str, Any]]:
     """Corpus WER/CER of a decode, and its summary (wer.json, a results.json entry): the
     rates, the word confidences' ECE as reported (`ece`) and before calibration (`raw_ece`;
     the same for a bundle without one; both None without words), the method
     (`streaming-METHOD` when streamed), options, speed. `seconds`: the decoding wall time;
-    `rescore_model`: the LAS bundle a CTC model decoded with, if any."""
+    `rescore_model`: the LAS bundle a CTC model decoded with, if any; `lm`: the language model
+    it fused (filed as method METHOD+KIND, e.g. beam+lstm, when its weight is not 0)."""
     rates = error_rates([u.text for u in utterances], [transcripts[u.id].text for u in utterances])
     audio_seconds = sum(u.duration for u in utterances)
     confidence = confidence_scores(utterances, transcripts)
+    method = f"streaming-{options.method}" if streaming else options.method
+    fused = lm is not None and options.lm_weight > 0 and options.method != "greedy"
+    if fused:
+        assert lm is not None
+        method += f"+{lm.kind}"
     summary = rates.to_dict() | {
         "ece": confidence.ece(),
         "raw_ece": confidence.ece(confidence.raw),
         "confidence_words": confidence.words,
-        "method": f"streaming-{options.method}" if streaming else options.method,
+        "method": method,
         "beam": 1 if options.method == "greedy" else options.beam,
         "options": asdict(options),
         "manifest": str(manifest),
@@ -241,6 +249,9 @@ def score_decode(
     }
     if rescore_model is not None:
         summary["rescore_model"] = str(rescore_model)
+    if fused:
+        assert lm is not None
+        summary["lm"] = str(lm.path)
     return rates, summary
 
 

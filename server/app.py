@@ -160,9 +160,14 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 def load_models(config: ServerConfig) -> list[Model]:
-    rescorers = dict(config.rescorers)
+    rescorers, lms = dict(config.rescorers), dict(config.lms)
     return [
-        Model(name, load_model(path, rescorer=rescorers.get(name), chunking=config.chunking))
+        Model(
+            name,
+            load_model(
+                path, rescorer=rescorers.get(name), lm=lms.get(name), chunking=config.chunking
+            ),
+        )
         for name, path in config.models
     ]
 

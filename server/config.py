@@ -15,6 +15,9 @@ class ServerConfig(Config):
     # attention decoder scored jointly with the CTC posteriors (method joint; a client may ask
     # for rescore, its n-best rescored), for Recognize and streaming finals alike.
     rescorers: tuple[tuple[str, str], ...] = ()
+    # (model name, LM bundle directory or ARPA file): the language model that model's beam
+    # searches fuse (streaming partials and finals too), at its default weight.
+    lms: tuple[tuple[str, str], ...] = ()
     # (chunk_size, right_context) in encoder frames for every BiLSTM-CTC model, instead of
     # its bundle's: shorter latency-controlled blocks give earlier partial results.
     chunking: tuple[int, int] | None = None
@@ -46,9 +49,12 @@ class ServerConfig(Config):
         names = [name for name, _ in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique: {', '.join(names)}")
-        for name, _ in self.rescorers:
-            if name not in names:
-                raise ValueError(f"rescorer for unknown model {name!r}; models: {', '.join(names)}")
+        for what, pairs in (("rescorer", self.rescorers), ("language model", self.lms)):
+            for name, _ in pairs:
+                if name not in names:
+                    raise ValueError(
+                        f"{what} for unknown model {name!r}; models: {', '.join(names)}"
+                    )
         if self.chunking is not None and (self.chunking[0] < 1 or self.chunking[1] < 0):
             raise ValueError(
                 f"chunking needs chunk_size >= 1 and right_context >= 0: {self.chunking}"

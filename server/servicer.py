@@ -34,7 +34,7 @@ from asr.audio import (
 )
 from asr.cancel import Cancelled, DeadlineExceeded
 from asr.client import to_alternatives, to_duration, to_seconds
-from asr.decoding.options import DecodeOptions
+from asr.decoding.options import DEFAULT_BOOST, DecodeOptions
 from asr.models import count_parameters
 from asr.recognizer import METHODS, Recognizer
 from asr.streaming import EndpointConfig, StreamingSession, StreamResult
@@ -195,6 +195,13 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                 raise _invalid(f"{field} {value} is more than this server's {flag} {limit}")
         if config.beam_size:
             values["beam"] = config.beam_size
+        hotwords = tuple(
+            (phrase, context.boost or DEFAULT_BOOST)
+            for context in config.speech_contexts
+            for phrase in context.phrases
+        )
+        if hotwords:
+            values["hotwords"] = hotwords
         beam = int(values.get("beam", options.beam))  # type: ignore[call-overload]
         values["nbest"] = max(1, min(config.max_alternatives or 1, beam))
         try:
@@ -484,6 +491,7 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                     default_decoding_method=m.recognizer.options.method,
                     parameters=count_parameters(m.recognizer.bundle.model),
                     language_code=LANGUAGE,
+                    language_model="" if m.recognizer.lm is None else m.recognizer.lm.describe(),
                 )
                 for m in self.models.values()
             ]

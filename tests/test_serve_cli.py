@@ -107,7 +107,7 @@ def test_serve_rejects_a_bad_model_argument(
         text=True,
         timeout=60,
     )
-    assert done.returncode == 2 and "is not NAME=BUNDLE_DIR" in done.stderr
+    assert done.returncode == 2 and "is not NAME=PATH" in done.stderr
     for args, message in [
         (["--model", f"x={tmp_path / 'none'}"], "model bundle directory not found"),
         (["--model", "x=dir", "--right-context", "4"], "--right-context needs --chunk-size"),

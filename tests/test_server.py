@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import math
 import random
 import threading
 import urllib.request
@@ -632,3 +633,76 @@ def test_json_logs_carry_request_fields(
     record = next(r for r in caplog.records if getattr(r, "fields", {}).get("request_id") == "r-7")
     text = TextFormatter().format(record)
     assert "request_id=r-7" in text and "rpc=Recognize" in text
+
+
+def test_hotwords_in_speech_contexts_fix_a_near_miss_and_leave_other_audio_alone(
+    server: Server, stub: asr_pb2_grpc.RecognizerStub, utterances: list[Utterance]
+) -> None:
+    recognizer = server.running.servicer.models["words"].recognizer
+    utt, other = utterances[0], utterances[3]
+    # A near miss: the best alternative the search found that is not what was said.
+    best, *rest = recognizer.transcribe(utt.audio, nbest=10).nbest
+    assert best.text == utt.text
+    alt = next(a for a in rest if a.text and a.text != utt.text)
+    units = len(alt.tokens)
+    boost = min(20.0, (best.score - alt.score) / units + 1.0)  # enough to lift it over
+    context = asr_pb2.SpeechContext(phrases=[alt.text.lower()], boost=boost)
+    hinted = recognize(stub, flac(utt.audio), speech_contexts=[context])
+    assert hinted.results[0].alternatives[0].transcript == alt.text
+    assert recognize(stub, flac(utt.audio)).results[0].alternatives[0].transcript == utt.text
+    # Audio that says something else is left alone: unfinished matches earn nothing.
+    elsewhere = recognize(stub, flac(other.audio), speech_contexts=[context])
+    assert elsewhere.results[0].alternatives[0].transcript == other.text
+    # Bad hints are the request's fault.
+    for bad in (
+        asr_pb2.SpeechContext(phrases=[""]),
+        asr_pb2.SpeechContext(phrases=["a"], boost=99),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            recognize(stub, flac(utt.audio), speech_contexts=[bad])
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "hotwords" in (err.value.details() or "")
+
+
+def unigram_arpa(path: Path, words: list[str]) -> Path:
+    """A uniform unigram ARPA file over `words`."""
+    entries = ["<s>", "</s>", *words]
+    p = math.log10(1.0 / (len(entries) - 1))
+    lines = ["\\data\\", f"ngram 1={len(entries)}", "", "\\1-grams:"]
+    lines += [f"{-99 if w == '<s>' else p:.4f} {w}" for w in entries]
+    path.write_text("\n".join([*lines, "", "\\end\\", ""]))
+    return path
+
+
+def test_a_language_model_fuses_into_recognize_and_streaming(
+    word_model: Bundle, utterances: list[Utterance], tmp_path: Path
+) -> None:
+    from tests.word_corpus import WORDS
+
+    words = save_bundle(word_model, tmp_path / "words")
+    arpa = unigram_arpa(tmp_path / "words.arpa", [w.upper() for w in WORDS])
+    config = ServerConfig(
+        models=(("words", str(words)), ("plain", str(words))), lms=(("words", str(arpa)),), port=0
+    )
+    models = load_models(config)
+    fused = models[0].recognizer
+    assert fused.lm is not None and fused.lm.kind == "ngram" and models[1].recognizer.lm is None
+    srv = Server(config, models)
+    try:
+        with AsrClient(srv.target) as client:
+            listed = {m.name: m.language_model for m in client.list_models()}
+            assert listed == {"words": "ngram LM words.arpa", "plain": ""}
+            audio = utterances[2].audio
+            responses = list(client.stream(audio))
+            unary = client.recognize(flac(audio)).results[0].alternatives[0].transcript
+        session = StreamingSession(fused)
+        expected = [r.transcript.text for r in session.accept(audio) if r.is_final]
+        expected += [r.transcript.text for r in session.finish() if r.is_final]
+        finals = [r.alternatives[0].transcript for x in responses for r in x.results if r.is_final]
+        assert any(not r.is_final for x in responses for r in x.results)
+        assert finals == expected  # as the in-process session with the LM
+        assert unary == fused.transcribe(audio).text
+    finally:
+        srv.stop()
+    with pytest.raises(ValueError, match="language model for unknown model 'nope'"):
+        ServerConfig(models=(("m", "dir"),), lms=(("nope", "dir"),))

@@ -13,6 +13,7 @@ from asr.config import Config
 MAX_HOTWORDS = 1000
 MAX_HOTWORD_CHARS = 100
 MAX_BOOST = 20.0
+DEFAULT_BOOST = 1.5  # per unit matched, as sherpa's default hotwords score
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ def _engine(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Engine
     if args.server is not None:
         from asr.client import connect
 
-        if overrides or args.rescore_model:
+        if overrides or args.rescore_model or args.lm:
             raise ValueError("with --server, decoding options are the server's")
         # No deadline: a long file streams for as long as it lasts.
         client = connect(
@@ -96,6 +96,7 @@ def _engine(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Engine
             args.model,
             args.device,
             rescorer=args.rescore_model,
+            lm=args.lm,
             **overrides | {"nbest": args.nbest},
         )
     except TypeError as err:  # an unknown option name: a bad argument

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x61sr/v1/asr.proto\x12\x06\x61sr.v1\x1a\x1egoogle/protobuf/duration.proto\"\xf0\x02\n\x11RecognitionConfig\x12\x39\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\'.asr.v1.RecognitionConfig.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x1b\n\x13\x61udio_channel_count\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rlanguage_code\x18\x05 \x01(\t\x12\x18\n\x10max_alternatives\x18\x06 \x01(\x05\x12 \n\x18\x65nable_word_time_offsets\x18\x07 \x01(\x08\x12\x17\n\x0f\x64\x65\x63oding_method\x18\x08 \x01(\t\x12\x11\n\tbeam_size\x18\t \x01(\x05\"Z\n\rAudioEncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x0c\n\x08LINEAR16\x10\x01\x12\x08\n\x04\x46LAC\x10\x02\x12\x07\n\x03WAV\x10\x03\x12\x0e\n\nOGG_VORBIS\x10\x04\"`\n\x10RecognizeRequest\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.asr.v1.RecognitionConfig\x12\r\n\x05\x61udio\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x8c\x01\n\x08WordInfo\x12/\n\x0cstart_offset\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nend_offset\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04word\x18\x03 \x01(\t\x12\x12\n\nconfidence\x18\x04 \x01(\x02\"g\n\x1cSpeechRecognitionAlternative\x12\x12\n\ntranscript\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x1f\n\x05words\x18\x03 \x03(\x0b\x32\x10.asr.v1.WordInfo\"\x89\x01\n\x17SpeechRecognitionResult\x12:\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32$.asr.v1.SpeechRecognitionAlternative\x12\x32\n\x0fresult_end_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9b\x01\n\x11RecognizeResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.asr.v1.SpeechRecognitionResult\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x31\n\x0e\x61udio_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"~\n\x0e\x45ndpointConfig\x12\x33\n\x10trailing_silence\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x37\n\x14max_segment_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa4\x01\n\x1aStreamingRecognitionConfig\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.asr.v1.RecognitionConfig\x12\x17\n\x0finterim_results\x18\x02 \x01(\x08\x12\x18\n\x10single_utterance\x18\x03 \x01(\x08\x12(\n\x08\x65ndpoint\x18\x04 \x01(\x0b\x32\x16.asr.v1.EndpointConfig\"\x9d\x01\n\x19StreamingRecognizeRequest\x12>\n\x10streaming_config\x18\x01 \x01(\x0b\x32\".asr.v1.StreamingRecognitionConfigH\x00\x12\x17\n\raudio_content\x18\x02 \x01(\x0cH\x00\x12\x12\n\nrequest_id\x18\x03 \x01(\tB\x13\n\x11streaming_request\"\xb1\x01\n\x1aStreamingRecognitionResult\x12:\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32$.asr.v1.SpeechRecognitionAlternative\x12\x10\n\x08is_final\x18\x02 \x01(\x08\x12\x11\n\tstability\x18\x03 \x01(\x02\x12\x32\n\x0fresult_end_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x96\x02\n\x1aStreamingRecognizeResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".asr.v1.StreamingRecognitionResult\x12M\n\x11speech_event_type\x18\x02 \x01(\x0e\x32\x32.asr.v1.StreamingRecognizeResponse.SpeechEventType\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"`\n\x0fSpeechEventType\x12\x1c\n\x18SPEECH_EVENT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45ND_OF_SINGLE_UTTERANCE\x10\x01\x12\x12\n\x0e\x45ND_OF_SEGMENT\x10\x02\"\x13\n\x11ListModelsRequest\"\xb4\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x11\n\tstreaming\x18\x04 \x01(\x08\x12\x18\n\x10\x64\x65\x63oding_methods\x18\x05 \x03(\t\x12\x1f\n\x17\x64\x65\x66\x61ult_decoding_method\x18\x06 \x01(\t\x12\x12\n\nparameters\x18\x07 \x01(\x03\x12\x15\n\rlanguage_code\x18\x08 \x01(\t\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.asr.v1.ModelInfo2\xf4\x01\n\nRecognizer\x12@\n\tRecognize\x12\x18.asr.v1.RecognizeRequest\x1a\x19.asr.v1.RecognizeResponse\x12_\n\x12StreamingRecognize\x12!.asr.v1.StreamingRecognizeRequest\x1a\".asr.v1.StreamingRecognizeResponse(\x01\x30\x01\x12\x43\n\nListModels\x12\x19.asr.v1.ListModelsRequest\x1a\x1a.asr.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x61sr/v1/asr.proto\x12\x06\x61sr.v1\x1a\x1egoogle/protobuf/duration.proto\"\xa0\x03\n\x11RecognitionConfig\x12\x39\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\'.asr.v1.RecognitionConfig.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x1b\n\x13\x61udio_channel_count\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rlanguage_code\x18\x05 \x01(\t\x12\x18\n\x10max_alternatives\x18\x06 \x01(\x05\x12 \n\x18\x65nable_word_time_offsets\x18\x07 \x01(\x08\x12\x17\n\x0f\x64\x65\x63oding_method\x18\x08 \x01(\t\x12\x11\n\tbeam_size\x18\t \x01(\x05\x12.\n\x0fspeech_contexts\x18\n \x03(\x0b\x32\x15.asr.v1.SpeechContext\"Z\n\rAudioEncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x0c\n\x08LINEAR16\x10\x01\x12\x08\n\x04\x46LAC\x10\x02\x12\x07\n\x03WAV\x10\x03\x12\x0e\n\nOGG_VORBIS\x10\x04\"/\n\rSpeechContext\x12\x0f\n\x07phrases\x18\x01 \x03(\t\x12\r\n\x05\x62oost\x18\x04 \x01(\x02\"`\n\x10RecognizeRequest\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.asr.v1.RecognitionConfig\x12\r\n\x05\x61udio\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x8c\x01\n\x08WordInfo\x12/\n\x0cstart_offset\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nend_offset\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04word\x18\x03 \x01(\t\x12\x12\n\nconfidence\x18\x04 \x01(\x02\"g\n\x1cSpeechRecognitionAlternative\x12\x12\n\ntranscript\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x1f\n\x05words\x18\x03 \x03(\x0b\x32\x10.asr.v1.WordInfo\"\x89\x01\n\x17SpeechRecognitionResult\x12:\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32$.asr.v1.SpeechRecognitionAlternative\x12\x32\n\x0fresult_end_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9b\x01\n\x11RecognizeResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.asr.v1.SpeechRecognitionResult\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x31\n\x0e\x61udio_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"~\n\x0e\x45ndpointConfig\x12\x33\n\x10trailing_silence\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x37\n\x14max_segment_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa4\x01\n\x1aStreamingRecognitionConfig\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.asr.v1.RecognitionConfig\x12\x17\n\x0finterim_results\x18\x02 \x01(\x08\x12\x18\n\x10single_utterance\x18\x03 \x01(\x08\x12(\n\x08\x65ndpoint\x18\x04 \x01(\x0b\x32\x16.asr.v1.EndpointConfig\"\x9d\x01\n\x19StreamingRecognizeRequest\x12>\n\x10streaming_config\x18\x01 \x01(\x0b\x32\".asr.v1.StreamingRecognitionConfigH\x00\x12\x17\n\raudio_content\x18\x02 \x01(\x0cH\x00\x12\x12\n\nrequest_id\x18\x03 \x01(\tB\x13\n\x11streaming_request\"\xb1\x01\n\x1aStreamingRecognitionResult\x12:\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32$.asr.v1.SpeechRecognitionAlternative\x12\x10\n\x08is_final\x18\x02 \x01(\x08\x12\x11\n\tstability\x18\x03 \x01(\x02\x12\x32\n\x0fresult_end_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x96\x02\n\x1aStreamingRecognizeResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".asr.v1.StreamingRecognitionResult\x12M\n\x11speech_event_type\x18\x02 \x01(\x0e\x32\x32.asr.v1.StreamingRecognizeResponse.SpeechEventType\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"`\n\x0fSpeechEventType\x12\x1c\n\x18SPEECH_EVENT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45ND_OF_SINGLE_UTTERANCE\x10\x01\x12\x12\n\x0e\x45ND_OF_SEGMENT\x10\x02\"\x13\n\x11ListModelsRequest\"\xcc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x11\n\tstreaming\x18\x04 \x01(\x08\x12\x18\n\x10\x64\x65\x63oding_methods\x18\x05 \x03(\t\x12\x1f\n\x17\x64\x65\x66\x61ult_decoding_method\x18\x06 \x01(\t\x12\x12\n\nparameters\x18\x07 \x01(\x03\x12\x15\n\rlanguage_code\x18\x08 \x01(\t\x12\x16\n\x0elanguage_model\x18\t \x01(\t\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.asr.v1.ModelInfo2\xf4\x01\n\nRecognizer\x12@\n\tRecognize\x12\x18.asr.v1.RecognizeRequest\x1a\x19.asr.v1.RecognizeResponse\x12_\n\x12StreamingRecognize\x12!.asr.v1.StreamingRecognizeRequest\x1a\".asr.v1.StreamingRecognizeResponse(\x01\x30\x01\x12\x43\n\nListModels\x12\x19.asr.v1.ListModelsRequest\x1a\x1a.asr.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,37 +33,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asr.v1.asr_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RECOGNITIONCONFIG']._serialized_start=61
-  _globals['_RECOGNITIONCONFIG']._serialized_end=429
-  _globals['_RECOGNITIONCONFIG_AUDIOENCODING']._serialized_start=339
-  _globals['_RECOGNITIONCONFIG_AUDIOENCODING']._serialized_end=429
-  _globals['_RECOGNIZEREQUEST']._serialized_start=431
-  _globals['_RECOGNIZEREQUEST']._serialized_end=527
-  _globals['_WORDINFO']._serialized_start=530
-  _globals['_WORDINFO']._serialized_end=670
-  _globals['_SPEECHRECOGNITIONALTERNATIVE']._serialized_start=672
-  _globals['_SPEECHRECOGNITIONALTERNATIVE']._serialized_end=775
-  _globals['_SPEECHRECOGNITIONRESULT']._serialized_start=778
-  _globals['_SPEECHRECOGNITIONRESULT']._serialized_end=915
-  _globals['_RECOGNIZERESPONSE']._serialized_start=918
-  _globals['_RECOGNIZERESPONSE']._serialized_end=1073
-  _globals['_ENDPOINTCONFIG']._serialized_start=1075
-  _globals['_ENDPOINTCONFIG']._serialized_end=1201
-  _globals['_STREAMINGRECOGNITIONCONFIG']._serialized_start=1204
-  _globals['_STREAMINGRECOGNITIONCONFIG']._serialized_end=1368
-  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_start=1371
-  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_end=1528
-  _globals['_STREAMINGRECOGNITIONRESULT']._serialized_start=1531
-  _globals['_STREAMINGRECOGNITIONRESULT']._serialized_end=1708
-  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_start=1711
-  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_end=1989
-  _globals['_STREAMINGRECOGNIZERESPONSE_SPEECHEVENTTYPE']._serialized_start=1893
-  _globals['_STREAMINGRECOGNIZERESPONSE_SPEECHEVENTTYPE']._serialized_end=1989
-  _globals['_LISTMODELSREQUEST']._serialized_start=1991
-  _globals['_LISTMODELSREQUEST']._serialized_end=2010
-  _globals['_MODELINFO']._serialized_start=2013
-  _globals['_MODELINFO']._serialized_end=2193
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2195
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2250
-  _globals['_RECOGNIZER']._serialized_start=2253
-  _globals['_RECOGNIZER']._serialized_end=2497
+  _globals['_RECOGNITIONCONFIG']._serialized_end=477
+  _globals['_RECOGNITIONCONFIG_AUDIOENCODING']._serialized_start=387
+  _globals['_RECOGNITIONCONFIG_AUDIOENCODING']._serialized_end=477
+  _globals['_SPEECHCONTEXT']._serialized_start=479
+  _globals['_SPEECHCONTEXT']._serialized_end=526
+  _globals['_RECOGNIZEREQUEST']._serialized_start=528
+  _globals['_RECOGNIZEREQUEST']._serialized_end=624
+  _globals['_WORDINFO']._serialized_start=627
+  _globals['_WORDINFO']._serialized_end=767
+  _globals['_SPEECHRECOGNITIONALTERNATIVE']._serialized_start=769
+  _globals['_SPEECHRECOGNITIONALTERNATIVE']._serialized_end=872
+  _globals['_SPEECHRECOGNITIONRESULT']._serialized_start=875
+  _globals['_SPEECHRECOGNITIONRESULT']._serialized_end=1012
+  _globals['_RECOGNIZERESPONSE']._serialized_start=1015
+  _globals['_RECOGNIZERESPONSE']._serialized_end=1170
+  _globals['_ENDPOINTCONFIG']._serialized_start=1172
+  _globals['_ENDPOINTCONFIG']._serialized_end=1298
+  _globals['_STREAMINGRECOGNITIONCONFIG']._serialized_start=1301
+  _globals['_STREAMINGRECOGNITIONCONFIG']._serialized_end=1465
+  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_start=1468
+  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_end=1625
+  _globals['_STREAMINGRECOGNITIONRESULT']._serialized_start=1628
+  _globals['_STREAMINGRECOGNITIONRESULT']._serialized_end=1805
+  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_start=1808
+  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_end=2086
+  _globals['_STREAMINGRECOGNIZERESPONSE_SPEECHEVENTTYPE']._serialized_start=1990
+  _globals['_STREAMINGRECOGNIZERESPONSE_SPEECHEVENTTYPE']._serialized_end=2086
+  _globals['_LISTMODELSREQUEST']._serialized_start=2088
+  _globals['_LISTMODELSREQUEST']._serialized_end=2107
+  _globals['_MODELINFO']._serialized_start=2110
+  _globals['_MODELINFO']._serialized_end=2314
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2316
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2371
+  _globals['_RECOGNIZER']._serialized_start=2374
+  _globals['_RECOGNIZER']._serialized_end=2618
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecognitionConfig(_message.Message):
-    __slots__ = ("encoding", "sample_rate_hertz", "audio_channel_count", "model", "language_code", "max_alternatives", "enable_word_time_offsets", "decoding_method", "beam_size")
+    __slots__ = ("encoding", "sample_rate_hertz", "audio_channel_count", "model", "language_code", "max_alternatives", "enable_word_time_offsets", "decoding_method", "beam_size", "speech_contexts")
     class AudioEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ENCODING_UNSPECIFIED: _ClassVar[RecognitionConfig.AudioEncoding]
@@ -33,6 +33,7 @@ class RecognitionConfig(_message.Message):
     ENABLE_WORD_TIME_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     DECODING_METHOD_FIELD_NUMBER: _ClassVar[int]
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_CONTEXTS_FIELD_NUMBER: _ClassVar[int]
     encoding: RecognitionConfig.AudioEncoding
     sample_rate_hertz: int
     audio_channel_count: int
@@ -42,7 +43,16 @@ class RecognitionConfig(_message.Message):
     enable_word_time_offsets: bool
     decoding_method: str
     beam_size: int
-    def __init__(self, encoding: _Optional[_Union[RecognitionConfig.AudioEncoding, str]] = ..., sample_rate_hertz: _Optional[int] = ..., audio_channel_count: _Optional[int] = ..., model: _Optional[str] = ..., language_code: _Optional[str] = ..., max_alternatives: _Optional[int] = ..., enable_word_time_offsets: _Optional[bool] = ..., decoding_method: _Optional[str] = ..., beam_size: _Optional[int] = ...) -> None: ...
+    speech_contexts: _containers.RepeatedCompositeFieldContainer[SpeechContext]
+    def __init__(self, encoding: _Optional[_Union[RecognitionConfig.AudioEncoding, str]] = ..., sample_rate_hertz: _Optional[int] = ..., audio_channel_count: _Optional[int] = ..., model: _Optional[str] = ..., language_code: _Optional[str] = ..., max_alternatives: _Optional[int] = ..., enable_word_time_offsets: _Optional[bool] = ..., decoding_method: _Optional[str] = ..., beam_size: _Optional[int] = ..., speech_contexts: _Optional[_Iterable[_Union[SpeechContext, _Mapping]]] = ...) -> None: ...
+
+class SpeechContext(_message.Message):
+    __slots__ = ("phrases", "boost")
+    PHRASES_FIELD_NUMBER: _ClassVar[int]
+    BOOST_FIELD_NUMBER: _ClassVar[int]
+    phrases: _containers.RepeatedScalarFieldContainer[str]
+    boost: float
+    def __init__(self, phrases: _Optional[_Iterable[str]] = ..., boost: _Optional[float] = ...) -> None: ...
 
 class RecognizeRequest(_message.Message):
     __slots__ = ("config", "audio", "request_id")
@@ -161,7 +171,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "type", "is_default", "streaming", "decoding_methods", "default_decoding_method", "parameters", "language_code")
+    __slots__ = ("name", "type", "is_default", "streaming", "decoding_methods", "default_decoding_method", "parameters", "language_code", "language_model")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +180,7 @@ class ModelInfo(_message.Message):
     DEFAULT_DECODING_METHOD_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_MODEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     is_default: bool
@@ -178,7 +189,8 @@ class ModelInfo(_message.Message):
     default_decoding_method: str
     parameters: int
     language_code: str
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., is_default: _Optional[bool] = ..., streaming: _Optional[bool] = ..., decoding_methods: _Optional[_Iterable[str]] = ..., default_decoding_method: _Optional[str] = ..., parameters: _Optional[int] = ..., language_code: _Optional[str] = ...) -> None: ...
+    language_model: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., is_default: _Optional[bool] = ..., streaming: _Optional[bool] = ..., decoding_methods: _Optional[_Iterable[str]] = ..., default_decoding_method: _Optional[str] = ..., parameters: _Optional[int] = ..., language_code: _Optional[str] = ..., language_model: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
