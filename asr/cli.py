@@ -34,6 +34,7 @@ from asr.evaluation import (
     write_decode,
 )
 from asr.features import DEFAULT_CMN_PRIOR, FeatureConfig
+from asr.files import atomic_write
 from asr.language_model import DEFAULT_LM_WEIGHT
 from asr.models import MODELS, model_config
 from asr.text import normalize_text
@@ -652,6 +653,18 @@ def _add_lm(p: argparse.ArgumentParser) -> None:
     ppl = sub.add_parser("perplexity", help="per-unit perplexity of an LM bundle on text")
     ppl.add_argument("--lm", required=True, type=Path, help="LM bundle directory")
     ppl.add_argument("--text", required=True, type=Path, help="text or JSONL manifest")
+    text = sub.add_parser(
+        "text", help="the normalised sentences of text files and manifests, as LM training text"
+    )
+    text.add_argument("inputs", nargs="+", type=Path, help="text files (ID TEXT lines too), JSONL")
+    text.add_argument("--out", required=True, type=Path, help="text file to write")
+    text.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        type=Path,
+        help="drop sentences found in this text or manifest (e.g. the test sets'; repeatable)",
+    )
 
 
 def _run_lm(args: argparse.Namespace) -> int:
@@ -664,6 +677,20 @@ def _run_lm(args: argparse.Namespace) -> int:
         out = lm.export_lm(args.exp_dir, args.out, average=args.average)
         dev = json.loads((out / "config.json").read_text())["results"]["dev"]
         print(f"{out}: dev perplexity {dev['perplexity']:.2f}")
+        return 0
+    if args.lm_command == "text":
+        excluded = {s for path in args.exclude for s in lm.read_sentences(path)}
+        kept = dropped = 0
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(args.out) as tmp, tmp.open("w", encoding="utf-8") as out:
+            for path in args.inputs:
+                for sentence in lm.read_sentences(path):
+                    if sentence in excluded:
+                        dropped += 1
+                        continue
+                    out.write(sentence + "\n")
+                    kept += 1
+        print(f"{args.out}: {kept} sentences ({dropped} excluded)")
         return 0
     if args.lm_command == "perplexity":
         bundle = load_lm_bundle(args.lm)

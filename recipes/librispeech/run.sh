@@ -19,6 +19,11 @@
 #                for each method (ctc: greedy, beam, streaming, and with --rescore-model LAS_BUNDLE
 #                rescore and joint; las: greedy, beam, joint, rescore), then `asr results`
 #                prints the WER table
+#   6 lm         asr lm text DATA/manifests/train.jsonl LM_TEXT... --exclude TEST... --out LM/text.txt
+#                asr lm train --exp-dir LM --preset LM_PRESET --train LM/text.txt --dev DEV ...
+#                asr lm export --exp-dir LM --out LM/bundle      (one LSTM LM for every model)
+#   7 lm-decode  asr decode ... --lm LM/bundle --lm-weight W on DEV for each W of --lm-weights,
+#                then on every test set with the best W (rows METHOD+lstm in results.json)
 # Export comes before decode so the numbers are those of the bundle users get.
 set -euo pipefail
 
@@ -46,6 +51,12 @@ cmvn_window=0               # frames of causal sliding-window mean normalisation
 augment=0                   # 1: noise, reverb, channel, pitch and VTLP augmentation (asr.data.augment)
 noise_dir=                  # recorded noise for augmentation (e.g. MUSAN's noise/); implies --augment
 rir_dir=                    # measured room impulse responses instead of simulated; implies --augment
+lm_dir=                     # LM experiment and bundle (empty: DATA/lm)
+lm_preset=librispeech       # asr lm train preset (cpu-small on a CPU)
+lm_text=                    # more LM text, comma-separated (e.g. librispeech-lm-norm.txt)
+lm_epochs=                  # empty: the LM preset's
+lm_weights=0.1,0.2,0.3,0.5  # stage 7 tries these on DEV and keeps the best
+lm_methods=                 # stage 7 methods; empty: beam (ctc; joint too with --rescore-model), joint (las)
 train_args=()               # extra `asr train` arguments after --, e.g. -- --set lr=5e-4
 
 while [[ $# -gt 0 ]]; do
@@ -74,6 +85,12 @@ while [[ $# -gt 0 ]]; do
     --augment) augment=1; shift ;;
     --noise-dir) noise_dir=$2; augment=1; shift 2 ;;
     --rir-dir) rir_dir=$2; augment=1; shift 2 ;;
+    --lm-dir) lm_dir=$2; shift 2 ;;
+    --lm-preset) lm_preset=$2; shift 2 ;;
+    --lm-text) lm_text=$2; shift 2 ;;
+    --lm-epochs) lm_epochs=$2; shift 2 ;;
+    --lm-weights) lm_weights=$2; shift 2 ;;
+    --lm-methods) lm_methods=$2; shift 2 ;;
     --) shift; train_args=("$@"); break ;;
     -h|--help) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -81,6 +98,9 @@ while [[ $# -gt 0 ]]; do
 done
 exp_dir=${exp_dir:-exp/${model}_${preset}}
 manifests=$data_dir/manifests
+lm_dir=${lm_dir:-$data_dir/lm}
+launcher=(asr)               # training commands: under torchrun with --ngpu N > 1
+if [[ $ngpu -gt 1 ]]; then launcher=(torchrun --standalone --nproc_per_node="$ngpu" -m asr.cli); fi
 
 run() { echo "+ $*"; "$@"; }
 in_stage() { [[ $stage -le $1 && $stop_stage -ge $1 ]]; }
@@ -105,8 +125,6 @@ if in_stage 2; then
 fi
 
 if in_stage 3; then
-  launcher=(asr)
-  if [[ $ngpu -gt 1 ]]; then launcher=(torchrun --standalone --nproc_per_node="$ngpu" -m asr.cli); fi
   [[ -n $epochs ]] && train_args=(--epochs "$epochs" "${train_args[@]}")
   if [[ $augment == 1 ]]; then
     # Recorded noise joins the generated kinds (coloured, babble); the directories' absolute
@@ -150,6 +168,54 @@ if in_stage 5; then
       run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$t.jsonl" \
         --beam "$beam" "${extra[@]}" \
         --out "$exp_dir/decode/$m/$t" --name "$t" --results "$exp_dir/results.json"
+    done
+  done
+  run asr results "$exp_dir/results.json"
+fi
+
+if in_stage 6; then
+  # The LM reads the training transcripts and any other text, never the test sets' sentences.
+  IFS=, read -ra tests <<< "$test_sets"
+  IFS=, read -ra extra_text <<< "$lm_text"
+  excludes=()
+  for t in "${tests[@]}"; do excludes+=(--exclude "$manifests/$t.jsonl"); done
+  run asr lm text "$manifests/train.jsonl" "${extra_text[@]}" "${excludes[@]}" \
+    --out "$lm_dir/text.txt"
+  run "${launcher[@]}" lm train --exp-dir "$lm_dir" --preset "$lm_preset" \
+    --train "$lm_dir/text.txt" --dev "$manifests/$dev_set.jsonl" \
+    --tokenizer "$data_dir/tokenizer.model" ${lm_epochs:+--epochs "$lm_epochs"}
+  run asr lm export --exp-dir "$lm_dir" --out "$lm_dir/bundle"
+fi
+
+if in_stage 7; then
+  IFS=, read -ra tests <<< "$test_sets"
+  if [[ -z $lm_methods ]]; then
+    lm_methods=beam
+    [[ $model == las ]] && lm_methods=joint
+    [[ $model == ctc && -n $rescore_model ]] && lm_methods=beam,joint
+  fi
+  IFS=, read -ra method_list <<< "$lm_methods"
+  IFS=, read -ra weights <<< "$lm_weights"
+  for m in "${method_list[@]}"; do
+    extra=(--method "$m" --beam "$beam" --lm "$lm_dir/bundle")
+    [[ $m =~ ^(rescore|joint)$ && $model == ctc ]] && extra+=(--rescore-model "$rescore_model")
+    [[ $m =~ ^(rescore|joint)$ && -n $ctc_weight ]] && extra+=(--ctc-weight "$ctc_weight")
+    # The LM weight is chosen on the dev set, never on a test set.
+    best='' best_wer=''
+    for w in "${weights[@]}"; do
+      out=$exp_dir/decode/$m+lstm/tune/$dev_set-w$w
+      run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$dev_set.jsonl" \
+        "${extra[@]}" --lm-weight "$w" --out "$out" --name "$dev_set"
+      wer=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["wer"])' "$out/wer.json")
+      if [[ -z $best ]] || awk -v a="$wer" -v b="$best_wer" 'BEGIN { exit !(a < b) }'; then
+        best=$w best_wer=$wer
+      fi
+    done
+    echo "$m+lstm: LM weight $best (dev WER $best_wer %)" | tee "$exp_dir/decode/$m+lstm/weight.txt"
+    for t in "${tests[@]}"; do
+      run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$t.jsonl" \
+        "${extra[@]}" --lm-weight "$best" \
+        --out "$exp_dir/decode/$m+lstm/$t" --name "$t" --results "$exp_dir/results.json"
     done
   done
   run asr results "$exp_dir/results.json"

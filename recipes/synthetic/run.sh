@@ -27,6 +27,10 @@
 #             joint), pocketsphinx on every test set (bench/peer_wer.py, the peer row), and
 #             the WER table. With both models and 2+ cores the two train at once, each on
 #             half the cores (logs in EXP/ctc.log and EXP/las.log)
+#   9 lm      an LSTM LM (cpu-small) on the training sentences (+ --lm-text), never the test
+#             sentences (recipes/librispeech/run.sh stage 6), in WORK/exp/lm
+#   10 lm-decode  the LM fused into the BiLSTM-CTC's beam search and the LAS's joint decoding,
+#             its weight chosen on dev (stage 7 there): rows beam+lstm and joint+lstm
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -50,9 +54,11 @@ voices_per_sentence=2       # training voices reading each sentence (empty: all 
 max_words=50                # longer sentences are left out (about 5 % of LibriSpeech's)
 jobs=$(nproc)
 vocab_size=128
-epochs=                     # empty: 7 for ctc, 2 for las (+1 fine-tuning)
+epochs=                     # empty: 7 for ctc, 4 for las (+1 fine-tuning)
 cmvn_window=300             # frames of sliding-window mean normalisation (0: global CMVN only)
 augment=(--augment)         # signal augmentation of the training audio (asr.data.augment)
+lm_text=                    # more LM training text, comma-separated (never test sentences)
+lm_weights=0.2,0.4          # LM weights tried on dev
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -74,6 +80,8 @@ while [[ $# -gt 0 ]]; do
     --epochs) epochs=$2; shift 2 ;;
     --cmvn-window) cmvn_window=$2; shift 2 ;;
     --no-augment) augment=(); shift ;;
+    --lm-text) lm_text=$2; shift 2 ;;
+    --lm-weights) lm_weights=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -128,10 +136,11 @@ if [[ -d $real_root ]]; then
 fi
 
 # Measured 2026-12-03 on the 2-core machine with both models training at once on one core
-# each (14.1 h corpus of 3 voices per sentence, augmentation): BiLSTM-CTC 19.5 min per epoch,
-# LAS 39 min per epoch. Two voices per sentence (about 9.4 h) and these epochs are sized for
-# about 2 h of training there, so the whole run fits the 2-3 h a 2-core machine should need.
-declare -A default_epochs=([ctc]=7 [las]=2)
+# each, two voices per sentence (9.4 h, augmentation): BiLSTM-CTC about 13 min per epoch, LAS
+# about 20 min per epoch. These epochs take about 1.5 h (CTC) and 1.7 h (LAS), so the whole
+# run (corpus, both models, decoding, the peer, the LM) fits the 2-3 h a 2-core machine
+# should need.
+declare -A default_epochs=([ctc]=7 [las]=4)
 finetune_epochs=1
 models=("$model")
 [[ $model == both ]] && models=(ctc las)
@@ -139,12 +148,13 @@ models=("$model")
 # train MODEL FIRST: the LibriSpeech recipe's stages FIRST..stop_stage-2 for one model.
 train() {
   local m=$1 first=$2
+  local last=$(( stop_stage - 2 < 5 ? stop_stage - 2 : 5 ))  # the LM stages come after both
   local common=(--data-root "$corpus" --train-sets train-synth --dev-set dev-synth
     --test-sets "$test_sets" --model "$m" --preset cpu-small --vocab-size "$vocab_size"
     --data-dir "$work/data" --average 3 --jobs "$jobs" --cmvn-window "$cmvn_window"
     "${augment[@]}")
   if [[ $m == ctc ]]; then
-    run "$repo/recipes/librispeech/run.sh" --stage "$first" --stop-stage $(( stop_stage - 2 )) \
+    run "$repo/recipes/librispeech/run.sh" --stage "$first" --stop-stage "$last" \
       "${common[@]}" --exp-dir "$work/exp/ctc" --epochs "${epochs:-${default_epochs[$m]}}" \
       -- --set valid_max_utterances=300
     return
@@ -158,7 +168,7 @@ train() {
   fi
   if [[ $stop_stage -ge 5 ]]; then
     run "$repo/recipes/librispeech/run.sh" --stage $(( first > 3 ? first : 3 )) \
-      --stop-stage $(( stop_stage - 2 )) "${common[@]}" --exp-dir "$work/exp/las" \
+      --stop-stage "$last" "${common[@]}" --exp-dir "$work/exp/las" \
       --epochs "$finetune_epochs" -- --init "$work/exp/las-base/bundle" \
       --model-set ctc_upsample=2 --model-set ctc_weight=0.5 \
       --set lr=5e-4 --set warmup_steps=100 --set valid_max_utterances=300
@@ -176,7 +186,9 @@ peer() {
 
 first=$(( stage > 2 ? stage - 2 : 0 ))
 peer_done=
-if [[ $stop_stage -ge 2 && ${#models[@]} -eq 2 && $jobs -ge 2 && $stop_stage -ge 5 ]]; then
+if [[ $stage -gt 7 ]]; then
+  :  # only the stages after training and decoding
+elif [[ $stop_stage -ge 2 && ${#models[@]} -eq 2 && $jobs -ge 2 && $stop_stage -ge 5 ]]; then
   # Both models train at once, each on half the cores: on the 2-core machine one job ran only
   # about 1.4x faster on two threads than on one (BiLSTM-CTC, comparing runs of 2026-12-02),
   # so two at once should finish sooner than one after the other. The corpus-level stages (prepare, tokenizer, cmvn) run first, once. The peer
@@ -219,14 +231,28 @@ fi
 # decoder, and one-pass joint decoding (LAS attention beam search scored with the BiLSTM-CTC's
 # prefix probabilities; CTC weight 0.2, chosen on 300 dev utterances).
 results=()
-if [[ $stop_stage -ge 7 && -d $work/exp/las/bundle && -d $work/exp/ctc/bundle ]]; then
+if in_stage 7 && [[ -d $work/exp/las/bundle && -d $work/exp/ctc/bundle ]]; then
   run "$repo/recipes/librispeech/run.sh" --stage 5 --stop-stage 5 \
     --test-sets "$test_sets" --model ctc --data-dir "$work/data" \
     --exp-dir "$work/exp/ctc" --methods rescore,joint --ctc-weight 0.2 \
     --rescore-model "$work/exp/las/bundle"
 fi
-if [[ $stop_stage -ge 8 && -z $peer_done ]]; then
+if in_stage 8 && [[ -z $peer_done ]]; then
   peer
+fi
+# The LM: one for both models (same tokenizer), then each model decodes with it.
+if [[ $stop_stage -ge 9 && $stage -le 10 ]]; then
+  lm_args=(--data-dir "$work/data" --dev-set dev-synth --test-sets "$test_sets"
+    --lm-dir "$work/exp/lm" --lm-preset cpu-small --lm-text "$lm_text" --lm-weights "$lm_weights")
+  if in_stage 9; then
+    run "$repo/recipes/librispeech/run.sh" --stage 6 --stop-stage 6 "${lm_args[@]}"
+  fi
+  if in_stage 10; then
+    for m in "${models[@]}"; do
+      run "$repo/recipes/librispeech/run.sh" --stage 7 --stop-stage 7 "${lm_args[@]}" \
+        --model "$m" --exp-dir "$work/exp/$m" --ctc-weight 0.2
+    done
+  fi
 fi
 for r in ctc las peer; do
   [[ -f $work/exp/$r/results.json ]] && results+=("$work/exp/$r/results.json")
