@@ -665,6 +665,11 @@ def _add_lm(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="drop sentences found in this text or manifest (e.g. the test sets'; repeatable)",
     )
+    text.add_argument(
+        "--unique",
+        action="store_true",
+        help="keep each sentence once (a corpus read by several voices lists it per voice)",
+    )
 
 
 def _run_lm(args: argparse.Namespace) -> int:
@@ -680,17 +685,24 @@ def _run_lm(args: argparse.Namespace) -> int:
         return 0
     if args.lm_command == "text":
         excluded = {s for path in args.exclude for s in lm.read_sentences(path)}
-        kept = dropped = 0
+        seen: set[int] = set()  # hashes, so a large text needs 8 bytes per sentence, not its text
+        kept = dropped = repeated = 0
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(args.out) as tmp, tmp.open("w", encoding="utf-8") as out:
+        with atomic_write(args.out) as tmp, tmp.open("w", encoding="utf-8") as sink:
             for path in args.inputs:
                 for sentence in lm.read_sentences(path):
                     if sentence in excluded:
                         dropped += 1
                         continue
-                    out.write(sentence + "\n")
+                    if args.unique:
+                        key = hash(sentence)
+                        if key in seen:
+                            repeated += 1
+                            continue
+                        seen.add(key)
+                    sink.write(sentence + "\n")
                     kept += 1
-        print(f"{args.out}: {kept} sentences ({dropped} excluded)")
+        print(f"{args.out}: {kept} sentences ({dropped} excluded, {repeated} repeats dropped)")
         return 0
     if args.lm_command == "perplexity":
         bundle = load_lm_bundle(args.lm)

@@ -12,9 +12,10 @@ import torch
 
 from asr.audio import AudioInput
 from asr.bundle import Bundle, BundleError
+from asr.cli import main, read_hotwords
 from asr.decoding.attention import attention_beam_search
 from asr.decoding.ctc import CTCPrefixBeamSearch
-from asr.decoding.options import DecodeOptions
+from asr.decoding.options import DEFAULT_BOOST, DecodeOptions
 from asr.decoding.scorers import (
     Fusion,
     HotwordScorer,
@@ -25,7 +26,7 @@ from asr.decoding.scorers import (
 )
 from asr.language_model import LanguageModel, load_language_model
 from asr.models.lm import LSTMLM, LSTMLMConfig
-from asr.models.ngram import LN10, ARPAError, NGramLM
+from asr.models.ngram import LN10, ARPAError, NGramLM, write_arpa
 from asr.recognizer import Recognizer
 from asr.tokenizer import BLANK_ID, SOS_EOS_ID, Tokenizer
 from tests.test_decoding_attention import _Frames
@@ -369,3 +370,38 @@ def test_an_lm_needs_the_acoustic_models_units(
     with pytest.raises(BundleError, match=r"junk\.arpa"):
         load_language_model(tmp_path / "junk.arpa", word_model.tokenizer)
     assert load_language_model(arpa, word_model.tokenizer).kind == "ngram"
+
+
+def test_an_estimated_arpa_file_is_a_normalised_backoff_model(tmp_path: Path) -> None:
+    sentences = ["THE CAT SAT", "THE DOG SAT", "A CAT RAN", "THE CAT RAN HOME"]
+    lm = NGramLM.load(write_arpa(sentences, tmp_path / "3.arpa", order=3))
+    assert lm.order == 3
+    vocab = ["THE", "CAT", "SAT", "DOG", "A", "RAN", "HOME", "</s>", "<unk>"]
+    for context in [("<s>",), ("<s>", "THE"), ("THE", "CAT"), ("CAT", "RAN"), ("ZEBRA", "X")]:
+        total = sum(math.exp(lm.log_prob(context, w)) for w in vocab)
+        assert total == pytest.approx(1.0, abs=1e-4)
+    seen, unseen = (
+        lm.sentence_log_prob(["THE", "CAT", "SAT"]),
+        lm.sentence_log_prob(["CAT", "THE", "SAT"]),
+    )
+    assert seen > unseen + 3.0
+
+
+def test_lm_text_and_hotword_files_from_the_command_line(tmp_path: Path) -> None:
+    text = tmp_path / "a.txt"
+    text.write_text("1-2-3 the cat sat\nthe cat sat\nA dog, ran!\nheld out words\n")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "x", "text": "A NEW ONE"}\n')
+    test = tmp_path / "test.txt"
+    test.write_text("HELD OUT WORDS\n")
+    out = tmp_path / "lm" / "text.txt"
+    args = ["lm", "text", str(text), str(manifest), "--exclude", str(test), "--unique"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert out.read_text().splitlines() == ["THE CAT SAT", "A DOG RAN", "A NEW ONE"]
+    hotwords = tmp_path / "hot.txt"
+    hotwords.write_text("# names\nnew york\t3\n\nsherpa\n")
+    assert read_hotwords(hotwords) == (("new york", 3.0), ("sherpa", DEFAULT_BOOST))
+    hotwords.write_text("ok\nbad\tlots\n")
+    with pytest.raises(ValueError, match=r"hot\.txt:2"):
+        read_hotwords(hotwords)
+    assert main(["lm", "text", str(tmp_path / "missing.txt"), "--out", str(out)]) != 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gzip
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -146,3 +146,73 @@ def _parse(
                 f"{path}: \\data\\ counts {count} {n}-grams, the file has {seen.get(n, 0)}"
             )
     return ngrams, max(counts)
+
+
+def write_arpa(
+    sentences: Iterable[str], path: str | Path, *, order: int = 3, discount: float = 0.75
+) -> Path:
+    """Estimate a word n-gram with interpolated absolute discounting (Ney et al. 1994; the
+    `discount` D is subtracted from every seen count) and write it as ARPA: what a recipe
+    needs when no n-gram toolkit is installed (KenLM's lmplz gives modified Kneser-Ney and is
+    better for large text). Every seen n-gram is listed with its interpolated probability;
+    a history's backoff weight is the mass left for the words it was not seen with."""
+    if order < 1 or not 0 < discount < 1:
+        raise ValueError(f"order must be >= 1 and discount in (0, 1), got {order}, {discount}")
+    counts: list[dict[tuple[str, ...], int]] = [{} for _ in range(order + 1)]
+    for sentence in sentences:
+        words = [NGramLM.START, *sentence.split(), NGramLM.END]
+        for n in range(1, order + 1):
+            for i in range(1 if n == 1 else 0, len(words) - n + 1):  # <s> is never predicted
+                gram = tuple(words[i : i + n])
+                counts[n][gram] = counts[n].get(gram, 0) + 1
+    if not counts[1]:
+        raise ValueError("no sentences to estimate an n-gram from")
+    # Per history: total count and number of distinct followers.
+    history: list[dict[tuple[str, ...], tuple[int, int]]] = [{} for _ in range(order + 1)]
+    followers: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+    for n in range(2, order + 1):
+        for gram, c in counts[n].items():
+            total, types = history[n].get(gram[:-1], (0, 0))
+            history[n][gram[:-1]] = (total + c, types + 1)
+            followers.setdefault(gram[:-1], []).append(gram)
+    vocab = [w for (w,) in counts[1]]
+    unigram_total = sum(counts[1].values())
+    unk = 1.0 / (len(vocab) + 1)  # <unk> gets a share as if seen once more than none
+    prob: list[dict[tuple[str, ...], float]] = [{} for _ in range(order + 1)]
+    prob[1] = {(w,): (1 - unk) * counts[1][(w,)] / unigram_total for w in vocab}
+    prob[1][(NGramLM.UNK,)] = unk
+    prob[1][(NGramLM.START,)] = 0.0  # never predicted
+
+    def lower(gram: tuple[str, ...]) -> float:
+        """The interpolated probability of gram's word given its shorter history."""
+        n = len(gram)
+        if n == 1:
+            return prob[1].get(gram, unk)
+        if gram in prob[n]:
+            return prob[n][gram]
+        total, types = history[n].get(gram[:-1], (0, 0))
+        back = lower(gram[1:])
+        return back if total == 0 else discount * types / total * back
+
+    for n in range(2, order + 1):
+        for gram, c in counts[n].items():
+            total, types = history[n][gram[:-1]]
+            prob[n][gram] = (c - discount) / total + discount * types / total * lower(gram[1:])
+    lines = ["\\data\\", *(f"ngram {n}={len(prob[n])}" for n in range(1, order + 1)), ""]
+    for n in range(1, order + 1):
+        lines.append(f"\\{n}-grams:")
+        for gram, p in prob[n].items():
+            log_p = -99.0 if p <= 0 else math.log10(p)
+            entry = f"{log_p:.6f}\t{' '.join(gram)}"
+            if n < order and gram in history[n + 1]:
+                seen = followers[gram]
+                left = 1.0 - sum(prob[n + 1][g] for g in seen)
+                denominator = 1.0 - sum(lower(g[1:]) for g in seen)
+                bow = left / denominator if denominator > 0 and left > 0 else 1.0
+                entry += f"\t{math.log10(bow):.6f}"
+            lines.append(entry)
+        lines.append("")
+    lines.append("\\end\\")
+    out = Path(path)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out

@@ -19,7 +19,7 @@
 #                for each method (ctc: greedy, beam, streaming, and with --rescore-model LAS_BUNDLE
 #                rescore and joint; las: greedy, beam, joint, rescore), then `asr results`
 #                prints the WER table
-#   6 lm         asr lm text DATA/manifests/train.jsonl LM_TEXT... --exclude TEST... --out LM/text.txt
+#   6 lm         asr lm text DATA/manifests/train.jsonl LM_TEXT... --exclude TEST... --unique --out LM/text.txt
 #                asr lm train --exp-dir LM --preset LM_PRESET --train LM/text.txt --dev DEV ...
 #                asr lm export --exp-dir LM --out LM/bundle      (one LSTM LM for every model)
 #   7 lm-decode  asr decode ... --lm LM/bundle --lm-weight W on DEV for each W of --lm-weights,
@@ -179,7 +179,7 @@ if in_stage 6; then
   IFS=, read -ra extra_text <<< "$lm_text"
   excludes=()
   for t in "${tests[@]}"; do excludes+=(--exclude "$manifests/$t.jsonl"); done
-  run asr lm text "$manifests/train.jsonl" "${extra_text[@]}" "${excludes[@]}" \
+  run asr lm text "$manifests/train.jsonl" "${extra_text[@]}" "${excludes[@]}" --unique \
     --out "$lm_dir/text.txt"
   run "${launcher[@]}" lm train --exp-dir "$lm_dir" --preset "$lm_preset" \
     --train "$lm_dir/text.txt" --dev "$manifests/$dev_set.jsonl" \
