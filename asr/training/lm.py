@@ -36,7 +36,7 @@ MODEL_TYPE = "lstm-lm"
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "cpu-small": TrainConfig(
         epochs=10,
-        max_frames=6_000,
+        max_frames=2_000,  # about 120 steps per epoch of the synthetic text
         lr=2e-3,
         warmup_steps=100,
         weight_decay=1e-2,

@@ -22,7 +22,8 @@
 #   6 lm         asr lm text DATA/manifests/train.jsonl LM_TEXT... --exclude TEST... --unique --out LM/text.txt
 #                asr lm train --exp-dir LM --preset LM_PRESET --train LM/text.txt --dev DEV ...
 #                asr lm export --exp-dir LM --out LM/bundle      (one LSTM LM for every model)
-#   7 lm-decode  asr decode ... --lm LM/bundle --lm-weight W on DEV for each W of --lm-weights,
+#   7 lm-decode  asr decode ... --lm LM/bundle --lm-weight W --length-bonus W*ln(LM dev perplexity)
+#                on DEV for each W of --lm-weights,
 #                then on every test set with the best W (rows METHOD+lstm in results.json)
 # Export comes before decode so the numbers are those of the bundle users get.
 set -euo pipefail
@@ -196,6 +197,11 @@ if in_stage 7; then
   fi
   IFS=, read -ra method_list <<< "$lm_methods"
   IFS=, read -ra weights <<< "$lm_weights"
+  # Each LM weight W comes with a length bonus of W x the LM's mean cost per unit on dev
+  # (ln of its perplexity): fusion then re-ranks hypotheses without favouring shorter ones
+  # (without it, the fused searches mostly gained deletions).
+  ppl=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["results"]["dev"]["perplexity"])' "$lm_dir/bundle/config.json")
+  bonus() { awk -v w="$1" -v p="$ppl" 'BEGIN { printf "%.4f", w * log(p) }'; }
   for m in "${method_list[@]}"; do
     extra=(--method "$m" --beam "$beam" --lm "$lm_dir/bundle")
     [[ $m =~ ^(rescore|joint)$ && $model == ctc ]] && extra+=(--rescore-model "$rescore_model")
@@ -205,16 +211,17 @@ if in_stage 7; then
     for w in "${weights[@]}"; do
       out=$exp_dir/decode/$m+lstm/tune/$dev_set-w$w
       run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$dev_set.jsonl" \
-        "${extra[@]}" --lm-weight "$w" --out "$out" --name "$dev_set"
+        "${extra[@]}" --lm-weight "$w" --length-bonus "$(bonus "$w")" --out "$out" \
+        --name "$dev_set"
       wer=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["wer"])' "$out/wer.json")
       if [[ -z $best ]] || awk -v a="$wer" -v b="$best_wer" 'BEGIN { exit !(a < b) }'; then
         best=$w best_wer=$wer
       fi
     done
-    echo "$m+lstm: LM weight $best (dev WER $best_wer %)" | tee "$exp_dir/decode/$m+lstm/weight.txt"
+    echo "$m+lstm: LM weight $best, length bonus $(bonus "$best") (dev WER $best_wer %)" | tee "$exp_dir/decode/$m+lstm/weight.txt"
     for t in "${tests[@]}"; do
       run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$t.jsonl" \
-        "${extra[@]}" --lm-weight "$best" \
+        "${extra[@]}" --lm-weight "$best" --length-bonus "$(bonus "$best")" \
         --out "$exp_dir/decode/$m+lstm/$t" --name "$t" --results "$exp_dir/results.json"
     done
   done
