@@ -307,15 +307,21 @@ def test_arpa_scores_match_hand_computed_backoff(arpa: Path) -> None:
     assert lm.sentence_log_prob(["THE", "CAT"]) == pytest.approx((-0.2 - 0.1 - 0.4) * LN10)
 
 
-def test_the_ngram_scorer_scores_words_at_their_boundaries(
+def test_the_ngram_scorer_scores_words_and_spells_unknown_ones(
     arpa: Path, tokenizer: Tokenizer
 ) -> None:
     lm = NGramLM.load(arpa)
-    fusion = Fusion([(1.0, NGramScorer(lm, tokenizer))])
-    for words in (["THE", "CAT"], ["THE", "DOG", "SAT"], ["CAT"], []):
+    scorer = NGramScorer(lm, tokenizer)
+    fusion = Fusion([(1.0, scorer)])
+    for words in (["THE", "CAT"], ["THE", "DOG", "SAT"], ["CAT"], [], ["THECAT"]):
         units = tokenizer.encode(" ".join(words))
         got = float(fusion.sequence_scores([units], "cpu")[0])
-        assert got == pytest.approx(lm.sentence_log_prob(words), abs=1e-4)
+        # An unknown word is <unk> to the n-gram, and each of its units pays for its spelling.
+        spelt = sum(len(tokenizer.encode(w)) for w in words if w not in ("THE", "CAT"))
+        assert got == pytest.approx(lm.sentence_log_prob(words) + scorer.oov_unit * spelt, abs=1e-4)
+    # Gluing two known words into one unknown word costs more than saying them.
+    glued = float(fusion.sequence_scores([tokenizer.encode("THECAT")], "cpu")[0])
+    assert glued < float(fusion.sequence_scores([tokenizer.encode("THE CAT")], "cpu")[0]) - 3
 
 
 @pytest.mark.parametrize(

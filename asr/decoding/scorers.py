@@ -153,72 +153,138 @@ class LengthBonus:
 @dataclass
 class NGramState:
     """Per hypothesis: the words before the current one (the n-gram context), the current
-    word's units so far, and (N,) the log-prob of ending that word as it stands, alone and
-    followed by the end of the sentence."""
+    word's units so far and whether it has already been charged as out of vocabulary; and
+    what each next unit would score (see `NGramScorer`)."""
 
     context: list[tuple[str, ...]]
     word: list[str]
-    word_score: torch.Tensor  # (N,) ln P(word | context); 0 before the first word
-    end_score: torch.Tensor  # (N,) ... + ln P(</s> | context, word)
+    units: list[int]  # units in the current word
+    charged: list[bool]  # the current word left the vocabulary and paid for it
+    word_score: torch.Tensor  # (N,) score of ending the current word (a word-start unit)
+    end_score: torch.Tensor  # (N,) ... and then the sentence (eos)
+    leave: torch.Tensor  # (N,) score of a unit inside the word that is no known word's prefix
+    start_leave: torch.Tensor  # (N,) ... of a word-start unit that begins no known word
+    known: torch.Tensor  # (N, V) bool: units inside the word that keep it a known prefix
 
 
 class NGramScorer:
-    """A word n-gram (ARPA) applied at the word boundaries of subword hypotheses: a unit that
-    starts a word (sentencepiece's leading U+2581) or eos completes the current word and
-    scores it given the words before it; units inside a word score 0. So a word is scored
-    once, when it is certain, which delays the LM by a word (as flashlight's lexicon-free
-    decoder does); the recognizer's length bonus keeps the unscored units from losing."""
+    """A word n-gram (ARPA) over subword hypotheses. A unit that starts a word
+    (sentencepiece's leading U+2581) or eos completes the current word and scores it given
+    the words before it. Inside a word, units cost nothing while the word is still the prefix
+    of a word the LM knows; the unit that leaves them pays for an unknown word at once
+    (P(<unk> | context)) and every unit of it pays `oov_unit` (a uniform spelling model), so
+    gluing words together into one unknown word is never free, which word-boundary scoring
+    alone would make it (and did: the fused search ran words together)."""
 
-    def __init__(self, lm: NGramLM, tokenizer: Tokenizer) -> None:
+    def __init__(self, lm: NGramLM, tokenizer: Tokenizer, *, oov_unit: float | None = None) -> None:
         self.lm = lm
         pieces = tokenizer.pieces()
         self.pieces = pieces
         self.starts = torch.tensor([p.startswith(WORD_START) for p in pieces])  # (V,)
         self.starts[[BLANK_ID, SOS_EOS_ID]] = False
-        self._ends_word = lru_cache(maxsize=1 << 16)(self._ends_word_uncached)
+        self.inner = [i for i, p in enumerate(pieces) if not self.starts[i] and i > SOS_EOS_ID]
+        self.oov_unit = -math.log(len(pieces)) if oov_unit is None else oov_unit
+        words = [g[0] for g in lm.ngrams if len(g) == 1]
+        self.vocab = frozenset(words) - {lm.START, lm.END, lm.UNK}
+        self.prefixes = frozenset(w[:i] for w in self.vocab for i in range(1, len(w) + 1))
+        # Word-start units whose first letters begin a known word (or none: a lone U+2581).
+        self.starts_known = (
+            torch.tensor([not p[1:] or p[1:] in self.prefixes for p in pieces]) | ~self.starts
+        )
+        self._known = lru_cache(maxsize=1 << 16)(self._known_uncached)
+        self._scored = lru_cache(maxsize=1 << 16)(self._scored_uncached)
 
-    def _ends_word_uncached(self, context: tuple[str, ...], word: str) -> tuple[float, float]:
-        if not word:  # nothing said yet: only the sentence can end
-            return 0.0, self.lm.log_prob(context, self.lm.END)
-        score = self.lm.log_prob(context, word)
-        after = self.lm.context_after(context, word)
-        return score, score + self.lm.log_prob(after, self.lm.END)
+    def _known_uncached(self, word: str) -> torch.Tensor:
+        known = torch.zeros(len(self.pieces), dtype=torch.bool)
+        known[[i for i in self.inner if word + self.pieces[i] in self.prefixes]] = True
+        return known
+
+    def _scored_uncached(
+        self, context: tuple[str, ...], word: str, units: int, charged: bool
+    ) -> tuple[float, float, float, float, tuple[str, ...]]:
+        """(ending the word, ending it and the sentence, leaving the vocabulary inside it,
+        starting an unknown word after it, the context after it)."""
+        unk = self.lm.log_prob(context, self.lm.UNK)
+        if units == 0 and context == (self.lm.START,):
+            ending, after = 0.0, context  # nothing said yet
+        elif charged:
+            ending, after = 0.0, self.lm.context_after(context, self.lm.UNK)
+        elif word in self.vocab:
+            ending, after = self.lm.log_prob(context, word), self.lm.context_after(context, word)
+        else:  # a prefix that is no word, or an empty one: unknown, all its units spelt
+            ending = unk + self.oov_unit * units
+            after = self.lm.context_after(context, self.lm.UNK)
+        leave = self.oov_unit if charged else unk + self.oov_unit * (units + 1)
+        start_leave = self.lm.log_prob(after, self.lm.UNK) + self.oov_unit
+        return ending, ending + self.lm.log_prob(after, self.lm.END), leave, start_leave, after
 
     def init(self, n: int, device: torch.device | str) -> NGramState:
         self.starts = self.starts.to(device)
-        word, end = self._ends_word((self.lm.START,), "")
+        self.starts_known = self.starts_known.to(device)
+        start = (self.lm.START,)
+        ending, end, leave, start_leave, _ = self._scored(start, "", 0, False)
         return NGramState(
-            context=[(self.lm.START,)] * n,
+            context=[start] * n,
             word=[""] * n,
-            word_score=torch.full((n,), word, device=device),
+            units=[0] * n,
+            charged=[False] * n,
+            word_score=torch.full((n,), ending, device=device),
             end_score=torch.full((n,), end, device=device),
+            leave=torch.full((n,), leave, device=device),
+            start_leave=torch.full((n,), start_leave, device=device),
+            known=self._known("").to(device).expand(n, -1).clone(),
         )
 
     def scores(self, state: NGramState) -> torch.Tensor:
-        out = torch.where(self.starts[None], state.word_score[:, None], 0.0)  # (N, V)
+        inside = torch.where(state.known, 0.0, state.leave[:, None])  # (N, V)
+        starting = state.word_score[:, None] + torch.where(
+            self.starts_known[None], 0.0, state.start_leave[:, None]
+        )
+        out = torch.where(self.starts[None], starting, inside)
         out[:, SOS_EOS_ID] = state.end_score
         return out
 
     def advance(self, state: NGramState, rows: torch.Tensor, tokens: torch.Tensor) -> NGramState:
         picked = rows.tolist()
-        context = [state.context[r] for r in picked]
-        word = [state.word[r] for r in picked]
-        word_score, end_score = state.word_score[rows], state.end_score[rows]
+        new = NGramState(
+            context=[state.context[r] for r in picked],
+            word=[state.word[r] for r in picked],
+            units=[state.units[r] for r in picked],
+            charged=[state.charged[r] for r in picked],
+            word_score=state.word_score[rows],
+            end_score=state.end_score[rows],
+            leave=state.leave[rows],
+            start_leave=state.start_leave[rows],
+            known=state.known[rows],
+        )
         ext = _extended(tokens)
-        if ext.numel():
-            changed = []
-            for i, tok in zip(ext.tolist(), tokens[ext].tolist(), strict=True):
-                piece = self.pieces[tok]
-                if piece.startswith(WORD_START):
-                    if word[i]:
-                        context[i] = self.lm.context_after(context[i], word[i])
-                    word[i] = piece[1:]
-                else:
-                    word[i] += piece
-                changed.append(self._ends_word(context[i], word[i]))
-            values = torch.tensor(changed, device=word_score.device)  # (M', 2)
-            word_score[ext], end_score[ext] = values[:, 0], values[:, 1]
-        return NGramState(context, word, word_score, end_score)
+        if not ext.numel():
+            return new
+        values, known = [], []
+        for i, tok in zip(ext.tolist(), tokens[ext].tolist(), strict=True):
+            piece = self.pieces[tok]
+            if piece.startswith(WORD_START):
+                *_, new.context[i] = self._scored(
+                    new.context[i], new.word[i], new.units[i], new.charged[i]
+                )
+                new.word[i], new.units[i], new.charged[i] = piece[1:], 1, False
+                new.charged[i] = bool(new.word[i]) and new.word[i] not in self.prefixes
+            else:
+                new.charged[i] = new.charged[i] or (new.word[i] + piece) not in self.prefixes
+                new.word[i] += piece
+                new.units[i] += 1
+            ending, end, leave, start_leave, _ = self._scored(
+                new.context[i], new.word[i], new.units[i], new.charged[i]
+            )
+            values.append((ending, end, leave, start_leave))
+            known.append(self._known(new.word[i]))
+        device = new.word_score.device
+        table = torch.tensor(values, device=device)  # (M', 4)
+        new.word_score[ext], new.end_score[ext], new.leave[ext], new.start_leave[ext] = (
+            table.unbind(dim=1)
+        )
+        new.known[ext] = torch.stack(known).to(device)
+        return new
 
 
 # --------------------------------------------------------------------------------------------
