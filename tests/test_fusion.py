@@ -4,6 +4,7 @@ attention beam searches, through the scorer interface and through a Recognizer."
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -147,12 +148,16 @@ def test_the_lstm_lm_recovers_its_sentence_in_attention_beam_search(
 
 
 def random_fusion(tokenizer: Tokenizer, seed: int = 0) -> Fusion:
+    """An untrained LSTM LM, a 3-gram of the test texts, a length bonus and a hotword."""
     torch.manual_seed(seed)
     lm = LSTMLM(LSTMLMConfig(tokenizer.vocab_size, embed_dim=16, hidden_size=16)).eval()
     graph = compile_hotwords([(tokenizer.encode("THE CAT"), 1.5)], tokenizer.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        ngram = NGramLM.load(write_arpa(TEXTS, Path(tmp) / "3.arpa"))
     return Fusion(
         [
             (0.5, LSTMLMScorer(lm)),
+            (0.4, NGramScorer(ngram, tokenizer)),
             (0.3, LengthBonus(tokenizer.vocab_size)),
             (1.0, HotwordScorer(graph, tokenizer.vocab_size)),
         ]
