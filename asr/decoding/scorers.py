@@ -205,6 +205,7 @@ class NGramScorer:
         """(ending the word, ending it and the sentence, leaving the vocabulary inside it,
         starting an unknown word after it, the context after it)."""
         unk = self.lm.log_prob(context, self.lm.UNK)
+        after: tuple[str, ...]
         if units == 0 and context == (self.lm.START,):
             ending, after = 0.0, context  # nothing said yet
         elif charged:
