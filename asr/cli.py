@@ -653,6 +653,10 @@ def _add_lm(p: argparse.ArgumentParser) -> None:
     ppl = sub.add_parser("perplexity", help="per-unit perplexity of an LM bundle on text")
     ppl.add_argument("--lm", required=True, type=Path, help="LM bundle directory")
     ppl.add_argument("--text", required=True, type=Path, help="text or JSONL manifest")
+    ngram = sub.add_parser("ngram", help="estimate a word n-gram (ARPA) from text")
+    ngram.add_argument("--text", required=True, type=Path, help="text or JSONL manifest")
+    ngram.add_argument("--order", type=int, default=3)
+    ngram.add_argument("--out", required=True, type=Path, help="ARPA file to write")
     text = sub.add_parser(
         "text", help="the normalised sentences of text files and manifests, as LM training text"
     )
@@ -682,6 +686,16 @@ def _run_lm(args: argparse.Namespace) -> int:
         out = lm.export_lm(args.exp_dir, args.out, average=args.average)
         dev = json.loads((out / "config.json").read_text())["results"]["dev"]
         print(f"{out}: dev perplexity {dev['perplexity']:.2f}")
+        return 0
+    if args.lm_command == "ngram":
+        from asr.models.ngram import write_arpa
+
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(args.out) as tmp:
+            write_arpa(lm.read_sentences(args.text), tmp, order=args.order)
+        with args.out.open(encoding="utf-8") as arpa:
+            counts = [line.split("=")[1].strip() for line in arpa if line.startswith("ngram ")]
+        print(f"{args.out}: {args.order}-gram of {args.text} ({' / '.join(counts)} n-grams)")
         return 0
     if args.lm_command == "text":
         excluded = {s for path in args.exclude for s in lm.read_sentences(path)}

@@ -22,9 +22,10 @@
 #   6 lm         asr lm text DATA/manifests/train.jsonl LM_TEXT... --exclude TEST... --unique --out LM/text.txt
 #                asr lm train --exp-dir LM --preset LM_PRESET --train LM/text.txt --dev DEV ...
 #                asr lm export --exp-dir LM --out LM/bundle      (one LSTM LM for every model)
+#                asr lm ngram --text LM/text.txt --order 3 --out LM/3gram.arpa   (a word 3-gram)
 #   7 lm-decode  asr decode ... --lm LM/bundle --lm-weight W --length-bonus W*ln(LM dev perplexity)
-#                on DEV for each W of --lm-weights,
-#                then on every test set with the best W (rows METHOD+lstm in results.json)
+#                on DEV for each W of --lm-weights (and --lm LM/3gram.arpa for --ngram-weights),
+#                then on every test set with the best W (rows METHOD+lstm, METHOD+ngram)
 # Export comes before decode so the numbers are those of the bundle users get.
 set -euo pipefail
 
@@ -56,7 +57,9 @@ lm_dir=                     # LM experiment and bundle (empty: DATA/lm)
 lm_preset=librispeech       # asr lm train preset (cpu-small on a CPU)
 lm_text=                    # more LM text, comma-separated (e.g. librispeech-lm-norm.txt)
 lm_epochs=                  # empty: the LM preset's
-lm_weights=0.1,0.2,0.3,0.5  # stage 7 tries these on DEV and keeps the best
+lm_weights=0.1,0.2,0.3,0.5  # stage 7 tries these LSTM LM weights on DEV and keeps the best
+ngram_weights=0.3,0.6       # ... and these 3-gram weights
+ngram_bonus=1.0             # length bonus per unit with the 3-gram
 lm_methods=                 # stage 7 methods; empty: beam (ctc; joint too with --rescore-model), joint (las)
 train_args=()               # extra `asr train` arguments after --, e.g. -- --set lr=5e-4
 
@@ -91,6 +94,8 @@ while [[ $# -gt 0 ]]; do
     --lm-text) lm_text=$2; shift 2 ;;
     --lm-epochs) lm_epochs=$2; shift 2 ;;
     --lm-weights) lm_weights=$2; shift 2 ;;
+    --ngram-weights) ngram_weights=$2; shift 2 ;;
+    --ngram-bonus) ngram_bonus=$2; shift 2 ;;
     --lm-methods) lm_methods=$2; shift 2 ;;
     --) shift; train_args=("$@"); break ;;
     -h|--help) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 0 ;;
@@ -186,6 +191,7 @@ if in_stage 6; then
     --train "$lm_dir/text.txt" --dev "$manifests/$dev_set.jsonl" \
     --tokenizer "$data_dir/tokenizer.model" ${lm_epochs:+--epochs "$lm_epochs"}
   run asr lm export --exp-dir "$lm_dir" --out "$lm_dir/bundle"
+  run asr lm ngram --text "$lm_dir/text.txt" --order 3 --out "$lm_dir/3gram.arpa"
 fi
 
 if in_stage 7; then
@@ -196,33 +202,42 @@ if in_stage 7; then
     [[ $model == ctc && -n $rescore_model ]] && lm_methods=beam,joint
   fi
   IFS=, read -ra method_list <<< "$lm_methods"
-  IFS=, read -ra weights <<< "$lm_weights"
-  # Each LM weight W comes with a length bonus of W x the LM's mean cost per unit on dev
+  # The LSTM LM's weight W comes with a length bonus of W x its mean cost per unit on dev
   # (ln of its perplexity): fusion then re-ranks hypotheses without favouring shorter ones
-  # (without it, the fused searches mostly gained deletions).
+  # (without it, the fused searches mostly gained deletions). The 3-gram's bonus is fixed
+  # (--ngram-bonus, chosen on dev: bench/lm_fusion.py).
   ppl=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["results"]["dev"]["perplexity"])' "$lm_dir/bundle/config.json")
-  bonus() { awk -v w="$1" -v p="$ppl" 'BEGIN { printf "%.4f", w * log(p) }'; }
+  bonus() {
+    if [[ $1 == lstm ]]; then awk -v w="$2" -v p="$ppl" 'BEGIN { printf "%.4f", w * log(p) }'
+    else echo "$ngram_bonus"; fi
+  }
+  declare -A lm_path=([lstm]=$lm_dir/bundle [ngram]=$lm_dir/3gram.arpa)
+  declare -A lm_grid=([lstm]=$lm_weights [ngram]=$ngram_weights)
   for m in "${method_list[@]}"; do
-    extra=(--method "$m" --beam "$beam" --lm "$lm_dir/bundle")
-    [[ $m =~ ^(rescore|joint)$ && $model == ctc ]] && extra+=(--rescore-model "$rescore_model")
-    [[ $m =~ ^(rescore|joint)$ && -n $ctc_weight ]] && extra+=(--ctc-weight "$ctc_weight")
-    # The LM weight is chosen on the dev set, never on a test set.
-    best='' best_wer=''
-    for w in "${weights[@]}"; do
-      out=$exp_dir/decode/$m+lstm/tune/$dev_set-w$w
-      run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$dev_set.jsonl" \
-        "${extra[@]}" --lm-weight "$w" --length-bonus "$(bonus "$w")" --out "$out" \
-        --name "$dev_set"
-      wer=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["wer"])' "$out/wer.json")
-      if [[ -z $best ]] || awk -v a="$wer" -v b="$best_wer" 'BEGIN { exit !(a < b) }'; then
-        best=$w best_wer=$wer
-      fi
-    done
-    echo "$m+lstm: LM weight $best, length bonus $(bonus "$best") (dev WER $best_wer %)" | tee "$exp_dir/decode/$m+lstm/weight.txt"
-    for t in "${tests[@]}"; do
-      run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$t.jsonl" \
-        "${extra[@]}" --lm-weight "$best" --length-bonus "$(bonus "$best")" \
-        --out "$exp_dir/decode/$m+lstm/$t" --name "$t" --results "$exp_dir/results.json"
+    for kind in lstm ngram; do
+      extra=(--method "$m" --beam "$beam" --lm "${lm_path[$kind]}")
+      [[ $m =~ ^(rescore|joint)$ && $model == ctc ]] && extra+=(--rescore-model "$rescore_model")
+      [[ $m =~ ^(rescore|joint)$ && -n $ctc_weight ]] && extra+=(--ctc-weight "$ctc_weight")
+      # The LM weight is chosen on the dev set, never on a test set.
+      IFS=, read -ra weights <<< "${lm_grid[$kind]}"
+      best='' best_wer=''
+      for w in "${weights[@]}"; do
+        out=$exp_dir/decode/$m+$kind/tune/$dev_set-w$w
+        run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$dev_set.jsonl" \
+          "${extra[@]}" --lm-weight "$w" --length-bonus "$(bonus "$kind" "$w")" --out "$out" \
+          --name "$dev_set"
+        wer=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["wer"])' "$out/wer.json")
+        if [[ -z $best ]] || awk -v a="$wer" -v b="$best_wer" 'BEGIN { exit !(a < b) }'; then
+          best=$w best_wer=$wer
+        fi
+      done
+      echo "$m+$kind: LM weight $best, length bonus $(bonus "$kind" "$best") (dev WER $best_wer %)" \
+        | tee "$exp_dir/decode/$m+$kind/weight.txt"
+      for t in "${tests[@]}"; do
+        run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$t.jsonl" \
+          "${extra[@]}" --lm-weight "$best" --length-bonus "$(bonus "$kind" "$best")" \
+          --out "$exp_dir/decode/$m+$kind/$t" --name "$t" --results "$exp_dir/results.json"
+      done
     done
   done
   run asr results "$exp_dir/results.json"

@@ -27,10 +27,10 @@
 #             joint), pocketsphinx on every test set (bench/peer_wer.py, the peer row), and
 #             the WER table. With both models and 2+ cores the two train at once, each on
 #             half the cores (logs in EXP/ctc.log and EXP/las.log)
-#   9 lm      an LSTM LM (cpu-small) on the training sentences (+ --lm-text), never the test
-#             sentences (recipes/librispeech/run.sh stage 6), in WORK/exp/lm
-#   10 lm-decode  the LM fused into the BiLSTM-CTC's beam search and the LAS's joint decoding,
-#             its weight chosen on dev (stage 7 there): rows beam+lstm and joint+lstm
+#   9 lm      an LSTM LM (cpu-small) and a word 3-gram on the training sentences (+ --lm-text),
+#             never the test sentences (recipes/librispeech/run.sh stage 6), in WORK/exp/lm
+#   10 lm-decode  each LM fused into the BiLSTM-CTC's beam search and the LAS's joint decoding,
+#             its weight chosen on dev (stage 7 there): rows beam+lstm, beam+ngram, joint+...
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -58,7 +58,8 @@ epochs=                     # empty: 7 for ctc, 4 for las (+1 fine-tuning)
 cmvn_window=300             # frames of sliding-window mean normalisation (0: global CMVN only)
 augment=(--augment)         # signal augmentation of the training audio (asr.data.augment)
 lm_text=                    # more LM training text, comma-separated (never test sentences)
-lm_weights=0.2,0.4          # LM weights tried on dev
+lm_weights=0.2,0.4          # LSTM LM weights tried on dev
+ngram_weights=0.3,0.6       # 3-gram weights tried on dev
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -82,6 +83,7 @@ while [[ $# -gt 0 ]]; do
     --no-augment) augment=(); shift ;;
     --lm-text) lm_text=$2; shift 2 ;;
     --lm-weights) lm_weights=$2; shift 2 ;;
+    --ngram-weights) ngram_weights=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -243,7 +245,8 @@ fi
 # The LM: one for both models (same tokenizer), then each model decodes with it.
 if [[ $stop_stage -ge 9 && $stage -le 10 ]]; then
   lm_args=(--data-dir "$work/data" --dev-set dev-synth --test-sets "$test_sets"
-    --lm-dir "$work/exp/lm" --lm-preset cpu-small --lm-text "$lm_text" --lm-weights "$lm_weights")
+    --lm-dir "$work/exp/lm" --lm-preset cpu-small --lm-text "$lm_text" --lm-weights "$lm_weights"
+    --ngram-weights "$ngram_weights")
   if in_stage 9; then
     run "$repo/recipes/librispeech/run.sh" --stage 6 --stop-stage 6 "${lm_args[@]}"
   fi
