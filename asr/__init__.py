@@ -41,13 +41,14 @@ def load_model(
     LAS's attention beam search scored with the CTC posteriors; the default then) or "rescore"
     (the CTC n-best rescored by attention).
     lm: a language model every beam search fuses: an LM bundle directory (`asr lm export`,
-    same tokenizer as the model) or a word n-gram ARPA file; at `lm_weight` (default: the
-    bundle's stored weight, else `asr.language_model.DEFAULT_LM_WEIGHT`).
+    same tokenizer as the model) or a word n-gram ARPA file; at `lm_weight` (default
+    `asr.language_model.DEFAULT_LM_WEIGHT`, with the length bonus that goes with the LM).
     chunking: (chunk_size, right_context) LC blocks in encoder frames for a BiLSTM-CTC model,
     in place of those it was trained with ((0, 0) runs it offline); other models have no
     blocks and ignore it, so one server setting can cover a mixed set of models.
     decode_options: `DecodeOptions` fields (method="beam", beam=8, nbest=3, ...) over the
-    bundle's defaults; an unknown name is a TypeError, a bad value a ValueError.
+    bundle's defaults (an `lm_weight` without `length_bonus` brings the LM's bonus for it);
+    an unknown name is a TypeError, a bad value a ValueError.
     """
     bundle = load_bundle(path, device)
     if chunking is not None and isinstance(bundle.model, BiLSTMCTC):
@@ -55,6 +56,10 @@ def load_model(
     second = load_bundle(rescorer, device) if rescorer is not None else None
     fused = load_language_model(lm, bundle.tokenizer, device) if lm is not None else None
     recognizer = Recognizer(bundle, rescorer=second, lm=fused)
+    if fused is not None and "lm_weight" in decode_options:
+        # A weight without a bonus gets the bonus that goes with it.
+        weight = decode_options["lm_weight"]
+        decode_options.setdefault("length_bonus", fused.length_bonus(weight))
     recognizer.options = recognizer.options.override(**decode_options)
     recognizer.check(recognizer.options)
     return recognizer

@@ -24,7 +24,7 @@ from asr.data import synth
 from asr.data.dataset import manifest_cmvn
 from asr.data.librispeech import prepare
 from asr.data.manifest import read_manifest
-from asr.decoding.options import DEFAULT_BOOST, DecodeOptions
+from asr.decoding.options import DEFAULT_BOOST
 from asr.evaluation import (
     add_results,
     decode_line,
@@ -298,7 +298,12 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
         "word n-gram ARPA file (.arpa, .arpa.gz)",
     )
     p.add_argument("--lm-weight", type=float, help=f"LM weight (default {DEFAULT_LM_WEIGHT})")
-    p.add_argument("--length-bonus", type=float, help="score added per emitted unit")
+    p.add_argument(
+        "--length-bonus",
+        type=float,
+        help="score added per emitted unit (with --lm: default the LM's, weight x ln "
+        "perplexity for an LSTM LM, 1.0 for an n-gram)",
+    )
     p.add_argument(
         "--hotwords",
         type=Path,
@@ -363,18 +368,18 @@ def _add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def _decode_options(args: argparse.Namespace, base: DecodeOptions) -> DecodeOptions:
-    """The bundle's decoding options with the command line's on top."""
-    try:
-        return base.override(**_decode_overrides(args))
+def _run_decode(args: argparse.Namespace) -> int:
+    try:  # the bundle's decoding options with the command line's on top
+        recognizer = load_model(
+            args.model,
+            args.device,
+            rescorer=args.rescore_model,
+            lm=args.lm,
+            **_decode_overrides(args),
+        )
     except TypeError as err:  # an unknown option name is a bad argument
         raise ValueError(str(err)) from err
-
-
-def _run_decode(args: argparse.Namespace) -> int:
-    recognizer = load_model(args.model, args.device, rescorer=args.rescore_model, lm=args.lm)
-    options = _decode_options(args, recognizer.options)
-    recognizer.check(options)
+    options = recognizer.options
     utterances = read_manifest(args.manifest)
     start = time.time()
     decode = stream_manifest if args.streaming else transcribe_manifest

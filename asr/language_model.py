@@ -3,6 +3,7 @@ or a word n-gram ARPA file, loaded into one `LanguageModel` behind the `Scorer` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from asr.decoding.scorers import LSTMLMScorer, NGramScorer, Scorer
 from asr.models.ngram import ARPAError, NGramLM
 from asr.tokenizer import Tokenizer
 
-# The LM weight a recognizer uses unless told (or its bundle says) otherwise: the middle of
-# what the recipes choose on dev (recipes/synthetic/README.md) and of ESPnet's RNN-LM recipes.
+# The LM weight a recognizer uses unless told otherwise (ESPnet's RNN-LM recipes use 0.3-0.6;
+# the recipes choose theirs on dev, recipes/librispeech/run.sh stage 7).
 DEFAULT_LM_WEIGHT = 0.3
+# The length bonus that goes with a 3-gram, per unit (chosen on dev: bench/lm_fusion.py).
+NGRAM_LENGTH_BONUS = 1.0
 
 
 @dataclass(frozen=True)
@@ -26,14 +29,22 @@ class LanguageModel:
     path: Path
     kind: str
     scorer: Scorer
+    # Per unit at weight 1 (scaled by the weight for an LSTM LM): what offsets the LM's
+    # cost of every unit, so fusion does not turn errors into deletions.
+    unit_cost: float
 
     def describe(self) -> str:
         return f"{self.kind} LM {self.path.name}"
 
+    def length_bonus(self, weight: float) -> float:
+        """The length bonus to fuse with at `weight` (recipes/librispeech/run.sh stage 7)."""
+        return weight * self.unit_cost if self.kind == "lstm" else self.unit_cost
+
 
 def _arpa(path: Path, tokenizer: Tokenizer, device: str | torch.device) -> LanguageModel:
     try:
-        return LanguageModel(path, "ngram", NGramScorer(NGramLM.load(path), tokenizer))
+        scorer = NGramScorer(NGramLM.load(path), tokenizer)
+        return LanguageModel(path, "ngram", scorer, NGRAM_LENGTH_BONUS)
     except ARPAError as err:
         raise BundleError(str(err)) from err
 
@@ -45,7 +56,9 @@ def _lstm(path: Path, tokenizer: Tokenizer, device: str | torch.device) -> Langu
             f"{path}: the language model's units differ from the acoustic model's; fusion "
             "needs an LM trained with the same tokenizer (asr lm train --tokenizer)"
         )
-    return LanguageModel(path, "lstm", LSTMLMScorer(bundle.model))
+    # Its mean cost per unit on dev: ln of its perplexity.
+    cost = math.log(bundle.perplexity) if bundle.perplexity else 0.0
+    return LanguageModel(path, "lstm", LSTMLMScorer(bundle.model), cost)
 
 
 def load_language_model(

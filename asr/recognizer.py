@@ -223,8 +223,8 @@ class Recognizer:
 
     `calibration` (the bundle's; None reports raw confidences) maps the raw word confidences
     of every transcript it makes, whole-utterance or a stream's final, to calibrated ones.
-    `lm`: a language model every search fuses at `options.lm_weight` (without options, the
-    bundle's stored weight or `DEFAULT_LM_WEIGHT`).
+    `lm`: a language model every search fuses at `options.lm_weight` (without options,
+    `DEFAULT_LM_WEIGHT` with the length bonus that goes with the LM).
     """
 
     def __init__(
@@ -257,7 +257,9 @@ class Recognizer:
         if options is None and rescorer is not None:  # given the LAS, decode with both
             self.options = replace(self.options, method=best.method)
         if options is None and lm is not None and self.options.lm_weight == 0:
-            self.options = replace(self.options, lm_weight=DEFAULT_LM_WEIGHT)
+            weight = DEFAULT_LM_WEIGHT
+            bonus = lm.length_bonus(weight)
+            self.options = replace(self.options, lm_weight=weight, length_bonus=bonus)
         self.check(self.options)
 
     def fusion(self, options: DecodeOptions) -> Fusion | None:

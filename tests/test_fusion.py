@@ -353,7 +353,7 @@ def test_lm_weight_zero_equals_no_lm(word_model: Bundle, tmp_path: Path) -> None
     torch.manual_seed(3)
     vocab = word_model.tokenizer.vocab_size
     lm = LSTMLM(LSTMLMConfig(vocab, embed_dim=16, hidden_size=16)).eval()
-    language_model = LanguageModel(tmp_path, "lstm", LSTMLMScorer(lm))
+    language_model = LanguageModel(tmp_path, "lstm", LSTMLMScorer(lm), unit_cost=2.0)
     gen = torch.Generator().manual_seed(0)
     audio: list[AudioInput] = [
         torch.randn(16000, generator=gen) * 0.1,
@@ -368,6 +368,7 @@ def test_lm_weight_zero_equals_no_lm(word_model: Bundle, tmp_path: Path) -> None
     # Without options the LM is used at the default weight.
     fused = Recognizer(word_model, lm=language_model)
     assert fused.options.lm_weight > 0 and fused.fusion(fused.options) is not None
+    assert fused.options.length_bonus == pytest.approx(fused.options.lm_weight * 2.0)
     for t in fused.transcribe(audio):
         assert math.isfinite(t.score)
 
