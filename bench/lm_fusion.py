@@ -7,7 +7,7 @@ same 3-gram through KenLM and a lexicon of the n-gram's words, on the same log-p
 
 The 3-gram is estimated from --text (asr.models.ngram.write_arpa; or pass --arpa). All
 searches decode batches of 16 utterances at beam B with at most 16 tokens per frame, on CPU;
-speed is utterances per second, the best of two runs. Last line (machine-readable):
+speed is utterances per second, the best of two runs after a warm-up. Last line (machine-readable):
     lm_fusion wer_no_lm=<a> wer_lstm=<b> wer_ngram=<c> speed_vs_no_lm=<r>x \\
         ngram_speed_vs_no_lm=<r2>x flashlight_ngram_wer=<f> speed_vs_flashlight_ngram=<r3>x
 (r: utterances/s with the LSTM LM over without; r3: ours with the 3-gram over flashlight's).
@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from ctc_decoders import log_probs_of
+from ctc_decoders import log_probs_of, timed
 
 from asr.bundle import load_lm_bundle
 from asr.data.manifest import read_manifest
@@ -91,17 +90,6 @@ def flashlight(
         return texts
 
     return decode
-
-
-def timed(decode: Decoder, lp: torch.Tensor, lengths: torch.Tensor) -> tuple[list[str], float]:
-    """Transcripts and utterances per second (best of two runs after a warm-up)."""
-    decode(lp[:4], lengths[:4])
-    best, out = float("inf"), []
-    for _ in range(2):
-        start = time.perf_counter()
-        out = decode(lp, lengths)
-        best = min(best, time.perf_counter() - start)
-    return out, lp.shape[0] / best
 
 
 def main() -> None:
