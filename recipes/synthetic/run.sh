@@ -139,9 +139,9 @@ fi
 
 # Measured 2026-12-03 on the 2-core machine with both models training at once on one core
 # each, two voices per sentence (9.4 h, augmentation): BiLSTM-CTC about 13 min per epoch, LAS
-# about 20 min per epoch. These epochs take about 1.5 h (CTC) and 1.7 h (LAS), so the whole
-# run (corpus, both models, decoding, the peer, the LM) fits the 2-3 h a 2-core machine
-# should need.
+# about 20 min per epoch; the CTC's 7 epochs took 110 min when other jobs shared the machine.
+# The LAS's 4 + 1 fit the same time but are too few for it to learn to attend (dev WER 108 %
+# after 4; recipes/synthetic/README.md).
 declare -A default_epochs=([ctc]=7 [las]=4)
 finetune_epochs=1
 models=("$model")
