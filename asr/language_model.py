@@ -41,7 +41,7 @@ class LanguageModel:
         return weight * self.unit_cost if self.kind == "lstm" else self.unit_cost
 
 
-def _arpa(path: Path, tokenizer: Tokenizer, device: str | torch.device) -> LanguageModel:
+def _arpa(path: Path, tokenizer: Tokenizer) -> LanguageModel:
     try:
         scorer = NGramScorer(NGramLM.load(path), tokenizer)
         return LanguageModel(path, "ngram", scorer, NGRAM_LENGTH_BONUS)
@@ -70,5 +70,5 @@ def load_language_model(
     if path.is_dir():
         return _lstm(path, tokenizer, device)
     if path.is_file():
-        return _arpa(path, tokenizer, device)
+        return _arpa(path, tokenizer)  # a dict of n-grams: no device
     raise BundleError(f"{path}: no such language model (an LM bundle directory or ARPA file)")

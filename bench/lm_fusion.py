@@ -122,7 +122,8 @@ def main() -> None:
     if arpa is None:
         arpa = write_arpa(read_sentences(args.text), Path(tempfile.mkdtemp()) / "3gram.arpa")
     ngram = NGramLM.load(arpa)
-    words = sorted({g[0] for g in ngram.ngrams if len(g) == 1} - {"<s>", "</s>", "<unk>"})
+    ngram_scorer = NGramScorer(ngram, tokenizer)
+    words = sorted(ngram_scorer.vocab)  # flashlight's lexicon: the words our scorer knows
     lm_bundle = load_lm_bundle(args.lm)
     lstm = lm_bundle.model
     # As the recipe's LM stage: a length bonus of weight x the LM's mean cost per unit on dev.
@@ -140,7 +141,7 @@ def main() -> None:
             tokenizer,
             args.beam,
             [
-                (args.ngram_weight, NGramScorer(ngram, tokenizer)),
+                (args.ngram_weight, ngram_scorer),
                 (args.length_bonus, LengthBonus(vocab)),
             ],
         ),

@@ -182,7 +182,7 @@ class NGramScorer:
         self.pieces = pieces
         self.starts = torch.tensor([p.startswith(WORD_START) for p in pieces])  # (V,)
         self.starts[[BLANK_ID, SOS_EOS_ID]] = False
-        self.inner = [i for i, p in enumerate(pieces) if not self.starts[i] and i > SOS_EOS_ID]
+        self.inner = [i for i in range(len(pieces)) if not self.starts[i] and i > SOS_EOS_ID]
         self.oov_unit = -math.log(len(pieces)) if oov_unit is None else oov_unit
         words = [g[0] for g in lm.ngrams if len(g) == 1]
         self.vocab = frozenset(words) - {lm.START, lm.END, lm.UNK}
