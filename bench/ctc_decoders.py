@@ -41,22 +41,26 @@ Decoder = Callable[[torch.Tensor, torch.Tensor], list[Any]]
 
 def log_probs_of(
     bundle_dir: Path, manifest: Path, limit: int
-) -> tuple[torch.Tensor, torch.Tensor, Tokenizer]:
-    """CTC log-probs (N, T', V) and lengths (N,) of the first `limit` utterances."""
+) -> tuple[torch.Tensor, torch.Tensor, Tokenizer, float]:
+    """CTC log-probs (N, T', V) and lengths (N,) of the first `limit` utterances, and the
+    seconds the acoustic model took over them (features excluded)."""
     bundle = load_bundle(bundle_dir)
     if not isinstance(bundle.model, BiLSTMCTC):
         raise SystemExit(f"{bundle_dir}: a BiLSTM-CTC bundle is needed, not {bundle.model_type}")
     utterances = read_manifest(manifest)[:limit]
     data = SpeechDataset(utterances, bundle.tokenizer, bundle.feature_config)
     outputs: list[torch.Tensor] = []
+    seconds = 0.0
     with torch.no_grad():
         for start in range(0, len(data), 32):
             batch = collate([data[i] for i in range(start, min(start + 32, len(data)))])
+            begin = time.perf_counter()
             lp, lens = bundle.model.log_probs(batch.feats, batch.feat_lens)
+            seconds += time.perf_counter() - begin
             outputs += [lp[i, : int(n)] for i, n in enumerate(lens)]
     lengths = torch.tensor([o.shape[0] for o in outputs])
     padded = torch.nn.utils.rnn.pad_sequence(outputs, batch_first=True)
-    return padded.contiguous(), lengths, bundle.tokenizer
+    return padded.contiguous(), lengths, bundle.tokenizer, seconds
 
 
 def ours(tokenizer: Tokenizer, beam: int, batch: int) -> Decoder:
@@ -154,7 +158,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (ours)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    lp, lengths, tokenizer = log_probs_of(args.model, args.manifest, args.limit)
+    lp, lengths, tokenizer, _ = log_probs_of(args.model, args.manifest, args.limit)
     frames = int(lengths.sum())
     print(f"{lp.shape[0]} utterances, {frames} frames, vocabulary {lp.shape[2]}, CPU")
     summary = ""

@@ -42,6 +42,30 @@ def test_step_matches_whole_sentence_scoring() -> None:
     assert bool((state.log_probs[:, 0] == -float("inf")).all())
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        LSTMLMConfig(vocab_size=20, embed_dim=16, hidden_size=16, num_layers=1),
+        LSTMLMConfig(
+            vocab_size=20, embed_dim=8, hidden_size=16, num_layers=3, tie_embeddings=False
+        ),
+    ],
+    ids=["1-layer-tied", "3-layers-untied"],
+)
+def test_search_stepper_equals_step(config: LSTMLMConfig) -> None:
+    torch.manual_seed(0)
+    model = LSTMLM(config).eval()
+    stepper = model.stepper()
+    ref, fast = model.init_state(3), stepper.init_state(3)
+    for tokens in ([5, 6, 7], [8, 8, 3], [2, 9, 11]):
+        ids = torch.tensor(tokens)
+        for a, b in ((ref.h, fast.h), (ref.c, fast.c), (ref.log_probs, fast.log_probs)):
+            assert a.shape == b.shape
+            assert torch.allclose(a, b, atol=1e-5)
+        ref, fast = model.step(ref, ids), stepper(fast, ids)
+    assert bool((fast.log_probs[:, 0] == -float("inf")).all())
+
+
 def test_read_sentences_drops_ids_and_reads_manifests(tmp_path: Path) -> None:
     text = tmp_path / "text.txt"
     text.write_text("1089-134686-0000 he hoped\n\nplain sentence, here\n")

@@ -107,9 +107,10 @@ class LSTMLMScorer:
 
     def __init__(self, model: LSTMLM) -> None:
         self.model = model.eval()
+        self.step = model.stepper()
 
     def init(self, n: int, device: torch.device | str) -> LMState:
-        return self.model.init_state(n, device)
+        return self.step.init_state(n, device)
 
     def scores(self, state: LMState) -> torch.Tensor:
         return state.log_probs
@@ -118,9 +119,7 @@ class LSTMLMScorer:
         new = state.select(rows)  # indexing copies, so the rows may be overwritten
         ext = _extended(tokens)
         if ext.numel():
-            step = self.model.step(
-                LMState(new.h[:, ext], new.c[:, ext], new.log_probs[ext]), tokens[ext]
-            )
+            step = self.step(LMState(new.h[:, ext], new.c[:, ext], new.log_probs[ext]), tokens[ext])
             new.h[:, ext], new.c[:, ext], new.log_probs[ext] = step.h, step.c, step.log_probs
         return new
 

@@ -158,3 +158,69 @@ class LSTMLM(nn.Module):
         hc = None if state is None else (state.h, state.c)
         hidden, (h, c) = self.lstm(x, hc)
         return LMState(h, c, self._logits(hidden[:, 0]).log_softmax(dim=-1).float())
+
+    def stepper(self) -> LMStepper:
+        """`step` for search, on a snapshot of the weights (build it after training)."""
+        return LMStepper(self)
+
+
+class LMStepper:
+    """`LSTMLM.step` for beam search: the same function, 2-3x faster on CPU.
+
+    A search steps the LM one unit at a time for a few dozen prefixes, where `nn.LSTM` costs
+    more than its arithmetic (on the 2-core machine 5.0 ms for 40 prefixes of the 2 x 256
+    cpu-small LM, against 2.0 ms here: its oneDNN path prepares the weights on every call).
+    Here each layer is one matrix product with weights laid out once: the first layer's input
+    gates of every unit are a table (the embedding times W_ih, plus both biases), the others
+    multiply [x, h] by [W_ih, W_hh] stacked. Results equal `step`'s up to float rounding.
+    """
+
+    def __init__(self, model: LSTMLM) -> None:
+        lstm = model.lstm
+        with torch.no_grad():
+            weights = [
+                [getattr(lstm, f"{name}_l{k}").detach() for name in _LSTM_PARAMS]
+                for k in range(lstm.num_layers)
+            ]
+            w_ih, w_hh, b_ih, b_hh = weights[0]
+            self.table = model.embed.weight @ w_ih.T + b_ih + b_hh  # (V, 4H)
+            self.w_hh = w_hh.T.contiguous()  # (H, 4H)
+            self.stacked = [
+                (torch.cat([w_ih, w_hh], dim=1).T.contiguous(), b_ih + b_hh)
+                for w_ih, w_hh, b_ih, b_hh in weights[1:]
+            ]  # ((2H, 4H), (4H,)) for each layer above the first
+            self.out_w = model.out.weight.detach().T.contiguous()  # (H, V)
+            self.out_b = model.out.bias.detach().clone()
+            self.out_b[BLANK_ID] = -math.inf  # blank is a CTC symbol, never a unit of text
+        self.layers = lstm.num_layers
+        self.hidden = lstm.hidden_size
+
+    def init_state(self, n: int, device: torch.device | str = "cpu") -> LMState:
+        """N empty prefixes: the state after sos."""
+        return self(None, torch.full((n,), SOS_EOS_ID, dtype=torch.long, device=device))
+
+    @torch.no_grad()
+    def __call__(self, state: LMState | None, tokens: torch.Tensor) -> LMState:
+        """Append tokens (N,) to the N prefixes of `state` (None: fresh prefixes)."""
+        n = tokens.shape[0]
+        if state is None:
+            zeros = self.table.new_zeros(self.layers, n, self.hidden)
+            state = LMState(zeros, zeros, self.table.new_empty(n, 0))
+        hs, cs = [], []
+        x = self.table[tokens]  # layer 1's input gates (N, 4H)
+        for k in range(self.layers):
+            if k == 0:
+                gates = torch.addmm(x, state.h[0], self.w_hh)
+            else:
+                w, b = self.stacked[k - 1]
+                gates = torch.addmm(b, torch.cat([x, state.h[k]], dim=1), w)
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * state.c[k] + torch.sigmoid(i) * torch.tanh(g)
+            x = torch.sigmoid(o) * torch.tanh(c)
+            hs.append(x)
+            cs.append(c)
+        log_probs = torch.addmm(self.out_b, x, self.out_w).log_softmax(dim=-1)
+        return LMState(torch.stack(hs), torch.stack(cs), log_probs.float())
+
+
+_LSTM_PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
