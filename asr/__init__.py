@@ -22,6 +22,7 @@ from asr.bundle import Bundle, load_bundle
 from asr.decoding.options import DecodeOptions, Transcript, WordTiming
 from asr.language_model import load_language_model
 from asr.models.bilstm_ctc import BiLSTMCTC
+from asr.quantize import check_quantization, quantize_model
 from asr.recognizer import Recognizer
 
 
@@ -32,6 +33,7 @@ def load_model(
     rescorer: str | Path | None = None,
     lm: str | Path | None = None,
     chunking: tuple[int, int] | None = None,
+    quantize: str = "none",
     **decode_options: Any,
 ) -> Recognizer:
     """A `Recognizer` for the bundle directory at `path` (written by `asr export`): the one
@@ -46,14 +48,22 @@ def load_model(
     chunking: (chunk_size, right_context) LC blocks in encoder frames for a BiLSTM-CTC model,
     in place of those it was trained with ((0, 0) runs it offline); other models have no
     blocks and ignore it, so one server setting can cover a mixed set of models.
+    quantize: "int8" runs the model (and the rescorer) with int8 LSTM and Linear weights on
+    CPU (`asr.quantize`); "none" (the default) keeps float weights. QuantizationError (a
+    ValueError) if it cannot run here.
     decode_options: `DecodeOptions` fields (method="beam", beam=8, nbest=3, ...) over the
     bundle's defaults (an `lm_weight` without `length_bonus` brings the LM's bonus for it);
     an unknown name is a TypeError, a bad value a ValueError.
     """
+    check_quantization(quantize, device)
     bundle = load_bundle(path, device)
     if chunking is not None and isinstance(bundle.model, BiLSTMCTC):
         bundle = replace(bundle, model=bundle.model.with_chunking(*chunking))
     second = load_bundle(rescorer, device) if rescorer is not None else None
+    if quantize != "none":  # after the chunking, which rebuilds the float model
+        bundle = replace(bundle, model=quantize_model(bundle.model, quantize, device))
+        if second is not None:
+            second = replace(second, model=quantize_model(second.model, quantize, device))
     fused = load_language_model(lm, bundle.tokenizer, device) if lm is not None else None
     recognizer = Recognizer(bundle, rescorer=second, lm=fused)
     if fused is not None and "lm_weight" in decode_options:

@@ -37,6 +37,7 @@ from asr.features import DEFAULT_CMN_PRIOR, FeatureConfig
 from asr.files import atomic_write
 from asr.language_model import DEFAULT_LM_WEIGHT
 from asr.models import MODELS, model_config
+from asr.quantize import QUANTIZATIONS
 from asr.text import normalize_text
 from asr.tokenizer import KINDS, Tokenizer
 from asr.training.config import PRESETS as TRAIN_PRESETS
@@ -314,6 +315,17 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any DecodeOptions field"
     )
+    _add_quantize(p)
+
+
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        default="none",
+        help="int8: run the acoustic models with int8 LSTM and Linear weights (CPU only; "
+        "faster, WER within a few tenths)",
+    )
 
 
 def read_hotwords(path: Path) -> tuple[tuple[str, float], ...]:
@@ -375,6 +387,7 @@ def _run_decode(args: argparse.Namespace) -> int:
             args.device,
             rescorer=args.rescore_model,
             lm=args.lm,
+            quantize=args.quantize,
             **_decode_overrides(args),
         )
     except TypeError as err:  # an unknown option name is a bad argument
@@ -489,6 +502,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--right-context", type=int, help="look-ahead frames with --chunk-size (default: half)"
     )
+    _add_quantize(p)
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument(
@@ -510,6 +524,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         rescorers=_name_paths(args.rescore_model, "--rescore-model"),
         lms=_name_paths(args.lm, "--lm"),
         chunking=_chunking(args.chunk_size, args.right_context),
+        quantize=args.quantize,
         host=args.host,
         port=args.port,
         max_concurrent_streams=args.max_streams,

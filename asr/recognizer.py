@@ -44,7 +44,7 @@ from asr.decoding.scorers import (
 from asr.features import log_mel
 from asr.language_model import DEFAULT_LM_WEIGHT, LanguageModel
 from asr.masks import lengths_to_mask
-from asr.models.base import ATTENTION, CTC, offers
+from asr.models.base import ATTENTION, CTC, model_device, offers
 from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.models.las import LAS, EncoderOutput
 from asr.text import normalize_text
@@ -341,7 +341,7 @@ class Recognizer:
         self.check(opts)
         if cancel is not None:
             cancel.check()
-        device = next(self.bundle.model.parameters()).device
+        device = model_device(self.bundle.model)
         evidence = Evidence(self, feats.to(device), lengths.to(device), cancel=cancel)
         hyps = METHODS[opts.method].search(evidence, opts)
         # Word boundaries are refined with the loudness of each 10 ms frame.

@@ -28,6 +28,7 @@ from asr.decoding.options import (
     mean_confidence,
 )
 from asr.features import StreamingFeatures
+from asr.models.base import model_device
 from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCStream
 from asr.models.las import LAS
 from asr.recognizer import METHODS, Evidence, Posteriors, Recognizer
@@ -103,7 +104,7 @@ class StreamingSession:
 
     def _new_segment(self, frame: int) -> None:
         self.segment_start = frame  # encoder frames from the start of the stream
-        self.state: CTCBeamState = self.search.init(1, self.model.head.weight.device)
+        self.state: CTCBeamState = self.search.init(1, model_device(self.model))
         self.log_probs: list[torch.Tensor] = []  # (n, V) per consumed piece
         self.raw: list[torch.Tensor] = []  # (n, F) feature frames of the segment
         self.blank_run = 0

@@ -165,7 +165,11 @@ def load_models(config: ServerConfig) -> list[Model]:
         Model(
             name,
             load_model(
-                path, rescorer=rescorers.get(name), lm=lms.get(name), chunking=config.chunking
+                path,
+                rescorer=rescorers.get(name),
+                lm=lms.get(name),
+                chunking=config.chunking,
+                quantize=config.quantize,
             ),
         )
         for name, path in config.models

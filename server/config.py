@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from asr.config import Config
+from asr.quantize import QUANTIZATIONS
 from asr.streaming import EndpointConfig
 
 
@@ -21,6 +22,9 @@ class ServerConfig(Config):
     # (chunk_size, right_context) in encoder frames for every BiLSTM-CTC model, instead of
     # its bundle's: shorter latency-controlled blocks give earlier partial results.
     chunking: tuple[int, int] | None = None
+    # "int8": every model (and rescorer) runs with int8 LSTM and Linear weights on CPU
+    # (asr.quantize); "none": float weights.
+    quantize: str = "none"
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (tests)
     max_concurrent_streams: int = 64  # more get RESOURCE_EXHAUSTED
@@ -55,6 +59,10 @@ class ServerConfig(Config):
                     raise ValueError(
                         f"{what} for unknown model {name!r}; models: {', '.join(names)}"
                     )
+        if self.quantize not in QUANTIZATIONS:
+            raise ValueError(
+                f"unknown quantization {self.quantize!r}; choose one of {', '.join(QUANTIZATIONS)}"
+            )
         if self.chunking is not None and (self.chunking[0] < 1 or self.chunking[1] < 0):
             raise ValueError(
                 f"chunking needs chunk_size >= 1 and right_context >= 0: {self.chunking}"

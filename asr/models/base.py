@@ -8,6 +8,7 @@ One training loop serves every model because each one implements
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +20,14 @@ from asr.features import CMVN
 # model types (asr.recognizer.METHODS).
 CTC = "ctc"  # CTC posteriors: `log_probs`, or a LAS's CTC head in `encode`
 ATTENTION = "attention"  # an attention decoder: `encode` -> `EncoderOutput`, then `step`
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where `model` runs: its first parameter's or buffer's device; an int8 model (its weights
+    packed by asr.quantize, not parameters) runs on CPU."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from torch import nn
 
 from asr.cancel import CancelToken
 from asr.config import Config
-from asr.models.base import CTC, ModelOutput, NormalizesInput
+from asr.models.base import CTC, ModelOutput, NormalizesInput, model_device
 from asr.models.ctc import count_infeasible, ctc_loss
 from asr.models.layers import BiRNN, RNNType
 from asr.models.subsampling import Subsampling, SubsamplingKind, SubsamplingStream
@@ -319,7 +319,7 @@ class BiLSTMCTCStream:
         return out
 
     def _empty(self) -> torch.Tensor:
-        return torch.zeros(1, 0, self.model.config.vocab_size, device=self.model.head.weight.device)
+        return torch.zeros(1, 0, self.model.config.vocab_size, device=model_device(self.model))
 
     def _run(self, pending: torch.Tensor, min_width: int) -> torch.Tensor:
         """Run blocks while at least `min_width` frames are buffered; keep the rest."""

@@ -50,7 +50,9 @@ def _run_rnn(
     S = 2 for an LSTM (h, c) and 1 for a GRU (h); one tensor shape for both keeps the carried
     LC state a single (L, S, B, H) tensor.
     """
-    if isinstance(rnn, nn.LSTM):
+    # `mode`, not isinstance: int8 models (asr.quantize) hold torch's dynamically quantized
+    # LSTM, which is not an nn.LSTM subclass.
+    if rnn.mode == "LSTM":
         hx = None if state is None else (state[0:1], state[1:2])
         out, (h, c) = rnn(x, hx)
         return out, torch.cat([h, c])

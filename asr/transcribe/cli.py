@@ -79,7 +79,7 @@ def _engine(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Engine
     if args.server is not None:
         from asr.client import connect
 
-        if overrides or args.rescore_model or args.lm:
+        if overrides or args.rescore_model or args.lm or args.quantize != "none":
             raise ValueError("with --server, decoding options are the server's")
         # No deadline: a long file streams for as long as it lasts.
         client = connect(
@@ -97,6 +97,7 @@ def _engine(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Engine
             args.device,
             rescorer=args.rescore_model,
             lm=args.lm,
+            quantize=args.quantize,
             **overrides | {"nbest": args.nbest},
         )
     except TypeError as err:  # an unknown option name: a bad argument
