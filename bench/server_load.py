@@ -4,7 +4,7 @@ and pocketsphinx (CMU, C) decoding the same audio in the same run as the peer.
 
     python bench/server_load.py --model BUNDLE [--manifest M.jsonl] [--streams 4,8,12,...]
         [--duration 60] [--server-threads 1] [--chunk-size 8 --right-context 4] [--port 0]
-        [--quick]
+        [--quantize int8] [--quick]
 
 BUNDLE is a streaming (latency-controlled) BiLSTM-CTC bundle, e.g. the synthetic recipe's
 exp/ctc/bundle; the manifest defaults to its held-out sentences. The benchmark starts
@@ -586,6 +586,9 @@ def main() -> None:
         "--chunk-size", type=int, help="asr serve --chunk-size (LC block, encoder frames)"
     )
     parser.add_argument("--right-context", type=int, help="asr serve --right-context")
+    parser.add_argument(
+        "--quantize", choices=("none", "int8"), default="none", help="asr serve --quantize"
+    )
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     args = parser.parse_args()
     if args.quick:
@@ -615,10 +618,11 @@ def main() -> None:
         f"{_wer([u.text for u in peer], ps_hyps)}"
     )
 
-    chunk_args = []
+    server_args = []
     if chunking is not None:
-        chunk_args = ["--chunk-size", str(chunking[0]), "--right-context", str(chunking[1])]
-    extra = ["--max-streams", str(max(levels_wanted) + 8), *chunk_args]
+        server_args = ["--chunk-size", str(chunking[0]), "--right-context", str(chunking[1])]
+    server_args += ["--quantize", args.quantize]  # both servers run the same model
+    extra = ["--max-streams", str(max(levels_wanted) + 8), *server_args]
     levels: list[Level] = []
     server = Server(args.model, args.port, args.server_threads, extra)
     try:
@@ -676,7 +680,7 @@ def main() -> None:
         server.stop()
 
     single_server = Server(
-        args.model, args.port, args.server_threads, ["--max-batch", "1", *chunk_args]
+        args.model, args.port, args.server_threads, ["--max-batch", "1", *server_args]
     )
     try:
         single_server.start()
