@@ -33,9 +33,8 @@ class QuantizationError(ValueError):
 
 
 def _dynamic_int8(model: nn.Module) -> nn.Module:
-    api: Callable[..., nn.Module] | None = getattr(
-        getattr(torch, "ao", None) and torch.ao.quantization, "quantize_dynamic", None
-    )
+    namespace = getattr(getattr(torch, "ao", None), "quantization", None)
+    api: Callable[..., nn.Module] | None = getattr(namespace, "quantize_dynamic", None)
     if api is None:
         raise QuantizationError(
             f"int8 needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
