@@ -93,6 +93,7 @@ from asr.client import to_seconds
 from asr.data.manifest import read_manifest
 from asr.metrics import error_rates
 from asr.models.bilstm_ctc import BiLSTMCTC
+from asr.quantize import QUANTIZATIONS
 from asr.v1 import asr_pb2, asr_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -587,7 +588,7 @@ def main() -> None:
     )
     parser.add_argument("--right-context", type=int, help="asr serve --right-context")
     parser.add_argument(
-        "--quantize", choices=("none", "int8"), default="none", help="asr serve --quantize"
+        "--quantize", choices=QUANTIZATIONS, default="none", help="asr serve --quantize"
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     args = parser.parse_args()

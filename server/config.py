@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from asr.config import Config
-from asr.quantize import QUANTIZATIONS
+from asr.quantize import check_quantization
 from asr.streaming import EndpointConfig
 
 
@@ -59,10 +59,7 @@ class ServerConfig(Config):
                     raise ValueError(
                         f"{what} for unknown model {name!r}; models: {', '.join(names)}"
                     )
-        if self.quantize not in QUANTIZATIONS:
-            raise ValueError(
-                f"unknown quantization {self.quantize!r}; choose one of {', '.join(QUANTIZATIONS)}"
-            )
+        check_quantization(self.quantize)  # a QuantizationError is a ValueError
         if self.chunking is not None and (self.chunking[0] < 1 or self.chunking[1] < 0):
             raise ValueError(
                 f"chunking needs chunk_size >= 1 and right_context >= 0: {self.chunking}"

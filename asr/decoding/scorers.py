@@ -103,10 +103,10 @@ def _extended(tokens: torch.Tensor) -> torch.Tensor:
 class LSTMLMScorer:
     """An LSTM language model over the units: scores are its next-unit log-probabilities
     (cached in the state, so `scores` costs nothing; `advance` runs one LSTM step for the
-    extended rows only: a CTC search extends a few of its prefixes per frame)."""
+    extended rows only: a CTC search extends a few of its prefixes per frame). It steps a
+    snapshot of the model's weights (`LSTMLM.stepper`)."""
 
     def __init__(self, model: LSTMLM) -> None:
-        self.model = model.eval()
         self.step = model.stepper()
 
     def init(self, n: int, device: torch.device | str) -> LMState:
