@@ -27,6 +27,7 @@ from asr.models.bilstm_ctc import (
     BiLSTMCTCConfig,
     BiLSTMCTCStream,
     bilstm_ctc,
+    run_streams,
 )
 from asr.models.layers import lengths_to_mask
 from tests.test_decoding_ctc import CountingToken
@@ -326,6 +327,39 @@ def test_streaming_matches_whole_utterance_lc(subsampling: str, rnn_type: str, s
         # from the matrix sizes, so sums round in a different order (~1e-7). The LC blocks
         # themselves are the same tensors going through the same `lc_block`.
         torch.testing.assert_close(streamed, whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_streams_run_batched_equal_each_alone(rnn_type: str) -> None:
+    # Five streams at different points, fed different amounts each round (some nothing, some
+    # several blocks, one joining late and one flushed early): batched blocks give each
+    # stream what it gets alone.
+    model = tiny(rnn_type=rnn_type)
+    rng = random.Random(3)
+    feats = [torch.randn(1, rng.randint(120, 300), 20) for _ in range(5)]
+    alone = []
+    with torch.no_grad():
+        for f in feats:
+            whole, _ = model.log_probs(f, torch.tensor([f.shape[1]]))
+            alone.append(whole)
+    streams = [BiLSTMCTCStream(model) for _ in feats]
+    fed = [0] * 5
+    pieces: list[list[torch.Tensor]] = [[] for _ in feats]
+    for round_ in range(200):
+        active = [i for i in range(5) if fed[i] < feats[i].shape[1] and (i != 4 or round_ > 5)]
+        if not active:
+            break
+        for i in active:
+            step = rng.choice([0, 3, 17, 60])
+            streams[i].push(feats[i][:, fed[i] : fed[i] + step])
+            fed[i] = min(fed[i] + step, feats[i].shape[1])
+        for i, out in zip(active, run_streams([streams[i] for i in active]), strict=True):
+            pieces[i].append(out)
+    for i, stream in enumerate(streams):
+        streamed = torch.cat([*pieces[i], stream.flush()], dim=1)
+        torch.testing.assert_close(streamed, alone[i], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="same model"):
+        run_streams([BiLSTMCTCStream(model), BiLSTMCTCStream(tiny())])
 
 
 def test_streaming_needs_lc_model() -> None:

@@ -185,6 +185,36 @@ def test_a_fused_search_streamed_in_chunks_equals_the_whole_utterance(
         assert_same(one, whole[b : b + 1])
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_streams_searched_together_end_as_each_alone(tokenizer: Tokenizer, fused: bool) -> None:
+    # Four streams of different lengths, fed chunks of different sizes, joining late and
+    # leaving early: at each round the streams with frames left advance in one advance_many.
+    vocab = tokenizer.vocab_size
+    log_probs = peaky(4, 30, vocab, seed=5)
+    lengths, chunks, starts = [30, 21, 12, 26], [4, 3, 7, 5], [0, 2, 0, 5]
+    options = replace(DecodeOptions(beam=6, nbest=3), blank_skip=0.95)
+    search = CTCPrefixBeamSearch(options, random_fusion(tokenizer) if fused else None)
+    states = [search.init(1) for _ in range(4)]
+    taken = [0] * 4
+    for round_ in range(40):
+        now = [
+            b for b in range(4) if round_ >= starts[b] and taken[b] < lengths[b]
+        ]  # streams in the batch this round
+        pieces = []
+        for b in now:
+            pieces.append(log_probs[b, taken[b] : min(taken[b] + chunks[b], lengths[b])])
+            taken[b] += pieces[-1].shape[0]
+        search.advance_many([states[b] for b in now], pieces)
+    assert taken == lengths
+    for b in range(4):
+        alone = search(log_probs[b : b + 1, : lengths[b]], torch.tensor([lengths[b]]))
+        assert_same(search.finalize(states[b]), alone)
+        # Each stream keeps back-pointers for the frames it searched, not the batch's.
+        single = search.init(1)
+        search.advance(single, log_probs[b : b + 1, : lengths[b]], torch.tensor([lengths[b]]))
+        assert len(states[b].parents) == len(single.parents)
+
+
 def test_fused_scores_are_exact_ctc_plus_the_weighted_scorers() -> None:
     # Few enough labelings (of units 1, 3, 4 over 4 frames) for the beam to hold them all, so
     # CTC probabilities are exact: the search's scores are those plus the scorers'.

@@ -14,7 +14,7 @@ from asr.bundle import Bundle
 from asr.decoding.options import DecodeOptions
 from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.recognizer import Recognizer
-from asr.streaming import EndpointConfig, StreamingSession, StreamResult
+from asr.streaming import EndpointConfig, StreamingSession, StreamResult, accept_streams
 from tests.word_corpus import Utterance, WordCorpus, untrained_las
 
 CHUNK = SAMPLE_RATE // 10  # 100 ms of audio per message, as a client would send
@@ -99,6 +99,64 @@ def test_pauses_close_segments_with_stream_times(
     for timing, (word, start, end) in zip(finals[1].transcript.words, expected, strict=True):
         assert timing.word == word
         assert abs(timing.start - start) <= 0.1 and abs(timing.end - end) <= 0.1
+
+
+def test_streams_accepted_together_get_their_results_alone(
+    word_model: Bundle, utterances: list[Utterance]
+) -> None:
+    # Six streams (two recognizer options, so two batches; pauses, so segments end inside
+    # the batch; different chunk sizes; two joining late, the shortest leaving early) fed
+    # through accept_streams side by side give each the results it gets alone.
+    pause = torch.zeros(int(1.5 * SAMPLE_RATE))
+    beam = Recognizer(word_model, DecodeOptions(method="beam", beam=4))
+    greedy = Recognizer(word_model, DecodeOptions(method="greedy"))
+    endpoint = EndpointConfig(trailing_silence=1.0)
+    audios = [
+        torch.cat([utterances[i].audio, pause, utterances[(i + 1) % 6].audio])
+        if i % 2
+        else utterances[i].audio
+        for i in range(6)
+    ]
+    chunks = [CHUNK, CHUNK // 2, 3 * CHUNK, CHUNK, 2 * CHUNK, CHUNK]
+    starts = [0, 0, 3, 0, 7, 1]  # the round a stream's first chunk comes in
+    recognizers = [beam, greedy, beam, beam, greedy, beam]
+
+    def session(i: int) -> StreamingSession:
+        return StreamingSession(recognizers[i], endpoint=endpoint)
+
+    def key(results: list[StreamResult]) -> list[tuple[object, ...]]:
+        return [
+            (r.is_final, r.transcript.text, r.transcript.tokens, r.start, r.end) for r in results
+        ]
+
+    alone = []
+    for i, audio in enumerate(audios):
+        one, results = session(i), []
+        for start in range(0, audio.numel(), chunks[i]):
+            results += one.accept(audio[start : start + chunks[i]])
+        alone.append(results + one.finish())
+    sessions = [session(i) for i in range(6)]
+    together: list[list[StreamResult]] = [[] for _ in range(6)]
+    fed, round_ = [0] * 6, 0
+    while any(not s.finished for s in sessions):
+        now = [i for i in range(6) if round_ >= starts[i] and not sessions[i].finished]
+        feeding = [i for i in now if fed[i] < audios[i].numel()]
+        pieces = [audios[i][fed[i] : fed[i] + chunks[i]] for i in feeding]
+        batched = accept_streams([sessions[i] for i in feeding], pieces)
+        for i, results in zip(feeding, batched, strict=True):
+            together[i] += results
+            fed[i] += chunks[i]
+        for i in set(now) - set(feeding):  # out of audio: leaves the batch
+            together[i] += sessions[i].finish()
+        round_ += 1
+    for i in range(6):
+        assert key(together[i]) == key(alone[i]), i
+        stabilities = [r.stability for r in together[i]]
+        assert stabilities == pytest.approx([r.stability for r in alone[i]], abs=1e-3)
+    assert sum(r.is_final for r in together[1]) == 2  # a segment ended mid-stream
+    with pytest.raises(ValueError, match="once"):
+        twice = session(0)
+        accept_streams([twice, twice], [torch.zeros(CHUNK), torch.zeros(CHUNK)])
 
 
 def test_silence_before_speech_is_not_buffered(

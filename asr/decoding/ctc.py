@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,13 @@ class CTCBeamState:
     scorer_state: Any = None
     parents: list[torch.Tensor] = field(default_factory=list)  # (B, K) row each row came from
     emitted: list[torch.Tensor] = field(default_factory=list)  # (B, K) token appended, -1 none
+
+
+# The per-stream tensors of a `CTCBeamState`, row b being stream b.
+_ROW_FIELDS = (
+    *("blank", "nonblank", "last", "key", "parent_key", "length"),
+    *("skipped", "pending", "frames", "fused"),
+)
 
 
 class CTCPrefixBeamSearch:
@@ -132,11 +140,73 @@ class CTCPrefixBeamSearch:
         cancel: CancelToken | None = None,
     ) -> CTCBeamState:
         """Consume the next frames: log_probs (B, T, V) float, lengths (B,) valid frames of it."""
+        self._advance(state, log_probs, lengths, cancel)
+        return state
+
+    @torch.inference_mode()
+    def advance_many(self, states: Sequence[CTCBeamState], chunks: Sequence[torch.Tensor]) -> None:
+        """Advance each of several searches (states of one stream each, from this search or
+        an equal one: same options and scorers) over its own next frames chunks[i] (T_i, V),
+        as one batched `advance`: the states are joined row-wise, advanced, and each handed
+        back its row, with back-pointers for the frames it searched only. Every row of the
+        search is computed on its own, so each state ends exactly as its own `advance`
+        would leave it."""
+        if len(states) != len(chunks):
+            raise ValueError(f"{len(states)} states, {len(chunks)} chunks")
+        if not states:
+            return
+        if any(s.blank.shape[0] != 1 for s in states):
+            raise ValueError("advance_many takes states of one stream each")
+        joined = self._join(states)
+        lengths = torch.tensor([c.shape[0] for c in chunks])
+        padded = torch.nn.utils.rnn.pad_sequence(list(chunks), batch_first=True)
+        searched = self._advance(joined, padded, lengths, None)
+        # Back-pointers per stream (B, S, K), copied so that a stream's history holds only
+        # its own rows, not the batch's.
+        pointers = [
+            torch.stack(joined.parents, dim=1) if joined.parents else None,
+            torch.stack(joined.emitted, dim=1) if joined.emitted else None,
+        ]
+        for b, state in enumerate(states):
+            for name in _ROW_FIELDS:
+                if (value := getattr(joined, name)) is not None:
+                    setattr(state, name, value[b : b + 1])
+            steps = int(searched[b])
+            for history, stacked in zip((state.parents, state.emitted), pointers, strict=True):
+                if stacked is not None and steps:
+                    history.extend(stacked[b : b + 1, :steps].clone().unbind(1))
+            if self.fusion is not None:
+                k = self.beam
+                rows = torch.arange(b * k, (b + 1) * k, device=joined.blank.device)
+                state.scorer_state = self.fusion.advance(
+                    joined.scorer_state, rows, torch.full_like(rows, -1)
+                )
+
+    def _join(self, states: Sequence[CTCBeamState]) -> CTCBeamState:
+        """The states of several searches as one batch (without back-pointers)."""
+        fields: dict[str, Any] = {
+            name: torch.cat([getattr(s, name) for s in states])
+            for name in _ROW_FIELDS
+            if getattr(states[0], name) is not None
+        }
+        if self.fusion is not None:
+            fields["scorer_state"] = self.fusion.join([s.scorer_state for s in states])
+        return CTCBeamState(**fields)
+
+    def _advance(
+        self,
+        state: CTCBeamState,
+        log_probs: torch.Tensor,
+        lengths: torch.Tensor,
+        cancel: CancelToken | None,
+    ) -> torch.Tensor:
+        """`advance`; returns the frames searched of each stream (B,) (the rest were blank
+        frames skipped): the steps after them left that stream unchanged."""
         batch, width, vocab = log_probs.shape
         if batch != state.blank.shape[0]:
             raise ValueError(f"state has {state.blank.shape[0]} streams, log_probs {batch}")
         if width == 0:
-            return state
+            return torch.zeros(batch, dtype=torch.long)
         log_probs = log_probs.float()
         device = log_probs.device
         lengths = lengths.to(device)
@@ -187,7 +257,7 @@ class CTCPrefixBeamSearch:
         tail_n = torch.where(counts > 0, total_n - last_n, total_n + state.pending.long())
         state.skipped, state.pending = tail_lp, tail_n > 0
         state.frames = state.frames + lengths
-        return state
+        return counts
 
     def _step(
         self,

@@ -10,7 +10,9 @@ only three calls:
   scores ending the sentence (a language model's P(eos), a hotword's withdrawn partial match);
 - `advance(state, rows, tokens)`: the state of prefixes `rows` (M,) (rows of the old state,
   repeated or reordered as the beam is) extended by `tokens` (M,), -1 meaning "not extended".
-  With all tokens -1 it is a reorder: that is how a search drops finished utterances.
+  With all tokens -1 it is a reorder: that is how a search drops finished utterances;
+- `join(states)`: the states of several searches as one, their rows one after another (how
+  streams of a server search together: a row selection splits them again).
 
 `Fusion` holds the scorers with their weights (those of weight 0 are left out, so weight 0 is
 exactly no fusion) and is itself a scorer, so a search sees one object.
@@ -42,6 +44,8 @@ class Scorer(Protocol):
 
     def advance(self, state: Any, rows: torch.Tensor, tokens: torch.Tensor) -> Any: ...
 
+    def join(self, states: Sequence[Any]) -> Any: ...
+
 
 class Fusion:
     """Weighted scorers as one: scores are sum_i w_i * scores_i, the state a tuple of theirs."""
@@ -70,6 +74,9 @@ class Fusion:
         return tuple(
             s.advance(st, rows, tokens) for (_, s), st in zip(self.weighted, state, strict=True)
         )
+
+    def join(self, states: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
+        return tuple(s.join([st[i] for st in states]) for i, (_, s) in enumerate(self.weighted))
 
     def sequence_scores(
         self, hyps: Sequence[Sequence[int]], device: torch.device | str
@@ -123,6 +130,13 @@ class LSTMLMScorer:
             new.h[:, ext], new.c[:, ext], new.log_probs[ext] = step.h, step.c, step.log_probs
         return new
 
+    def join(self, states: Sequence[LMState]) -> LMState:
+        return LMState(
+            torch.cat([s.h for s in states], dim=1),
+            torch.cat([s.c for s in states], dim=1),
+            torch.cat([s.log_probs for s in states]),
+        )
+
 
 class LengthBonus:
     """A constant score per emitted unit (an insertion bonus): offsets the LM's and the
@@ -143,6 +157,9 @@ class LengthBonus:
 
     def advance(self, state: int, rows: torch.Tensor, tokens: torch.Tensor) -> int:
         return rows.shape[0]
+
+    def join(self, states: Sequence[int]) -> int:
+        return sum(states)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,6 +303,19 @@ class NGramScorer:
         new.known[ext] = torch.stack(known).to(device)
         return new
 
+    def join(self, states: Sequence[NGramState]) -> NGramState:
+        return NGramState(
+            context=[c for s in states for c in s.context],
+            word=[w for s in states for w in s.word],
+            units=[u for s in states for u in s.units],
+            charged=[c for s in states for c in s.charged],
+            word_score=torch.cat([s.word_score for s in states]),
+            end_score=torch.cat([s.end_score for s in states]),
+            leave=torch.cat([s.leave for s in states]),
+            start_leave=torch.cat([s.start_leave for s in states]),
+            known=torch.cat([s.known for s in states]),
+        )
+
 
 # --------------------------------------------------------------------------------------------
 # Hotwords
@@ -396,3 +426,6 @@ class HotwordScorer:
             moved = (g.target[at] * hit).sum(dim=1)  # at most one hit; none: the root
             node[ext] = moved
         return node
+
+    def join(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(states))

@@ -24,6 +24,7 @@ loading the same state dict (the parameters do not depend on the mode).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import cast
 
@@ -304,9 +305,24 @@ class BiLSTMCTCStream:
     def accept(self, feats: torch.Tensor) -> torch.Tensor:
         """feats (1, T, F) new raw log-mel frames -> (1, T'', V) newly final log-probs
         (T'' >= 0)."""
+        self.push(feats)
+        return run_streams([self])[0]
+
+    @torch.no_grad()
+    def push(self, feats: torch.Tensor) -> None:
+        """Buffer feats (1, T, F) new raw log-mel frames without running the encoder on them
+        (`run_streams` runs the blocks they complete, batched with other streams')."""
         new = self._subsampling.accept(self._normalize(feats))  # (1, n, D)
-        pending = new if self._pending is None else torch.cat([self._pending, new], dim=1)
-        return self._run(pending, self.model.config.chunk_size + self.model.config.right_context)
+        self._pending = new if self._pending is None else torch.cat([self._pending, new], dim=1)
+
+    @property
+    def width(self) -> int:
+        """Subsampled frames a block needs: the chunk and its right context."""
+        return self.model.config.chunk_size + self.model.config.right_context
+
+    def ready(self) -> bool:
+        """Whether a whole block is buffered."""
+        return self._pending is not None and self._pending.shape[1] >= self.width
 
     @torch.no_grad()
     def flush(self) -> torch.Tensor:
@@ -320,6 +336,18 @@ class BiLSTMCTCStream:
 
     def _empty(self) -> torch.Tensor:
         return torch.zeros(1, 0, self.model.config.vocab_size, device=model_device(self.model))
+
+    def _take_block(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next whole block (1, Nc + Nr, D) and the forward states it starts from
+        (L, S, 1, H); the chunk frames leave the buffer (`ready()` first)."""
+        assert self._pending is not None
+        block = self._pending[:, : self.width]
+        self._pending = self._pending[:, self.model.config.chunk_size :]
+        if self._states is None:  # a zero state is what the LSTM starts from
+            config = self.model.config
+            sizes = 2 if config.rnn_type == "lstm" else 1  # (h, c) or h
+            self._states = block.new_zeros(config.num_layers, sizes, 1, config.hidden_size)
+        return block, self._states
 
     def _run(self, pending: torch.Tensor, min_width: int) -> torch.Tensor:
         """Run blocks while at least `min_width` frames are buffered; keep the rest."""
@@ -335,3 +363,37 @@ class BiLSTMCTCStream:
         out = torch.cat(outputs, dim=1)
         self.frames_emitted += out.shape[1]
         return out
+
+
+@torch.no_grad()
+def run_streams(streams: Sequence[BiLSTMCTCStream]) -> list[torch.Tensor]:
+    """Run every whole block buffered in `streams` (all of one model), one block of each
+    ready stream per batched `lc_block` call: each stream's forward state is a row of the
+    batch's (L, S, B, H) state, joined for the call and handed back after it, so a stream
+    starts, stops or waits without the others noticing. Returns each stream's newly final
+    log-probs (1, T'', V), what `accept` would return: batching changes only the float
+    rounding of the matrix products (~1e-7).
+    """
+    if not streams:
+        return []
+    model = streams[0].model
+    if any(s.model is not model for s in streams):
+        raise ValueError("run_streams: every stream must run the same model")
+    outputs: list[list[torch.Tensor]] = [[s._empty()] for s in streams]
+    while ready := [i for i, s in enumerate(streams) if s.ready()]:
+        taken = [streams[i]._take_block() for i in ready]
+        block = torch.cat([b for b, _ in taken])  # (B, Nc + Nr, D)
+        states = torch.cat([st for _, st in taken], dim=2)  # (L, S, B, H)
+        valid = torch.full((len(ready),), block.shape[1])
+        enc, states = model.lc_block(block, valid, states)
+        log_probs = model.output(enc)  # (B, Nc, V)
+        for row, i in enumerate(ready):
+            # clone: a view would keep the whole batch's state alive
+            streams[i]._states = states[:, :, row : row + 1].clone()
+            outputs[i].append(log_probs[row : row + 1])
+    results = []
+    for s, out in zip(streams, outputs, strict=True):
+        joined = torch.cat(out, dim=1)
+        s.frames_emitted += joined.shape[1]
+        results.append(joined)
+    return results
