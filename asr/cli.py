@@ -468,6 +468,15 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, default=1, help="model worker threads")
     p.add_argument("--max-batch", type=int, default=16, help="Recognize calls per batch")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="batch collection window")
+    p.add_argument(
+        "--max-stream-batch",
+        type=int,
+        default=128,
+        help="stream chunks run together, encoder and search batched (1: each stream alone)",
+    )
+    p.add_argument(
+        "--stream-wait-ms", type=float, default=10.0, help="stream batch collection window"
+    )
     p.add_argument("--grace-seconds", type=float, default=10.0, help="drain time on SIGTERM")
     p.add_argument("--trailing-silence", type=float, default=0.8, help="endpoint rule (s)")
     p.add_argument("--max-segment", type=float, default=30.0, help="endpoint rule (s)")
@@ -536,6 +545,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         torch_threads=args.torch_threads,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        max_stream_batch=args.max_stream_batch,
+        stream_wait_ms=args.stream_wait_ms,
         grace_seconds=args.grace_seconds,
         endpoint=EndpointConfig(args.trailing_silence, args.max_segment),
         auth_token=read_token(args.auth_token_file),

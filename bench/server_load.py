@@ -101,7 +101,13 @@ Config = asr_pb2.RecognitionConfig
 CHUNK_MS = 100
 LATE_BOUND_MS = 50.0  # client send lateness p95 above this: the load generator fell behind
 SPEECH_DB = 30.0  # a 10 ms frame within this many dB of the loudest one holds speech
-TARGET_STREAMS = 20
+TARGET_STREAMS = 100
+TARGET_STREAM_BATCHING = 5.0  # real-time streams batched / per-stream
+TARGET_VS_PEER = 10.0  # pocketsphinx CPU seconds per audio second / ours
+# The per-stream server: each stream chunk and Recognize call runs alone.
+PER_STREAM = ("--max-stream-batch", "1", "--stream-wait-ms", "0", "--max-batch", "1")
+VECTOR_SETS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512 BF16"}
+VECTOR_SETS |= {"amx_tile": "AMX"}
 TARGET_FINAL_MS = 250.0
 TARGET_PARTIAL_MS = 500.0
 TARGET_BATCHING = 2.0
@@ -564,6 +570,83 @@ def lookahead_of(
     return right + overhang, chunk, text
 
 
+def machine() -> str:
+    """The CPU model, its vector instruction sets and torch's CPU build, so that figures from
+    different machines can be compared."""
+    model, flags = "unknown CPU", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name":
+                model = value.strip()
+            elif name.strip() == "flags":
+                flags = set(value.split())
+    sets = [label for flag, label in VECTOR_SETS.items() if flag in flags] or ["none listed"]
+    build = torch.__config__.show()
+    versions = [
+        m.group(0).strip()
+        for pattern in (r"Intel\(R\) oneAPI Math Kernel Library Version [\d.]+", r"oneDNN v[\d.]+")
+        if (m := re.search(pattern, build))
+    ]
+    return (
+        f"{model}; {', '.join(sets)}; torch {torch.__version__} "
+        f"(CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+        f"{'; '.join(versions) or 'no MKL/oneDNN listed'})"
+    )
+
+
+def run_levels(
+    server: Server,
+    loop_set: list[Audio],
+    levels_wanted: list[int],
+    args: argparse.Namespace,
+    gaps: tuple[float, float],
+    lookahead: float,
+) -> list[Level]:
+    """The streaming levels in order, printed as a table, up to the first not real time."""
+    print(
+        "    N  calls  first partial p50/p95 ms  final p50/p95 ms  interim delay p95 ms"
+        "  late p95 ms  server CPU  rtf    client CPU  real time"
+    )
+    levels: list[Level] = []
+    for n in levels_wanted:
+        level = asyncio.run(
+            run_level(
+                server.target,
+                server.pid,
+                loop_set,
+                n,
+                args.duration,
+                gaps,
+                lookahead,
+                args.lag_bound_ms / 1000,
+            )
+        )
+        levels.append(level)
+        problems = level.problems()
+        print(
+            f"  {n:3d}  {len(level.calls):5d}  {level.p('partial', 50):9.0f} / "
+            f"{level.p('partial', 95):5.0f}     {level.p('final', 50):7.0f} / "
+            f"{level.p('final', 95):5.0f}  {level.p('delay', 95):20.0f}  "
+            f"{level.p('late', 95):11.0f}  "
+            f"{100 * level.cpu_seconds / level.wall_seconds:8.0f} %  {level.rtf:.3f}  "
+            f"{100 * level.client_cpu_seconds / level.wall_seconds:8.0f} %  "
+            f"{'yes' if not problems else 'no: ' + '; '.join(problems)}",
+            flush=True,
+        )
+        if level.early_finals:
+            print(f"        ({level.early_finals} calls: last final before the end of audio)")
+        if problems:
+            break
+    return levels
+
+
+def largest_realtime(levels: list[Level]) -> tuple[int, Level]:
+    """The largest real-time N (0 if none) and the level the figures are taken at."""
+    realtime = [lv for lv in levels if not lv.problems()]
+    return (realtime[-1].streams, realtime[-1]) if realtime else (0, levels[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     synthetic = REPO / "exp/synthetic"
@@ -572,7 +655,12 @@ def main() -> None:
         "--manifest", type=Path, default=synthetic / "data/manifests/heldout-sentences.jsonl"
     )
     parser.add_argument("--utterances", type=int, default=100, help="utterances to loop over")
-    parser.add_argument("--streams", default="4,8,12,16,20,24,32,40,48,64", help="N to try")
+    parser.add_argument(
+        "--streams", default="8,16,32,48,64,96,128,160,192,256", help="N to try (batched)"
+    )
+    parser.add_argument(
+        "--per-stream-streams", default="2,4,8,12,16,20,24,32,48,64", help="N to try, per-stream"
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per level")
     parser.add_argument(
         "--gap", type=float, default=0.2, help="least silence before each utterance (s)"
@@ -593,10 +681,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     args = parser.parse_args()
     if args.quick:
-        args.streams, args.duration = "2,4", min(args.duration, 10.0)
+        args.streams, args.per_stream_streams = "2,4", "2"
+        args.duration = min(args.duration, 10.0)
         args.utterances, args.unary_utterances, args.peer_utterances = 16, 16, 2
         args.callers = min(args.callers, 16)
     levels_wanted = [int(n) for n in args.streams.split(",")]
+    per_stream_wanted = [int(n) for n in args.per_stream_streams.split(",")]
     chunking = None
     if args.chunk_size is not None:
         right = args.chunk_size // 2 if args.right_context is None else args.right_context
@@ -610,6 +700,7 @@ def main() -> None:
         f"{args.manifest.name}; {os.cpu_count()} CPU cores; server torch threads "
         f"{args.server_threads}"
     )
+    print(f"machine: {machine()}")
 
     peer = loop_set[: args.peer_utterances]
     ps_rtf, ps_cpu, ps_audio, ps_hyps, ps_version = pocketsphinx_rtf(peer)
@@ -623,85 +714,55 @@ def main() -> None:
     if chunking is not None:
         server_args = ["--chunk-size", str(chunking[0]), "--right-context", str(chunking[1])]
     server_args += ["--quantize", args.quantize]  # both servers run the same model
-    extra = ["--max-streams", str(max(levels_wanted) + 8), *server_args]
-    levels: list[Level] = []
-    server = Server(args.model, args.port, args.server_threads, extra)
-    try:
-        ready = server.start()
-        print(f"server: {server.describe()} (pid {server.pid}), SERVING after {ready:.1f} s")
-        # Warm up (first calls pay for lazy initialisation): a few of each kind, not measured.
-        asyncio.run(run_unary(server.target, server.pid, loop_set[:4], 2))
-        gaps = (args.gap, args.gap + block)
-        asyncio.run(run_level(server.target, server.pid, loop_set, 1, 3.0, gaps, 0.0, 1.0))
-        print(
-            f"streaming: {CHUNK_MS} ms LINEAR16 chunks at real-time pace, one call per "
-            f"utterance after {gaps[0]:.2f}-{gaps[1]:.2f} s of silence, interim results on, "
-            f"{args.duration:.0f} s per level; real time: final and interim delay p95 <= "
-            f"{args.lag_bound_ms:.0f} ms, no failures, client late p95 <= {LATE_BOUND_MS:.0f} ms"
+    most = max(levels_wanted + per_stream_wanted) + 8
+    gaps = (args.gap, args.gap + block)
+    print(
+        f"streaming: {CHUNK_MS} ms LINEAR16 chunks at real-time pace, one call per "
+        f"utterance after {gaps[0]:.2f}-{gaps[1]:.2f} s of silence, interim results on, "
+        f"{args.duration:.0f} s per level; real time: final and interim delay p95 <= "
+        f"{args.lag_bound_ms:.0f} ms, no failures, client late p95 <= {LATE_BOUND_MS:.0f} ms"
+    )
+    # The batched server (defaults: streams batched, Recognize micro-batched), then the
+    # per-stream one (--max-stream-batch 1 --max-batch 1: each chunk and call alone), same
+    # model and load: their ratios are the batching gains.
+    runs: dict[str, tuple[list[Level], Unary]] = {}
+    for label, flags, wanted in (
+        ("batched (server defaults)", (), levels_wanted),
+        ("per-stream (--max-stream-batch 1 --max-batch 1)", PER_STREAM, per_stream_wanted),
+    ):
+        server = Server(
+            args.model,
+            args.port,
+            args.server_threads,
+            ["--max-streams", str(most), *flags, *server_args],
         )
-        print(
-            "    N  calls  first partial p50/p95 ms  final p50/p95 ms  interim delay p95 ms"
-            "  late p95 ms  server CPU  rtf    client CPU  real time"
-        )
-        for n in levels_wanted:
-            level = asyncio.run(
-                run_level(
-                    server.target,
-                    server.pid,
-                    loop_set,
-                    n,
-                    args.duration,
-                    gaps,
-                    lookahead,
-                    args.lag_bound_ms / 1000,
+        try:
+            ready = server.start()
+            print(f"{label} server: {server.describe()} (pid {server.pid}), ready in {ready:.1f} s")
+            # Warm up (first calls pay for lazy initialisation): a few of each, not measured.
+            asyncio.run(run_unary(server.target, server.pid, loop_set[:4], 2))
+            asyncio.run(run_level(server.target, server.pid, loop_set, 1, 3.0, gaps, 0.0, 1.0))
+            levels = run_levels(server, loop_set, wanted, args, gaps, lookahead)
+            recognized = asyncio.run(
+                run_unary(
+                    server.target, server.pid, utterances[: args.unary_utterances], args.callers
                 )
             )
-            levels.append(level)
-            problems = level.problems()
-            print(
-                f"  {n:3d}  {len(level.calls):5d}  {level.p('partial', 50):9.0f} / "
-                f"{level.p('partial', 95):5.0f}     {level.p('final', 50):7.0f} / "
-                f"{level.p('final', 95):5.0f}  {level.p('delay', 95):20.0f}  "
-                f"{level.p('late', 95):11.0f}  "
-                f"{100 * level.cpu_seconds / level.wall_seconds:8.0f} %  {level.rtf:.3f}  "
-                f"{100 * level.client_cpu_seconds / level.wall_seconds:8.0f} %  "
-                f"{'yes' if not problems else 'no: ' + '; '.join(problems)}",
-                flush=True,
-            )
-            if level.early_finals:
-                print(f"        ({level.early_finals} calls: last final before the end of audio)")
-            if problems:
-                break
-        batched = asyncio.run(
-            run_unary(server.target, server.pid, utterances[: args.unary_utterances], args.callers)
-        )
-    except grpc.RpcError as err:
-        raise SystemExit(f"a call failed: {err}\nserver stderr:\n{server.stderr_tail()}") from err
-    finally:
-        server.stop()
+            runs[label] = (levels, recognized)
+        except grpc.RpcError as err:
+            tail = server.stderr_tail()
+            raise SystemExit(f"a call failed: {err}\nserver stderr:\n{tail}") from err
+        finally:
+            server.stop()
+    (levels, batched), (single_levels, single) = runs.values()
 
-    single_server = Server(
-        args.model, args.port, args.server_threads, ["--max-batch", "1", *server_args]
-    )
-    try:
-        single_server.start()
-        unary = utterances[: args.unary_utterances]
-        single = asyncio.run(
-            run_unary(single_server.target, single_server.pid, unary, args.callers)
-        )
-    except grpc.RpcError as err:
-        tail = single_server.stderr_tail()
-        raise SystemExit(f"a call failed: {err}\nserver stderr:\n{tail}") from err
-    finally:
-        single_server.stop()
-
-    realtime = [lv for lv in levels if not lv.problems()]
-    best = realtime[-1] if realtime else levels[0]
-    n_rt = best.streams if realtime else 0
-    if realtime:
-        print(f"largest real-time N: {n_rt} (figures below are at N={n_rt})")
+    n_rt, best = largest_realtime(levels)
+    n_single, best_single = largest_realtime(single_levels)
+    if n_rt:
+        print(f"largest real-time N batched: {n_rt} (figures below are at N={n_rt})")
     else:
-        print(f"no level stayed real time; figures below are at N={best.streams}")
+        print(f"no level stayed real time batched; figures below are at N={best.streams}")
+    print(f"largest real-time N per-stream: {n_single} (rtf {best_single.rtf:.3f})")
     refs, hyps = [], []
     seen = set()
     for call in best.calls:
@@ -717,6 +778,8 @@ def main() -> None:
     )
 
     gain = batched.throughput / single.throughput
+    stream_gain = n_rt / n_single if n_single else math.inf
+    unary = utterances[: args.unary_utterances]
     same = sum(a == b for a, b in zip(batched.texts, single.texts, strict=True))
     unary_audio = batched.audio
     for label, u in (("micro-batching on (server defaults)", batched), ("--max-batch 1", single)):
@@ -739,6 +802,10 @@ def main() -> None:
         f"  real-time streams {n_rt} (target >= {TARGET_STREAMS}): {_met(n_rt >= TARGET_STREAMS)}"
     )
     print(
+        f"  stream batching gain {stream_gain:.2f}x = {n_rt} / {n_single} real-time streams "
+        f"(target >= {TARGET_STREAM_BATCHING:.0f}x): {_met(stream_gain >= TARGET_STREAM_BATCHING)}"
+    )
+    print(
         f"  final latency p95 {final95:.0f} ms (target <= {TARGET_FINAL_MS:.0f} ms): "
         f"{_met(final95 <= TARGET_FINAL_MS)}"
     )
@@ -747,23 +814,26 @@ def main() -> None:
         f"{_met(partial95 <= TARGET_PARTIAL_MS)}"
     )
     print(
-        f"  batching gain {gain:.2f}x (target >= {TARGET_BATCHING:.0f}x): "
+        f"  unary batching gain {gain:.2f}x (target >= {TARGET_BATCHING:.0f}x): "
         f"{_met(gain >= TARGET_BATCHING)}"
     )
     print(
-        f"  server CPU RTF {rtf:.3f} streaming vs pocketsphinx {ps_rtf:.3f}: "
-        f"{vs_ps:.2f}x (no target)"
+        f"  server CPU RTF {rtf:.3f} streaming vs pocketsphinx {ps_rtf:.3f}: {vs_ps:.2f}x "
+        f"less CPU per audio second (target >= {TARGET_VS_PEER:.0f}x): "
+        f"{_met(vs_ps >= TARGET_VS_PEER)}"
     )
     meeting = [
         lv.streams
-        for lv in realtime
-        if lv.p("final", 95) <= TARGET_FINAL_MS and lv.p("partial", 95) <= TARGET_PARTIAL_MS
+        for lv in levels
+        if not lv.problems()
+        and lv.p("final", 95) <= TARGET_FINAL_MS
+        and lv.p("partial", 95) <= TARGET_PARTIAL_MS
     ]
     print(f"largest N meeting both latency targets: {max(meeting) if meeting else 'none'}")
     print(
         f"server streams_realtime={n_rt} final_p95_ms={final95:.0f} "
         f"first_partial_p95_ms={partial95:.0f} rtf={rtf:.3f} vs_pocketsphinx={vs_ps:.2f}x "
-        f"batching_gain={gain:.2f}x"
+        f"batching_gain={gain:.2f}x stream_batching_gain={stream_gain:.2f}x"
     )
 
 

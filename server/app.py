@@ -203,11 +203,14 @@ async def start(config: ServerConfig, models: list[Model] | None = None) -> Runn
         torch_threads=config.torch_threads,
         max_batch=config.max_batch,
         max_wait_ms=config.max_wait_ms,
+        max_stream_batch=config.max_stream_batch,
+        stream_wait_ms=config.stream_wait_ms,
     )
     engine.start()
     size = config.max_message_bytes
     core_limit = min(CORE_LIMIT_FACTOR * size, MAX_CORE_LIMIT)
     metrics = Metrics()
+    engine.on_stream_batch = metrics.stream_batch
     services = (SERVICE,)
     # Outermost first: every outcome is counted, auth's refusals included; auth answers
     # before a request is looked at.

@@ -40,6 +40,10 @@ class ServerConfig(Config):
     torch_threads: int = 1  # intra-op threads of the model worker
     max_batch: int = 16  # Recognize calls decoded together (dynamic micro-batching)
     max_wait_ms: float = 10.0  # how long the first call of a batch waits for company
+    # Stream chunks run together (encoder and search batched across streams; 1: each alone)
+    # and how long the first chunk of such a batch waits for company.
+    max_stream_batch: int = 128
+    stream_wait_ms: float = 10.0
     grace_seconds: float = 10.0  # on SIGTERM, in-flight calls get this long to finish
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     auth_token: str | None = None  # if set, calls need `authorization: Bearer <token>`
@@ -73,6 +77,7 @@ class ServerConfig(Config):
             "max_message_bytes",
             "torch_threads",
             "max_batch",
+            "max_stream_batch",
             "max_beam",
             "max_alternatives",
         )
@@ -80,6 +85,7 @@ class ServerConfig(Config):
             {name: (getattr(self, name) > 0, "> 0") for name in positive}
             | {
                 "max_wait_ms": (self.max_wait_ms >= 0, ">= 0"),
+                "stream_wait_ms": (self.stream_wait_ms >= 0, ">= 0"),
                 "grace_seconds": (self.grace_seconds >= 0, ">= 0"),
             }
         )

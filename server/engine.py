@@ -28,6 +28,17 @@ that one has finished or has had its first slice: a server busy with short calls
 them into large batches as before, and a call behind a long batch waits one slice at most
 to be dispatched.
 
+Streams. A stream's chunks go through `stream`: chunks of all streams that arrive within
+`stream_wait_ms` of the first (and all that queued while the last batch ran), at most
+`max_stream_batch`, run as one `accept_streams` call in one turn: the LC blocks they complete
+go through the encoder as one batch and the CTC prefix searches advance as one, so the model
+cost per stream falls as streams are added (a batch-1 LSTM step costs about what 10-30
+batched do). Each stream gets exactly its solo results. A stream holds no row between
+chunks: its encoder and search states live in its own session and are joined into a batch
+for one call, so a stream that ends or is cancelled leaves nothing behind in the engine, and
+a slow client's stream simply is not in the batches it has no chunk for. Finals (end of
+audio) run alone (`run_timed`): the encoder's flush and the final search are per stream.
+
 Cancellation. Each call carries its caller's deadline (gRPC `time_remaining`) and
 cancellation in a `CancelToken`. The caller gets `DeadlineExceeded` when its deadline passes,
 whatever the model is doing; its batch stops at its next check once every call in it is gone
@@ -54,6 +65,7 @@ import torch
 from asr.cancel import Cancelled, CancelToken, DeadlineExceeded
 from asr.decoding.options import DecodeOptions, Transcript
 from asr.recognizer import Recognizer
+from asr.streaming import StreamingSession, StreamResult, accept_streams
 
 T = TypeVar("T")
 log = logging.getLogger("asr.server")
@@ -136,6 +148,20 @@ class _Job:
     future: asyncio.Future[tuple[Transcript, float]] = field(repr=False)
 
 
+@dataclass
+class _Chunk:
+    session: StreamingSession | None  # None once its caller has gone (`drop`)
+    samples: torch.Tensor  # (N,) 16 kHz
+    queued: float  # perf_counter when it was queued
+    # the session's results and this chunk's share of its batch's model time (by samples)
+    future: asyncio.Future[tuple[list[StreamResult], float]] = field(repr=False)
+
+    def drop(self) -> None:
+        """Its caller is gone: let go of the session now, though the queue holds the chunk
+        until the batch loop reaches it."""
+        self.session, self.samples = None, torch.zeros(0)
+
+
 class _BatchToken(CancelToken):
     """The token a batch decodes with: it stops once every call in the batch is gone (or the
     engine stops), and its checks are where the batch shares the model.
@@ -200,9 +226,13 @@ class Engine:
         max_batch: int,
         max_wait_ms: float,
         slice_ms: float = 20.0,
+        max_stream_batch: int = 128,
+        stream_wait_ms: float = 10.0,
     ) -> None:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
+        self.max_stream_batch = max_stream_batch
+        self.stream_wait = stream_wait_ms / 1000.0
         self._turns = _Turns(slice_ms / 1000.0)
         # Intra-op threads apply to the calling thread's pool: set them on every worker.
         self._executor = ThreadPoolExecutor(
@@ -216,20 +246,29 @@ class Engine:
         )
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._chunks: asyncio.Queue[_Chunk] | None = None
+        self._stream_task: asyncio.Task[None] | None = None
+        self._streaming: set[int] = set()  # ids of the sessions with a chunk queued or running
         self._decoding: dict[asyncio.Task[None], _BatchToken] = {}
         # sizes of the latest batches decoded (for tests); bounded: the server runs for months
         self.batches: deque[int] = deque(maxlen=1000)
+        self.stream_batches: deque[int] = deque(maxlen=1000)  # chunks per stream batch
+        # called with each stream batch's size and its chunks' queue waits (metrics)
+        self.on_stream_batch: Callable[[int, list[float]], None] | None = None
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
         self._queue = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._batch_loop())
+        self._chunks = asyncio.Queue()
+        self._stream_task = asyncio.get_running_loop().create_task(self._stream_loop())
 
     async def stop(self) -> None:
         """Stop batching, stop the batches decoding at their next check, join the workers."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._stream_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for token in self._decoding.values():
             token.cancel("the server is stopping")
         await asyncio.gather(*self._decoding, return_exceptions=True)
@@ -249,6 +288,79 @@ class Engine:
                 return fn(*args), time.perf_counter() - start
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+
+    async def stream(
+        self, session: StreamingSession, samples: torch.Tensor
+    ) -> tuple[list[StreamResult], float]:
+        """`session.accept(samples)`, batched with other streams' chunks (module docstring),
+        and this chunk's share of the batch's model seconds. One chunk of a session at a time
+        (await each). A cancelled await takes the chunk out of the queue (or, if its batch is
+        running, lets the batch finish without it)."""
+        assert self._chunks is not None, "Engine.start() first"
+        if id(session) in self._streaming:
+            raise RuntimeError("a session's chunks go one at a time: await the last one")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[list[StreamResult], float]] = loop.create_future()
+        chunk = _Chunk(session, samples, time.perf_counter(), future)
+        key = id(session)
+        self._streaming.add(key)
+        try:
+            await self._chunks.put(chunk)
+            return await future
+        except asyncio.CancelledError:
+            # Let go of the session now: the queue may hold the chunk a while, and the
+            # CancelledError's traceback holds this frame (whoever keeps the error, keeps it).
+            chunk.drop()
+            del session, samples
+            raise
+        finally:
+            self._streaming.discard(key)
+
+    async def _stream_loop(self) -> None:
+        while True:
+            await self._stream_batch()
+
+    async def _stream_batch(self) -> None:
+        """Gather one batch of chunks and run it (a function of its own, so that nothing of
+        a batch stays referenced while the loop waits for the next one)."""
+        assert self._chunks is not None
+        queue, loop = self._chunks, asyncio.get_running_loop()
+        chunks = [await queue.get()]
+        deadline = loop.time() + self.stream_wait
+        while len(chunks) < self.max_stream_batch:
+            if not queue.empty():  # what queued while the last batch ran: no waiting
+                chunks.append(queue.get_nowait())
+                continue
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                break
+            try:
+                chunks.append(await asyncio.wait_for(queue.get(), timeout))
+            except TimeoutError:
+                break
+        live = [c for c in chunks if not c.future.done()]  # not those cancelled while queued
+        if live:
+            await self._run_chunks(live)
+
+    async def _run_chunks(self, chunks: list[_Chunk]) -> None:
+        self.stream_batches.append(len(chunks))
+        now = time.perf_counter()
+        if self.on_stream_batch is not None:
+            self.on_stream_batch(len(chunks), [now - c.queued for c in chunks])
+        try:
+            outcomes, seconds = await self.run_timed(_accept_chunks, chunks)
+        except Exception as err:  # a model failure fails these calls, not the server
+            log.exception("a stream batch of %d failed", len(chunks))
+            outcomes, seconds = [err] * len(chunks), 0.0
+        total = sum(c.samples.numel() for c in chunks)
+        for chunk, outcome in zip(chunks, outcomes, strict=True):
+            if chunk.future.done():
+                continue
+            if isinstance(outcome, Exception):
+                chunk.future.set_exception(outcome)
+            else:
+                share = seconds * chunk.samples.numel() / max(total, 1)
+                chunk.future.set_result((outcome, share))
 
     async def recognize(
         self,
@@ -362,6 +474,27 @@ class Engine:
             start = time.perf_counter()
             transcripts = _decode_batch(jobs, token)
             return transcripts, time.perf_counter() - start - token.waited
+
+
+def _accept_chunks(chunks: list[_Chunk]) -> list[list[StreamResult] | Exception]:
+    """In a turn: the chunks through one `accept_streams` (a finished session's chunk fails
+    alone, before any work; a failure inside fails the batch: its sessions' states are then
+    half-advanced)."""
+    outcomes: list[list[StreamResult] | Exception] = []
+    run: list[int] = []
+    for i, chunk in enumerate(chunks):
+        if chunk.session is None or chunk.session.finished:
+            outcomes.append(RuntimeError("the stream is finished"))
+        else:
+            outcomes.append([])
+            run.append(i)
+    sessions = [chunks[i].session for i in run]
+    results = accept_streams(
+        [s for s in sessions if s is not None], [chunks[i].samples for i in run]
+    )
+    for i, result in zip(run, results, strict=True):
+        outcomes[i] = result
+    return outcomes
 
 
 def _fail(job: _Job, err: Exception) -> None:

@@ -20,6 +20,8 @@ from server.auth import Continuation
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RTF_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class Metrics:
@@ -55,6 +57,25 @@ class Metrics:
             buckets=RTF_BUCKETS,
             registry=r,
         )
+
+        self.stream_batch_size = Histogram(
+            "asr_stream_batch_size",
+            "Stream chunks run together in one batched encoder and search call",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.stream_queue_wait = Histogram(
+            "asr_stream_queue_seconds",
+            "Time a stream chunk waited for its batch to start (collection window and model busy)",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+
+    def stream_batch(self, size: int, waits: list[float]) -> None:
+        """Record one stream batch: its size and each chunk's wait."""
+        self.stream_batch_size.observe(size)
+        for wait in waits:
+            self.stream_queue_wait.observe(wait)
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the port (useful with port 0)."""

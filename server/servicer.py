@@ -417,7 +417,7 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                         grpc.StatusCode.OUT_OF_RANGE,
                         f"stream longer than {self.config.max_stream_seconds:.0f} s of audio",
                     )
-                results, spent = await self.engine.run_timed(session.accept, samples)
+                results, spent = await self.engine.stream(session, samples)
                 model_seconds += spent
                 for response in self._responses(results, rid, config):
                     yield response
