@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
@@ -108,7 +108,10 @@ def log_mel(
     if train and config.dither > 0:
         noise = torch.randn(wave.shape, generator=generator, dtype=wave.dtype)
         wave = wave + config.dither * noise.to(wave.device)
-    mel = _mel_transform(config).to(wave.device)(wave)  # (..., F, T)
+    transform = _mel_transform(config)
+    if transform.mel_scale.fb.device != wave.device:  # (moving it costs even when idle)
+        transform = transform.to(wave.device)
+    mel = transform(wave)  # (..., F, T)
     return mel.clamp(min=config.log_floor).log().transpose(-1, -2)  # (..., T, F)
 
 
@@ -120,6 +123,10 @@ class StreamingFeatures:
         self.config = config
         self._buffer = torch.zeros(0)
         self.frames_emitted = 0
+
+    def frames_after(self, samples: int) -> int:
+        """The frames `accept` would return given `samples` more samples."""
+        return self.config.num_frames(self._buffer.numel() + samples)
 
     def accept(self, samples: torch.Tensor) -> torch.Tensor:
         """Feed (N,) samples; returns the (T', F) frames that became complete."""
@@ -183,9 +190,15 @@ class CMVN:
 
         return accept
 
+    @cached_property
+    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as float32 tensors, made once (a stream normalises every block)."""
+        return torch.tensor(self.mean), torch.tensor(self.std)
+
     def _global(self, feats: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=feats.dtype, device=feats.device)
-        std = torch.tensor(self.std, dtype=feats.dtype, device=feats.device)
+        mean, std = self._stats
+        if mean.dtype != feats.dtype or mean.device != feats.device:
+            mean, std = mean.to(feats), std.to(feats)
         return (feats - mean) / std
 
     def _slide(

@@ -101,6 +101,11 @@ class StreamingSession:
         self.frame_seconds = recognizer.frame_seconds * model.time_reduction
         self.frames = 0  # encoder frames consumed in the stream
         self.finished = False
+        # Samples not yet through the features: held until they complete an encoder block
+        # (features come out the same however the audio is cut, and nothing can change
+        # before a block runs), so a 100 ms chunk mostly costs a list append.
+        self.held: list[torch.Tensor] = []
+        self.held_samples = 0
         self._new_segment(0)
 
     @property
@@ -126,9 +131,22 @@ class StreamingSession:
         return accept_streams([self], [samples])[0]
 
     def _push(self, samples: torch.Tensor) -> None:
-        """Features of new samples into the encoder's buffer (`accept_streams` runs it)."""
+        """New samples; once they complete an encoder block, their features go into the
+        encoder's buffer (`accept_streams` runs it)."""
         if self.finished:
             raise RuntimeError("the stream is finished")
+        if samples.numel():
+            self.held.append(samples)
+            self.held_samples += samples.numel()
+        if self.encoder.completes_block(self.features.frames_after(self.held_samples)):
+            self._features()
+
+    def _features(self) -> None:
+        """The held samples through the features, into the encoder's buffer."""
+        if not self.held:
+            return
+        samples = torch.cat(self.held) if len(self.held) > 1 else self.held[0]
+        self.held, self.held_samples = [], 0
         feats = self.features.accept(samples)  # (T, F)
         if feats.shape[0]:
             self.raw.append(feats)
@@ -152,6 +170,7 @@ class StreamingSession:
         if self.finished:
             return []
         self.finished = True
+        self._features()
         results = self._consume(self.encoder.flush()[0])
         if self.has_speech:
             results.append(self._final())

@@ -585,7 +585,7 @@ def machine() -> str:
     build = torch.__config__.show()
     versions = [
         m.group(0).strip()
-        for pattern in (r"Intel\(R\) oneAPI Math Kernel Library Version [\d.]+", r"oneDNN v[\d.]+")
+        for pattern in (r"Intel\(R\) oneAPI Math Kernel Library Version [\d.]+", r"(?:oneDNN|MKL-DNN) v[\d.]+")
         if (m := re.search(pattern, build))
     ]
     return (

@@ -209,10 +209,11 @@ def test_streams_searched_together_end_as_each_alone(tokenizer: Tokenizer, fused
     for b in range(4):
         alone = search(log_probs[b : b + 1, : lengths[b]], torch.tensor([lengths[b]]))
         assert_same(search.finalize(states[b]), alone)
-        # Each stream keeps back-pointers for the frames it searched, not the batch's.
-        single = search.init(1)
-        search.advance(single, log_probs[b : b + 1, : lengths[b]], torch.tensor([lengths[b]]))
-        assert len(states[b].parents) == len(single.parents)
+        # Each stream keeps back-pointers for the frames it searched, not the batch's, one
+        # folded step per chunk.
+        rounds = -(-lengths[b] // chunks[b])
+        assert len(states[b].parents) <= rounds
+        assert sum(e.shape[2] for e in states[b].emitted) <= lengths[b]
 
 
 def test_fused_scores_are_exact_ctc_plus_the_weighted_scorers() -> None:

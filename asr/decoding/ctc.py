@@ -59,7 +59,9 @@ class CTCBeamState:
     fused: torch.Tensor | None = None
     scorer_state: Any = None
     parents: list[torch.Tensor] = field(default_factory=list)  # (B, K) row each row came from
-    emitted: list[torch.Tensor] = field(default_factory=list)  # (B, K) token appended, -1 none
+    # (B, K) token appended, -1 none; or (B, K, S): the tokens appended over S frames that
+    # `advance_many` folded into one step (`parents` then points across all of them)
+    emitted: list[torch.Tensor] = field(default_factory=list)
 
 
 # The per-stream tensors of a `CTCBeamState`, row b being stream b.
@@ -161,20 +163,28 @@ class CTCPrefixBeamSearch:
         lengths = torch.tensor([c.shape[0] for c in chunks])
         padded = torch.nn.utils.rnn.pad_sequence(list(chunks), batch_first=True)
         searched = self._advance(joined, padded, lengths, None)
-        # Back-pointers per stream (B, S, K), copied so that a stream's history holds only
-        # its own rows, not the batch's.
-        pointers = [
-            torch.stack(joined.parents, dim=1) if joined.parents else None,
-            torch.stack(joined.emitted, dim=1) if joined.emitted else None,
-        ]
+        # The chunk's back-pointers folded into one step: each row's source row before the
+        # chunk and the tokens its path appended (B, K, S) (a stream's steps after its own
+        # frames are identity, appending nothing), so that a partial result's backtrack
+        # walks one step per chunk, not per frame. Copied per stream: a stream's history
+        # holds its own rows only, not the batch's.
+        folded: tuple[torch.Tensor, torch.Tensor] | None = None
+        if joined.parents:
+            rows = torch.arange(self.beam).expand(len(states), -1)
+            tokens = []
+            for parents, emitted in zip(
+                reversed(joined.parents), reversed(joined.emitted), strict=True
+            ):
+                tokens.append(emitted.gather(1, rows))
+                rows = parents.gather(1, rows)
+            folded = rows, torch.stack(tokens[::-1], dim=2)
         for b, state in enumerate(states):
             for name in _ROW_FIELDS:
                 if (value := getattr(joined, name)) is not None:
                     setattr(state, name, value[b : b + 1])
-            steps = int(searched[b])
-            for history, stacked in zip((state.parents, state.emitted), pointers, strict=True):
-                if stacked is not None and steps:
-                    history.extend(stacked[b : b + 1, :steps].clone().unbind(1))
+            if folded is not None and (steps := int(searched[b])):
+                state.parents.append(folded[0][b : b + 1].clone())
+                state.emitted.append(folded[1][b : b + 1, :, :steps].clone())
             if self.fusion is not None:
                 k = self.beam
                 rows = torch.arange(b * k, (b + 1) * k, device=joined.blank.device)
@@ -386,9 +396,13 @@ class CTCPrefixBeamSearch:
         """Token ids of beam rows `rows` (B, N), following the back-pointers."""
         steps: list[torch.Tensor] = []
         for parents, emitted in zip(reversed(state.parents), reversed(state.emitted), strict=True):
-            steps.append(emitted.gather(1, rows))
+            if emitted.dim() == 3:  # folded frames (B, K, S)
+                index = rows[..., None].expand(-1, -1, emitted.shape[2])
+                steps.append(emitted.gather(1, index))
+            else:
+                steps.append(emitted.gather(1, rows)[..., None])
             rows = parents.gather(1, rows)
         if not steps:
             return [[[] for _ in range(rows.shape[1])] for _ in range(rows.shape[0])]
-        emitted_seq = torch.stack(steps[::-1], dim=2).tolist()  # (B, N, S)
+        emitted_seq = torch.cat(steps[::-1], dim=2).tolist()  # (B, N, S)
         return [[[t for t in seq if t >= 0] for seq in utt] for utt in emitted_seq]

@@ -320,6 +320,11 @@ class BiLSTMCTCStream:
         """Subsampled frames a block needs: the chunk and its right context."""
         return self.model.config.chunk_size + self.model.config.right_context
 
+    def completes_block(self, frames: int) -> bool:
+        """Whether `frames` more raw feature frames would complete a block."""
+        pending = 0 if self._pending is None else self._pending.shape[1]
+        return pending + self._subsampling.outputs_after(frames) >= self.width
+
     def ready(self) -> bool:
         """Whether a whole block is buffered."""
         return self._pending is not None and self._pending.shape[1] >= self.width

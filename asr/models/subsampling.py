@@ -70,6 +70,11 @@ class SubsamplingStream:
         self.module = module
         self._buffer: torch.Tensor | None = None  # (1, T_buffered, F)
 
+    def outputs_after(self, frames: int) -> int:
+        """The output frames `accept` would return given `frames` more input frames."""
+        buffered = (0 if self._buffer is None else self._buffer.shape[1]) + frames
+        return max((buffered - self.module.receptive_field) // self.module.stride + 1, 0)
+
     def accept(self, feats: torch.Tensor) -> torch.Tensor:
         """feats: (1, T, F) new frames -> (1, T', D) newly complete output frames."""
         buf = feats if self._buffer is None else torch.cat([self._buffer, feats], dim=1)
