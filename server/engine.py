@@ -38,6 +38,7 @@ chunks: its encoder and search states live in its own session and are joined int
 for one call, so a stream that ends or is cancelled leaves nothing behind in the engine, and
 a slow client's stream simply is not in the batches it has no chunk for. Finals (end of
 audio) run alone (`run_timed`): the encoder's flush and the final search are per stream.
+With `max_stream_batch` 1 every chunk is its own `run_timed` call (the per-stream path).
 
 Cancellation. Each call carries its caller's deadline (gRPC `time_remaining`) and
 cancellation in a `CancelToken`. The caller gets `DeadlineExceeded` when its deadline passes,
@@ -297,6 +298,8 @@ class Engine:
         (await each). A cancelled await takes the chunk out of the queue (or, if its batch is
         running, lets the batch finish without it)."""
         assert self._chunks is not None, "Engine.start() first"
+        if self.max_stream_batch == 1:  # per-stream: each chunk its own turn, no queue
+            return await self.run_timed(session.accept, samples)
         if id(session) in self._streaming:
             raise RuntimeError("a session's chunks go one at a time: await the last one")
         loop = asyncio.get_running_loop()

@@ -113,7 +113,7 @@ def test_batches_hold_many_streams_up_to_the_limit(
     batched = serve(test, max_stream_batch=5, stream_wait_ms=20.0)
     assert max(batched) == 5  # eight streams sending together fill batches to the limit
     per_stream = serve(test, max_stream_batch=1, stream_wait_ms=0.0)
-    assert set(per_stream) == {1}
+    assert per_stream == []  # each chunk its own model call, none through the batcher
 
 
 def test_a_cancelled_stream_leaves_nothing_in_the_engine(
