@@ -465,7 +465,14 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-alternatives", type=int, default=10, help="largest n-best a request may ask"
     )
-    p.add_argument("--torch-threads", type=int, default=1, help="model worker threads")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="model workers, each on its own core(s), streams balanced across them "
+        "(default 0: one per usable core over --torch-threads)",
+    )
+    p.add_argument("--torch-threads", type=int, default=1, help="threads of each model worker")
     p.add_argument("--max-batch", type=int, default=16, help="Recognize calls per batch")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="batch collection window")
     p.add_argument(
@@ -542,6 +549,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         max_beam=args.max_beam,
         max_alternatives=args.max_alternatives,
+        workers=args.workers,
         torch_threads=args.torch_threads,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,

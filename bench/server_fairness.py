@@ -31,7 +31,7 @@ from asr import load_model
 from asr.audio import load_audio
 from asr.decoding.options import DecodeOptions
 from asr.recognizer import Recognizer
-from server.engine import Engine
+from server.engine import Worker
 
 CLIP = Path(__file__).resolve().parents[2] / (
     "shared/data/librispeech-real/LibriSpeech/test-clean/1089/134686/1089-134686-0000.flac"
@@ -39,7 +39,7 @@ CLIP = Path(__file__).resolve().parents[2] / (
 
 
 async def latency(
-    engine: Engine, recognizer: Recognizer, audio: torch.Tensor, options: DecodeOptions
+    engine: Worker, recognizer: Recognizer, audio: torch.Tensor, options: DecodeOptions
 ) -> float:
     start = time.perf_counter()
     await engine.recognize(recognizer, audio, options)
@@ -50,7 +50,7 @@ async def alone(
     recognizer: Recognizer, audio: torch.Tensor, options: DecodeOptions, repeats: int
 ) -> float:
     """Median latency of a call on an idle engine (after one warm-up call)."""
-    engine = Engine(torch_threads=1, max_batch=16, max_wait_ms=10.0)
+    engine = Worker(torch_threads=1, max_batch=16, max_wait_ms=10.0)
     engine.start()
     try:
         await latency(engine, recognizer, audio, options)
@@ -70,7 +70,7 @@ async def measure(
     head_start: float,
 ) -> tuple[float, float]:
     """(the good call's latency sent behind the expensive one, the expensive one's)."""
-    engine = Engine(torch_threads=1, max_batch=16, max_wait_ms=10.0, slice_ms=slice_ms)
+    engine = Worker(torch_threads=1, max_batch=16, max_wait_ms=10.0, slice_ms=slice_ms)
     engine.start()
     try:
         start = time.perf_counter()

@@ -3,7 +3,7 @@ number that stays real time, the server's CPU real-time factor, the unary micro-
 and pocketsphinx (CMU, C) decoding the same audio in the same run as the peer.
 
     python bench/server_load.py --model BUNDLE [--manifest M.jsonl] [--streams 8,16,32,...]
-        [--per-stream-streams 2,4,8,...] [--duration 60] [--server-threads 1]
+        [--per-stream-streams 2,4,8,...] [--duration 60] [--server-threads 1] [--workers N]
         [--chunk-size 8 --right-context 4] [--port 0] [--quantize int8] [--quick]
 
 BUNDLE is a streaming (latency-controlled) BiLSTM-CTC bundle, e.g. the synthetic recipe's
@@ -682,6 +682,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help="server port (0: any free one)")
     parser.add_argument("--server-threads", type=int, default=1, help="asr serve --torch-threads")
     parser.add_argument(
+        "--workers", type=int, default=0, help="asr serve --workers (0: its default, one per core)"
+    )
+    parser.add_argument(
         "--chunk-size", type=int, help="asr serve --chunk-size (LC block, encoder frames)"
     )
     parser.add_argument("--right-context", type=int, help="asr serve --right-context")
@@ -707,8 +710,8 @@ def main() -> None:
     total = sum(u.seconds for u in loop_set)
     print(
         f"{args.model}: {structure}; {len(loop_set)} utterances ({total:.0f} s) from "
-        f"{args.manifest.name}; {os.cpu_count()} CPU cores; server torch threads "
-        f"{args.server_threads}"
+        f"{args.manifest.name}; {os.cpu_count()} CPU cores; server workers "
+        f"{args.workers or 'one per core'}, torch threads {args.server_threads} each"
     )
     print(f"machine: {machine()}")
 
@@ -723,7 +726,8 @@ def main() -> None:
     server_args = []
     if chunking is not None:
         server_args = ["--chunk-size", str(chunking[0]), "--right-context", str(chunking[1])]
-    server_args += ["--quantize", args.quantize]  # both servers run the same model
+    # both servers run the same model on the same workers
+    server_args += ["--quantize", args.quantize, "--workers", str(args.workers)]
     most = max(levels_wanted + per_stream_wanted) + 8
     gaps = (args.gap, args.gap + block)
     print(

@@ -20,7 +20,7 @@ from asr import load_model
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.auth import Continuation, TokenAuth
 from server.config import ServerConfig
-from server.engine import Engine
+from server.engine import Engine, WorkerSettings
 from server.logs import fields
 from server.metrics import CountOutcomes, Metrics
 from server.servicer import Model, RecognizerServicer, RequestError
@@ -199,18 +199,37 @@ async def start(config: ServerConfig, models: list[Model] | None = None) -> Runn
     """Load the models (unless given), then listen; health turns SERVING only after that."""
     credentials = _credentials(config)
     models = models if models is not None else load_models(config)
+    metrics = Metrics()
+    # Model workers start (processes fork) before the gRPC server exists.
     engine = Engine(
-        torch_threads=config.torch_threads,
-        max_batch=config.max_batch,
-        max_wait_ms=config.max_wait_ms,
-        max_stream_batch=config.max_stream_batch,
-        stream_wait_ms=config.stream_wait_ms,
+        {m.name: m.recognizer for m in models},
+        workers=config.worker_count,
+        settings=WorkerSettings(
+            torch_threads=config.torch_threads,
+            max_batch=config.max_batch,
+            max_wait_ms=config.max_wait_ms,
+            max_stream_batch=config.max_stream_batch,
+            stream_wait_ms=config.stream_wait_ms,
+        ),
+        on_batch=metrics.batch,
     )
-    engine.start()
+    await engine.start()
+    try:
+        return await _listen(config, credentials, models, engine, metrics)
+    except BaseException:  # e.g. the port is taken: no worker left behind
+        await engine.stop()
+        raise
+
+
+async def _listen(
+    config: ServerConfig,
+    credentials: grpc.ServerCredentials | None,
+    models: list[Model],
+    engine: Engine,
+    metrics: Metrics,
+) -> Running:
     size = config.max_message_bytes
     core_limit = min(CORE_LIMIT_FACTOR * size, MAX_CORE_LIMIT)
-    metrics = Metrics()
-    engine.on_stream_batch = metrics.stream_batch
     services = (SERVICE,)
     # Outermost first: every outcome is counted, auth's refusals included; auth answers
     # before a request is looked at.
@@ -243,6 +262,12 @@ async def start(config: ServerConfig, models: list[Model] | None = None) -> Runn
     metrics_port = None
     if config.metrics_port is not None:
         metrics_port = metrics.serve(config.host, config.metrics_port)
+    def down() -> None:  # every model worker died: take this replica out of rotation
+        log.error("no model worker is left: health NOT_SERVING")
+        for name in ("", SERVICE):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    engine.on_down = down
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return Running(server, port, health_servicer, engine, servicer, metrics_port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from asr.config import Config
@@ -37,7 +38,10 @@ class ServerConfig(Config):
     # need 10 (CTC prefix search's default) or 4-10 (LAS); 64 leaves room for experiments.
     max_beam: int = 64
     max_alternatives: int = 10  # n-best per result (at most the beam)
-    torch_threads: int = 1  # intra-op threads of the model worker
+    # Model workers, each with its own model lock, threads and batching (server.engine);
+    # 0: one per core this process may run on, over torch_threads.
+    workers: int = 0
+    torch_threads: int = 1  # intra-op threads of each model worker
     max_batch: int = 16  # Recognize calls decoded together (dynamic micro-batching)
     max_wait_ms: float = 10.0  # how long the first call of a batch waits for company
     # Stream chunks run together (encoder and search batched across streams; 1: each alone)
@@ -84,8 +88,17 @@ class ServerConfig(Config):
         self.check(
             {name: (getattr(self, name) > 0, "> 0") for name in positive}
             | {
+                "workers": (self.workers >= 0, ">= 0 (0: one per core)"),
                 "max_wait_ms": (self.max_wait_ms >= 0, ">= 0"),
                 "stream_wait_ms": (self.stream_wait_ms >= 0, ">= 0"),
                 "grace_seconds": (self.grace_seconds >= 0, ">= 0"),
             }
         )
+
+    @property
+    def worker_count(self) -> int:
+        """`workers`, or where it is 0 one per core this process may use (its CPU affinity,
+        which containers and taskset narrow) over `torch_threads`."""
+        if self.workers:
+            return self.workers
+        return max(1, len(os.sched_getaffinity(0)) // self.torch_threads)

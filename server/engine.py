@@ -1,6 +1,10 @@
 """The model side of the server: model work runs one call at a time, in turns, off the event
 loop, and concurrent Recognize calls are decoded in micro-batches.
 
+Workers. `Worker` below is one model worker: everything that follows is about it. `Engine`
+(at the end) holds N of them, each in a process of its own by default (`server.processes`),
+pins each stream to one and sends new streams and Recognize calls to the least loaded.
+
 Turns. `_Turns` is a lock on the model: whatever holds it runs torch alone (one intra-op
 thread count to tune, as with a single worker thread). It goes to the waiter that has had
 the least model time so far, the earliest of equals ("least attained service" scheduling).
@@ -48,6 +52,7 @@ whatever the model is doing; its batch stops at its next check once every call i
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import heapq
 import itertools
@@ -58,15 +63,15 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, TypeVar
 
 import torch
 
 from asr.cancel import Cancelled, CancelToken, DeadlineExceeded
 from asr.decoding.options import DecodeOptions, Transcript
 from asr.recognizer import Recognizer
-from asr.streaming import StreamingSession, StreamResult, accept_streams
+from asr.streaming import EndpointConfig, StreamingSession, StreamResult, accept_streams
 
 T = TypeVar("T")
 log = logging.getLogger("asr.server")
@@ -147,6 +152,7 @@ class _Job:
     cancel: CancelToken  # the caller's deadline and cancellation
     # the transcript and this job's share of its batch's model time (by audio length)
     future: asyncio.Future[tuple[Transcript, float]] = field(repr=False)
+    queued: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -213,8 +219,9 @@ class _BatchToken(CancelToken):
             self.used, self.waited = used, self.waited + waited
 
 
-class Engine:
-    """Runs model work in turns (see the module docstring); batches Recognize requests.
+class Worker:
+    """One model worker: runs model work in turns (see the module docstring), batches
+    Recognize requests and stream chunks.
 
     slice_ms: how long a Recognize batch keeps the model while work that has had less model
     time waits for it (the latency a long batch adds to a short call sent behind it).
@@ -223,6 +230,7 @@ class Engine:
     def __init__(
         self,
         *,
+        index: int = 0,
         torch_threads: int,
         max_batch: int,
         max_wait_ms: float,
@@ -230,6 +238,7 @@ class Engine:
         max_stream_batch: int = 128,
         stream_wait_ms: float = 10.0,
     ) -> None:
+        self.index = index
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_stream_batch = max_stream_batch
@@ -237,11 +246,14 @@ class Engine:
         self._turns = _Turns(slice_ms / 1000.0)
         # Intra-op threads apply to the calling thread's pool: set them on every worker.
         self._executor = ThreadPoolExecutor(
-            RUN_THREADS, "asr-model", initializer=torch.set_num_threads, initargs=(torch_threads,)
+            RUN_THREADS,
+            f"asr-model-{index}",
+            initializer=torch.set_num_threads,
+            initargs=(torch_threads,),
         )
         self._decoder = ThreadPoolExecutor(
             DECODE_THREADS,
-            "asr-decode",
+            f"asr-decode-{index}",
             initializer=torch.set_num_threads,
             initargs=(torch_threads,),
         )
@@ -254,8 +266,9 @@ class Engine:
         # sizes of the latest batches decoded (for tests); bounded: the server runs for months
         self.batches: deque[int] = deque(maxlen=1000)
         self.stream_batches: deque[int] = deque(maxlen=1000)  # chunks per stream batch
-        # called with each stream batch's size and its chunks' queue waits (metrics)
-        self.on_stream_batch: Callable[[int, list[float]], None] | None = None
+        # called with each batch's kind ("recognize" or "stream"), size and its calls' queue
+        # waits (metrics)
+        self.on_batch: Callable[[str, int, list[float]], None] | None = None
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -348,8 +361,8 @@ class Engine:
     async def _run_chunks(self, chunks: list[_Chunk]) -> None:
         self.stream_batches.append(len(chunks))
         now = time.perf_counter()
-        if self.on_stream_batch is not None:
-            self.on_stream_batch(len(chunks), [now - c.queued for c in chunks])
+        if self.on_batch is not None:
+            self.on_batch("stream", len(chunks), [now - c.queued for c in chunks])
         try:
             outcomes, seconds = await self.run_timed(_accept_chunks, chunks)
         except Exception as err:  # a model failure fails these calls, not the server
@@ -450,6 +463,9 @@ class Engine:
 
     async def _decode(self, jobs: list[_Job], token: _BatchToken) -> None:
         self.batches.append(len(jobs))
+        if self.on_batch is not None:
+            now = time.perf_counter()
+            self.on_batch("recognize", len(jobs), [now - job.queued for job in jobs])
         loop = asyncio.get_running_loop()
         try:
             transcripts, seconds = await loop.run_in_executor(
@@ -477,6 +493,259 @@ class Engine:
             start = time.perf_counter()
             transcripts = _decode_batch(jobs, token)
             return transcripts, time.perf_counter() - start - token.waited
+
+
+class WorkerLost(RuntimeError):
+    """The model worker serving a call is gone (its process died): the call may be retried,
+    and new calls go to the workers still running."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How each model worker runs (`Worker`'s arguments; `ServerConfig` holds the same)."""
+
+    torch_threads: int = 1
+    max_batch: int = 16
+    max_wait_ms: float = 10.0
+    slice_ms: float = 20.0
+    max_stream_batch: int = 128
+    stream_wait_ms: float = 10.0
+
+
+class Stream(Protocol):
+    """One stream's model work, on the worker it is pinned to (one call at a time)."""
+
+    async def accept(self, samples: torch.Tensor) -> tuple[list[StreamResult], float]:
+        """`StreamingSession.accept` of (N,) 16 kHz samples, batched with other streams; its
+        results and model seconds."""
+        ...
+
+    async def finish(self, samples: torch.Tensor) -> tuple[list[StreamResult], float]:
+        """The last samples, then the end of audio: the final results, and model seconds."""
+        ...
+
+    def close(self) -> None:
+        """Let go of the session (on any ending)."""
+        ...
+
+
+class ModelWorker(abc.ABC):
+    """A model worker as the engine balances it: models by name, calls in flight counted."""
+
+    def __init__(
+        self, index: int, on_batch: Callable[[str, int, list[float]], None] | None = None
+    ) -> None:
+        self.index = index
+        self.streams = 0  # streams pinned to this worker now
+        self.calls = 0  # Recognize calls in flight here
+        self.served = 0  # streams pinned here since start
+        # sizes of the latest Recognize and stream batches (for tests), bounded
+        self.batches: deque[int] = deque(maxlen=1000)
+        self.stream_batches: deque[int] = deque(maxlen=1000)
+        self.on_batch = on_batch  # as `Worker.on_batch`, for the metrics
+        self.on_lost: Callable[[], None] | None = None  # called if the worker dies
+
+    def _record(self, kind: str, size: int, waits: list[float]) -> None:
+        """A batch this worker ran (`Worker.on_batch`)."""
+        (self.batches if kind == "recognize" else self.stream_batches).append(size)
+        if self.on_batch is not None:
+            self.on_batch(kind, size, waits)
+
+    @property
+    def load(self) -> int:
+        return self.streams + self.calls
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    @abc.abstractmethod
+    def open_stream(
+        self, model: str, options: DecodeOptions, endpoint: EndpointConfig, interim_results: bool
+    ) -> Stream: ...
+
+    @abc.abstractmethod
+    async def recognize(
+        self,
+        model: str,
+        audio: torch.Tensor,
+        options: DecodeOptions,
+        *,
+        timeout: float | None,
+        cancelled: Callable[[], bool] | None,
+    ) -> tuple[Transcript, float]: ...
+
+
+class LocalWorker(ModelWorker):
+    """A `Worker` on this process's threads."""
+
+    def __init__(
+        self,
+        index: int,
+        recognizers: dict[str, Recognizer],
+        settings: WorkerSettings,
+        on_batch: Callable[[str, int, list[float]], None] | None = None,
+    ) -> None:
+        super().__init__(index, on_batch)
+        self.recognizers = recognizers
+        self.worker = Worker(index=index, **asdict(settings))
+        self.worker.on_batch = self._record
+
+    async def start(self) -> None:
+        self.worker.start()
+
+    async def stop(self) -> None:
+        await self.worker.stop()
+
+    def open_stream(
+        self, model: str, options: DecodeOptions, endpoint: EndpointConfig, interim_results: bool
+    ) -> Stream:
+        session = StreamingSession(
+            self.recognizers[model], options, endpoint, interim_results=interim_results
+        )
+        return _LocalStream(self.worker, session)
+
+    async def recognize(
+        self,
+        model: str,
+        audio: torch.Tensor,
+        options: DecodeOptions,
+        *,
+        timeout: float | None,
+        cancelled: Callable[[], bool] | None,
+    ) -> tuple[Transcript, float]:
+        return await self.worker.recognize(
+            self.recognizers[model], audio, options, timeout=timeout, cancelled=cancelled
+        )
+
+
+class _LocalStream:
+    def __init__(self, worker: Worker, session: StreamingSession) -> None:
+        self.worker = worker
+        self.session: StreamingSession | None = session
+
+    def _session(self) -> StreamingSession:
+        if self.session is None:
+            raise RuntimeError("the stream is closed")
+        return self.session
+
+    async def accept(self, samples: torch.Tensor) -> tuple[list[StreamResult], float]:
+        return await self.worker.stream(self._session(), samples)
+
+    async def finish(self, samples: torch.Tensor) -> tuple[list[StreamResult], float]:
+        session = self._session()
+
+        def finish() -> list[StreamResult]:
+            return session.accept(samples) + session.finish()
+
+        return await self.worker.run_timed(finish)
+
+    def close(self) -> None:
+        self.session = None
+
+
+class Engine:
+    """The server's model workers, by name of the models they serve.
+
+    One worker runs on this process's threads (`LocalWorker`). More run in processes of their
+    own (`server.processes`: a worker's batching is Python-heavy, so threads would share one
+    core through the GIL; measured on 2 cores, two threads gave 1.1-1.4x the throughput of
+    one, two processes 1.7x), forked after the models are loaded so that they share the
+    weights' memory. `processes=False` runs them all as threads instead (their torch kernels
+    still run in parallel: for large models, whose time goes to kernels, on a GPU say).
+
+    A stream is pinned to one worker for its lifetime (`open_stream`): its session lives
+    there, and its chunks batch with that worker's other streams. New streams and Recognize
+    calls go to the worker with the fewest calls in flight (streams pinned plus Recognize
+    calls), the lowest-numbered of equals.
+    """
+
+    def __init__(
+        self,
+        recognizers: dict[str, Recognizer],
+        *,
+        workers: int = 1,
+        settings: WorkerSettings | None = None,
+        processes: bool = True,
+        on_batch: Callable[[str, int, list[float]], None] | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1: {workers}")
+        settings = settings or WorkerSettings()
+        self.workers: list[ModelWorker]
+        if workers > 1 and processes:
+            from server.processes import ProcessWorker
+
+            self.workers = [
+                ProcessWorker(i, recognizers, settings, on_batch) for i in range(workers)
+            ]
+        else:
+            self.workers = [LocalWorker(i, recognizers, settings, on_batch) for i in range(workers)]
+        # Called once no worker is left (the server then reports NOT_SERVING).
+        self.on_down: Callable[[], None] | None = None
+        for worker in self.workers:
+            worker.on_lost = self._lost
+
+    def _lost(self) -> None:
+        if not any(w.alive for w in self.workers) and self.on_down is not None:
+            self.on_down()
+
+    async def start(self) -> None:
+        """Start the workers (a process worker forks here: before the gRPC server exists)."""
+        for worker in self.workers:
+            await worker.start()
+
+    async def stop(self) -> None:
+        """Stop every worker: what is decoding stops at its next check."""
+        await asyncio.gather(*(worker.stop() for worker in self.workers))
+
+    def _least_loaded(self) -> ModelWorker:
+        alive = [w for w in self.workers if w.alive]
+        if not alive:
+            raise WorkerLost("no model worker is running")
+        return min(alive, key=lambda w: w.load)
+
+    @contextmanager
+    def open_stream(
+        self, model: str, options: DecodeOptions, endpoint: EndpointConfig, interim_results: bool
+    ) -> Iterator[Stream]:
+        """A stream of `model` on the least loaded worker, pinned to it until the block ends."""
+        worker = self._least_loaded()
+        worker.streams += 1
+        worker.served += 1
+        try:
+            stream = worker.open_stream(model, options, endpoint, interim_results)
+            try:
+                yield stream
+            finally:
+                stream.close()
+        finally:
+            worker.streams -= 1
+
+    async def recognize(
+        self,
+        model: str,
+        audio: torch.Tensor,
+        options: DecodeOptions,
+        *,
+        timeout: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> tuple[Transcript, float]:
+        """`Worker.recognize` of `model` on the least loaded worker."""
+        worker = self._least_loaded()
+        worker.calls += 1
+        try:
+            return await worker.recognize(
+                model, audio, options, timeout=timeout, cancelled=cancelled
+            )
+        finally:
+            worker.calls -= 1
 
 
 def _accept_chunks(chunks: list[_Chunk]) -> list[list[StreamResult] | Exception]:

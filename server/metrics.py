@@ -58,24 +58,29 @@ class Metrics:
             registry=r,
         )
 
-        self.stream_batch_size = Histogram(
-            "asr_stream_batch_size",
-            "Stream chunks run together in one batched encoder and search call",
+        self.batch_size = Histogram(
+            "asr_batch_size",
+            "Calls run together: Recognize calls decoded as one batch (kind=recognize); stream "
+            "chunks run as one batched encoder and search call (kind=stream)",
+            ["kind"],
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        self.stream_queue_wait = Histogram(
-            "asr_stream_queue_seconds",
-            "Time a stream chunk waited for its batch to start (collection window and model busy)",
+        self.queue_wait = Histogram(
+            "asr_queue_seconds",
+            "Time a Recognize call or stream chunk waited for its batch to start (collection "
+            "window and model busy)",
+            ["kind"],
             buckets=WAIT_BUCKETS,
             registry=r,
         )
 
-    def stream_batch(self, size: int, waits: list[float]) -> None:
-        """Record one stream batch: its size and each chunk's wait."""
-        self.stream_batch_size.observe(size)
+    def batch(self, kind: str, size: int, waits: list[float]) -> None:
+        """Record one batch of `kind` (recognize, stream): its size and each call's wait."""
+        self.batch_size.labels(kind).observe(size)
+        queue_wait = self.queue_wait.labels(kind)
         for wait in waits:
-            self.stream_queue_wait.observe(wait)
+            queue_wait.observe(wait)
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the port (useful with port 0)."""

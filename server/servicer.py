@@ -37,10 +37,10 @@ from asr.client import to_alternatives, to_duration, to_seconds
 from asr.decoding.options import DEFAULT_BOOST, DecodeOptions
 from asr.models import count_parameters
 from asr.recognizer import METHODS, Recognizer
-from asr.streaming import EndpointConfig, StreamingSession, StreamResult
+from asr.streaming import EndpointConfig, StreamResult
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.config import ServerConfig
-from server.engine import Engine
+from server.engine import Engine, WorkerLost
 from server.logs import fields, quoted
 from server.metrics import Metrics
 
@@ -266,6 +266,8 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
             if isinstance(err, DeadlineExceeded):
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
             err = RequestError(code, str(err))
+        elif isinstance(err, WorkerLost):  # not the request's doing, and worth a retry
+            err = RequestError(grpc.StatusCode.UNAVAILABLE, f"{err}; retry the call")
         if isinstance(err, RequestError):
             message = err.message
             if len(message) > MAX_STATUS_MESSAGE:  # what it quotes is cut already; a backstop
@@ -339,7 +341,7 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                     f"{self.config.max_unary_seconds:.0f} s (use StreamingRecognize)"
                 )
             transcript, model_seconds = await self.engine.recognize(
-                model.recognizer,
+                model.name,
                 audio,
                 options,
                 timeout=context.time_remaining(),
@@ -399,47 +401,44 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                 pcm = PCMStream(config.sample_rate_hertz, config.audio_channel_count or 1)
             except AudioError as err:
                 raise _invalid(str(err)) from err
-            session = StreamingSession(
-                model.recognizer, options, endpoint, interim_results=settings.interim_results
-            )
-            async for request in request_iterator:
-                kind = request.WhichOneof("streaming_request")
-                if kind == "streaming_config":
-                    raise _invalid("a second streaming_config: send it once, first")
-                if kind != "audio_content":
-                    continue
-                try:
-                    samples = pcm.decode(request.audio_content)
-                except AudioError as err:
-                    raise _invalid(str(err)) from err
-                if pcm.seconds > self.config.max_stream_seconds:
-                    raise RequestError(
-                        grpc.StatusCode.OUT_OF_RANGE,
-                        f"stream longer than {self.config.max_stream_seconds:.0f} s of audio",
-                    )
-                results, spent = await self.engine.stream(session, samples)
-                model_seconds += spent
+            # the stream's session lives on one model worker, for its lifetime
+            with self.engine.open_stream(
+                model.name, options, endpoint, settings.interim_results
+            ) as stream:
+                async for request in request_iterator:
+                    kind = request.WhichOneof("streaming_request")
+                    if kind == "streaming_config":
+                        raise _invalid("a second streaming_config: send it once, first")
+                    if kind != "audio_content":
+                        continue
+                    try:
+                        samples = pcm.decode(request.audio_content)
+                    except AudioError as err:
+                        raise _invalid(str(err)) from err
+                    if pcm.seconds > self.config.max_stream_seconds:
+                        raise RequestError(
+                            grpc.StatusCode.OUT_OF_RANGE,
+                            f"stream longer than {self.config.max_stream_seconds:.0f} s of audio",
+                        )
+                    results, spent = await stream.accept(samples)
+                    model_seconds += spent
+                    for response in self._responses(results, rid, config):
+                        yield response
+                        if settings.single_utterance and response.results[0].is_final:
+                            yield asr_pb2.StreamingRecognizeResponse(
+                                speech_event_type=asr_pb2.StreamingRecognizeResponse.END_OF_SINGLE_UTTERANCE,
+                                request_id=rid,
+                            )
+                            return
+                started = time.perf_counter()
+                # the samples the resampler held back for its filter, then the last segment
+                results, spent = await stream.finish(pcm.flush())
+                latency = time.perf_counter() - started  # last audio to final result
                 for response in self._responses(results, rid, config):
                     yield response
-                    if settings.single_utterance and response.results[0].is_final:
-                        yield asr_pb2.StreamingRecognizeResponse(
-                            speech_event_type=asr_pb2.StreamingRecognizeResponse.END_OF_SINGLE_UTTERANCE,
-                            request_id=rid,
-                        )
-                        return
-            started = time.perf_counter()
-
-            def finish() -> list[StreamResult]:
-                # the samples the resampler held back for its filter, then the last segment
-                return session.accept(pcm.flush()) + session.finish()
-
-            results, spent = await self.engine.run_timed(finish)
-            latency = time.perf_counter() - started  # last audio to final result
-            for response in self._responses(results, rid, config):
-                yield response
-            self._succeeded(
-                "StreamingRecognize", rid, model, pcm.seconds, latency, model_seconds + spent
-            )
+                self._succeeded(
+                    "StreamingRecognize", rid, model, pcm.seconds, latency, model_seconds + spent
+                )
         except Exception as err:
             await self._fail(context, err, rid, "StreamingRecognize")
         finally:

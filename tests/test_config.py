@@ -4,6 +4,8 @@ it does not have, rebuilds nested configs, and names every bad field with its ru
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 
@@ -66,6 +68,12 @@ def test_every_bad_field_is_named_with_its_rule() -> None:
         FeatureConfig(hop_ms=30.0)
     with pytest.raises(ValueError, match="invalid ServerConfig: max_batch must be > 0, got 0"):
         ServerConfig(models=(("m", "dir"),), max_batch=0)
+    bad_workers = re.escape("workers must be >= 0 (0: one per core), got -1")
+    with pytest.raises(ValueError, match=bad_workers):
+        ServerConfig(models=(("m", "dir"),), workers=-1)
+    assert ServerConfig(models=(("m", "dir"),), workers=3).worker_count == 3
+    cores = len(os.sched_getaffinity(0))
+    assert ServerConfig(models=(("m", "dir"),), torch_threads=cores).worker_count == 1
 
 
 def test_wrong_types_are_value_errors_naming_the_field() -> None:

@@ -16,7 +16,7 @@ from asr.cancel import Cancelled, CancelToken, DeadlineExceeded
 from asr.decoding.ctc import CTCPrefixBeamSearch
 from asr.decoding.options import DecodeOptions, Transcript
 from asr.recognizer import Recognizer
-from server.engine import Engine
+from server.engine import Engine, Worker
 from tests.test_decoding_ctc import peaky
 
 T = TypeVar("T")
@@ -58,7 +58,12 @@ class FakeRecognizer:
         return [Transcript("", h[0].tokens, h[0].score) for h in hyps]
 
     def recognize(
-        self, engine: Engine, frames: int, options: DecodeOptions, seed: int = 0, **kwargs: Any
+        self,
+        engine: Worker,
+        frames: int,
+        options: DecodeOptions,
+        seed: int = 0,
+        **kwargs: Any,
     ) -> Coroutine[Any, Any, tuple[Transcript, float]]:
         """engine.recognize of `frames` frames of posteriors seeded by `seed`."""
         audio = torch.full((frames,), float(seed))
@@ -71,9 +76,9 @@ def alone(frames: int, seed: int, options: DecodeOptions) -> tuple[int, ...]:
     return CTCPrefixBeamSearch(options)(log_probs, torch.tensor([frames]))[0][0].tokens
 
 
-def serve(test: Callable[[Engine], Coroutine[Any, Any, T]], *, max_wait_ms: float = 1.0) -> T:
+def serve(test: Callable[[Worker], Coroutine[Any, Any, T]], *, max_wait_ms: float = 1.0) -> T:
     async def main() -> T:
-        engine = Engine(torch_threads=1, max_batch=8, max_wait_ms=max_wait_ms, slice_ms=5.0)
+        engine = Worker(torch_threads=1, max_batch=8, max_wait_ms=max_wait_ms, slice_ms=5.0)
         engine.start()
         try:
             return await test(engine)
@@ -91,7 +96,7 @@ async def when(event: threading.Event) -> None:
 def test_a_short_call_sent_behind_a_long_decode_finishes_first() -> None:
     fake = FakeRecognizer()
 
-    async def test(engine: Engine) -> None:
+    async def test(engine: Worker) -> None:
         slow = asyncio.ensure_future(fake.recognize(engine, LONG, SLOW))
         await when(fake.started)
         transcript, _ = await fake.recognize(engine, 300, FAST, seed=3)
@@ -112,7 +117,7 @@ def test_two_long_decodes_share_the_model_and_give_their_own_results() -> None:
     fake = FakeRecognizer()
     wide = DecodeOptions(beam=16, prune_top_k=None, prune_threshold=None, blank_skip=None)
 
-    async def test(engine: Engine) -> list[int]:
+    async def test(engine: Worker) -> list[int]:
         results = await asyncio.gather(
             fake.recognize(engine, 3000, wide, seed=1), fake.recognize(engine, 300, SLOW, seed=2)
         )
@@ -126,7 +131,7 @@ def test_two_long_decodes_share_the_model_and_give_their_own_results() -> None:
 def test_a_passed_deadline_ends_the_call_and_its_decode_and_the_worker_moves_on() -> None:
     fake = FakeRecognizer()
 
-    async def test(engine: Engine) -> None:
+    async def test(engine: Worker) -> None:
         with pytest.raises(DeadlineExceeded):
             await fake.recognize(engine, LONG, SLOW, timeout=1.0)
         await when(fake.stopped)
@@ -140,7 +145,7 @@ def test_a_passed_deadline_ends_the_call_and_its_decode_and_the_worker_moves_on(
 def test_a_call_whose_deadline_passed_in_the_queue_is_not_decoded() -> None:
     fake = FakeRecognizer()
 
-    async def test(engine: Engine) -> None:
+    async def test(engine: Worker) -> None:
         with pytest.raises(DeadlineExceeded):
             await fake.recognize(engine, 200, FAST, timeout=0.0)
         await fake.recognize(engine, 100, FAST)
@@ -152,7 +157,7 @@ def test_a_call_whose_deadline_passed_in_the_queue_is_not_decoded() -> None:
 def test_a_cancelled_call_leaves_its_batch_mates_unaffected() -> None:
     fake = FakeRecognizer()
 
-    async def test(engine: Engine) -> None:
+    async def test(engine: Worker) -> None:
         # Both join one batch; the first's caller is gone once the decode has begun.
         outcomes = await asyncio.gather(
             fake.recognize(engine, 500, SLOW, seed=5, cancelled=fake.started.is_set),
@@ -172,7 +177,7 @@ def test_stopping_the_engine_stops_a_decode_under_way() -> None:
     fake = FakeRecognizer()
 
     async def main() -> None:
-        engine = Engine(torch_threads=1, max_batch=8, max_wait_ms=1.0)
+        engine = Worker(torch_threads=1, max_batch=8, max_wait_ms=1.0)
         engine.start()
         slow = asyncio.ensure_future(fake.recognize(engine, LONG, SLOW))
         await when(fake.started)
@@ -182,3 +187,8 @@ def test_stopping_the_engine_stops_a_decode_under_way() -> None:
             await slow
 
     asyncio.run(main())
+
+
+def test_an_engine_needs_a_worker() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        Engine({}, workers=0)

@@ -10,8 +10,10 @@ import logging
 import math
 import random
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,7 @@ def server(word_model: Bundle) -> Iterator[Server]:
         max_message_bytes=2_000_000,
         max_wait_ms=50.0,
         metrics_port=0,
+        workers=2,
     )
     assert isinstance(word_model.model, BiLSTMCTC)
     offline_model = word_model.model.with_chunking(0, 0)
@@ -157,14 +160,59 @@ def test_recognize_flac_and_linear16(
 def test_concurrent_recognize_calls_are_batched(
     server: Server, stub: asr_pb2_grpc.RecognizerStub, utterances: list[Utterance]
 ) -> None:
-    server.running.engine.batches.clear()
+    workers = server.running.engine.workers
+    for worker in workers:
+        worker.batches.clear()
     futures = [
         stub.Recognize.future(asr_pb2.RecognizeRequest(config=Config(), audio=flac(u.audio)))
-        for u in utterances * 2
+        for u in utterances * 3
     ]
     texts = [f.result(timeout=60).results[0].alternatives[0].transcript for f in futures]
-    assert texts == [u.text for u in utterances * 2]
-    assert max(server.running.engine.batches) > 1
+    assert texts == [u.text for u in utterances * 3]
+    # 12 calls in flight together, balanced over 2 workers: batches on each
+    assert max(b for w in workers for b in w.batches) > 1
+
+
+def test_two_workers_serve_streams_on_both(
+    server: Server, stub: asr_pb2_grpc.RecognizerStub, utterances: list[Utterance]
+) -> None:
+    # `--workers 2` (processes): two streams open at once are pinned one to each worker, and
+    # each gets its own transcript.
+    workers = server.running.engine.workers
+    assert len(workers) == 2
+    served = [w.served for w in workers]
+
+    def both_open(audio: torch.Tensor) -> Iterator[asr_pb2.StreamingRecognizeRequest]:
+        requests = stream_requests(audio)
+        yield next(requests)  # the config: the server pins the stream to a worker
+        yield next(requests)
+        deadline = time.monotonic() + 30
+        while sum(w.streams for w in workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield from requests
+
+    def finals(audio: torch.Tensor) -> list[str]:
+        responses = stub.StreamingRecognize(both_open(audio), timeout=60)
+        return [
+            r.results[0].alternatives[0].transcript
+            for r in responses
+            if r.results and r.results[0].is_final
+        ]
+
+    def alone(audio: torch.Tensor) -> list[str]:  # the stream's results in this process
+        recognizer = server.running.servicer.models["words"].recognizer
+        session = StreamingSession(recognizer, endpoint=server.running.servicer.config.endpoint)
+        pcm = np.frombuffer(pcm16(audio), np.int16).astype(np.float32) / 32768  # as sent
+        results = session.accept(torch.from_numpy(pcm)) + session.finish()
+        return [r.transcript.text for r in results if r.is_final]
+
+    audios = [u.audio for u in utterances[:2]]
+    with ThreadPoolExecutor(2) as pool:
+        texts = list(pool.map(finals, audios))
+    assert texts == [alone(a) for a in audios]
+    assert [" ".join(t) for t in texts] == [u.text for u in utterances[:2]]
+    assert [w.served - s for w, s in zip(workers, served, strict=True)] == [1, 1]
+    assert [w.streams for w in workers] == [0, 0]  # let go of at the end
 
 
 def stream_requests(

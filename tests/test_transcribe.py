@@ -31,7 +31,16 @@ from asr.data.manifest import Utterance as ManifestLine
 from asr.data.manifest import write_manifest
 from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.recognizer import Recognizer
-from asr.transcribe import LineOutput, cut_at_pauses, quietest_cut
+from asr.transcribe import (
+    Failure,
+    FileResult,
+    Item,
+    LineOutput,
+    LocalEngine,
+    Outcome,
+    cut_at_pauses,
+    quietest_cut,
+)
 from tests.conftest import REPO
 from tests.word_corpus import Utterance, WordCorpus, save_bundle
 
@@ -325,6 +334,46 @@ def test_long_audio_in_segments_with_absolute_times(
         if match and abs(match["start"] - start) < 0.2 and abs(match["end"] - end) < 0.3:
             hits += 1
     assert hits >= 0.9 * len(truth), (hits, len(truth))
+
+
+def test_long_files_stream_side_by_side_with_their_own_segments(
+    word_model: Bundle, word_corpus: WordCorpus, tmp_path: Path
+) -> None:
+    """A streaming model decodes long files together (`accept_streams`): each file gets the
+    segments it gets alone, files of different lengths leave the batch as they end, and one
+    that cannot be read fails alone."""
+    items = []
+    for i, seconds in enumerate((50.0, 25.0, 70.0)):
+        audio = _long_audio(word_corpus, seconds)[0][i * 1000 :]  # different starts
+        path = tmp_path / f"long{i}.flac"
+        save_flac(path, audio)
+        items.append(Item(f"long{i}", path, audio.numel() / SAMPLE_RATE))
+    items.insert(1, Item("missing", tmp_path / "missing.flac", 60.0))
+    recognizer = Recognizer(word_model)
+
+    def run(long_streams: int) -> tuple[dict[str, Outcome], float]:
+        seconds = [0.0]
+
+        def advance(s: float) -> None:
+            seconds[0] += s
+
+        engine = LocalEngine(recognizer, workers=1, max_segment=20.0, long_streams=long_streams)
+        return {o.item.id: o for o in engine.long(items, advance)}, seconds[0]
+
+    together, decoded = run(16)
+    alone, _ = run(1)
+    assert isinstance(together.pop("missing"), Failure)
+    assert isinstance(alone.pop("missing"), Failure)
+    assert decoded == pytest.approx(sum(i.duration or 0.0 for i in items if i.id != "missing"))
+
+    def key(outcome: Outcome) -> list[tuple[str, float, float]]:
+        assert isinstance(outcome, FileResult)
+        return [(s.transcript.text, s.start, s.end) for s in outcome.segments]
+
+    assert together.keys() == alone.keys() == {"long0", "long1", "long2"}
+    for name in together:
+        assert key(together[name]) == key(alone[name])
+        assert len(key(together[name])) > 1  # segmented
 
 
 def test_cuts_fall_in_pauses() -> None:

@@ -1,7 +1,10 @@
 """Engines that turn `Item`s into results: a recognizer in this process, or a server.
 
 Short files are decoded in batches of similar length; long ones are read in blocks and
-segmented (`asr.transcribe` describes how).
+segmented (`asr.transcribe` describes how). With a streaming model, up to `LONG_STREAMS` long
+files are decoded side by side as streams batched together (`accept_streams`, as the server
+batches its streams): one batched encoder call per LC block and one batched search step for
+all of them, each file's segments exactly its own.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -16,7 +20,7 @@ import torch
 from asr.audio import SAMPLE_RATE, AudioError, load_audio, read_blocks
 from asr.data.sampler import BucketingBatchSampler
 from asr.recognizer import BATCH_FRAMES, Recognizer
-from asr.streaming import EndpointConfig, StreamingSession
+from asr.streaming import EndpointConfig, StreamingSession, StreamResult, accept_streams
 from asr.transcribe.inputs import Item
 from asr.transcribe.results import Failure, FileResult, Outcome, Segment
 from asr.transcribe.segmentation import cut_at_pauses, shifted
@@ -26,6 +30,9 @@ if TYPE_CHECKING:
 
 BLOCK_SECONDS = 10.0  # how much of a long file is read at a time
 AHEAD = 2  # batches being read while one is decoded
+# Long files a streaming model decodes at once, batched: a batch-1 LSTM step costs about what
+# 10-30 batched do; each adds one file's block (10 s) and open handle to memory.
+LONG_STREAMS = 16
 
 
 class Engine(Protocol):
@@ -33,10 +40,27 @@ class Engine(Protocol):
         """Results of short files, in any order, as each is done."""
         ...
 
-    def long(self, item: Item, advance: Callable[[float], None]) -> FileResult:
-        """A long file, segmented, calling `advance(seconds)` as its audio is decoded;
-        raises AudioError."""
+    def long(self, items: list[Item], advance: Callable[[float], None]) -> Iterator[Outcome]:
+        """Results of long files, segmented, in any order, as each is done, calling
+        `advance(seconds)` as their audio is decoded."""
         ...
+
+
+@dataclass
+class _LongFile:
+    """A long file being streamed: its blocks still to read, its session, its segments."""
+
+    item: Item
+    blocks: Iterator[torch.Tensor]
+    session: StreamingSession
+    segments: list[Segment] = field(default_factory=list)
+
+    def add(self, results: list[StreamResult]) -> None:
+        self.segments += [Segment(r.start, r.end, r.transcript) for r in results]
+
+    def result(self) -> FileResult:
+        kept = tuple(s for s in self.segments if s.transcript.text)
+        return FileResult(self.item, self.item.duration or 0.0, kept)
 
 
 class LocalEngine:
@@ -49,12 +73,14 @@ class LocalEngine:
         workers: int,
         max_segment: float,
         batch_frames: int = BATCH_FRAMES,
+        long_streams: int = LONG_STREAMS,
     ) -> None:
         self.recognizer = recognizer
         self.options = recognizer.options
         self.workers = workers
         self.max_segment = max_segment
         self.batch_frames = batch_frames
+        self.long_streams = long_streams
         self.streams = recognizer.can_stream
 
     def _load(self, item: Item) -> tuple[torch.Tensor, float]:
@@ -95,24 +121,53 @@ class LocalEngine:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def long(self, item: Item, advance: Callable[[float], None]) -> FileResult:
-        blocks = _counted(read_blocks(item.path, BLOCK_SECONDS), advance)
-        segments = self._streamed(blocks) if self.streams else self._pieces(blocks)
-        kept = tuple(s for s in segments if s.transcript.text)
-        return FileResult(item, item.duration or 0.0, kept)
+    def long(self, items: list[Item], advance: Callable[[float], None]) -> Iterator[Outcome]:
+        if self.streams:
+            yield from self._streamed(items, advance)
+            return
+        for item in items:
+            try:
+                segments = self._pieces(_counted(read_blocks(item.path, BLOCK_SECONDS), advance))
+                kept = tuple(s for s in segments if s.transcript.text)
+                yield FileResult(item, item.duration or 0.0, kept)
+            except AudioError as err:
+                yield Failure(item, err.reason)
 
-    def _streamed(self, blocks: Iterable[torch.Tensor]) -> Iterator[Segment]:
-        session = StreamingSession(
-            self.recognizer,
-            self.options,
-            EndpointConfig(max_segment=self.max_segment),
-            interim_results=False,
-        )
-        for block in blocks:
-            for r in session.accept(block):
-                yield Segment(r.start, r.end, r.transcript)
-        for r in session.finish():
-            yield Segment(r.start, r.end, r.transcript)
+    def _streamed(self, items: list[Item], advance: Callable[[float], None]) -> Iterator[Outcome]:
+        """Up to `long_streams` files at a time, a block of each per `accept_streams` call;
+        a file that ends (or fails) makes room for the next."""
+        waiting = iter(items)
+        files: list[_LongFile] = []
+        while True:
+            while len(files) < self.long_streams and (item := next(waiting, None)) is not None:
+                session = StreamingSession(
+                    self.recognizer,
+                    self.options,
+                    EndpointConfig(max_segment=self.max_segment),
+                    interim_results=False,
+                )
+                files.append(_LongFile(item, read_blocks(item.path, BLOCK_SECONDS), session))
+            if not files:
+                return
+            running: list[tuple[_LongFile, torch.Tensor]] = []
+            for file in files:
+                try:
+                    block = next(file.blocks, None)
+                except AudioError as err:
+                    yield Failure(file.item, err.reason)
+                    continue
+                if block is None:
+                    file.add(file.session.finish())
+                    yield file.result()
+                else:
+                    running.append((file, block))
+            files = [file for file, _ in running]
+            if not files:
+                continue
+            outputs = accept_streams([f.session for f in files], [b for _, b in running])
+            for (file, block), results in zip(running, outputs, strict=True):
+                file.add(results)
+                advance(block.numel() / SAMPLE_RATE)
 
     def _pieces(self, blocks: Iterable[torch.Tensor]) -> Iterator[Segment]:
         """Pieces cut at pauses, decoded a batch (`batch_frames`) at a time."""
@@ -178,7 +233,14 @@ class ServerEngine:
         segments = tuple(Segment(*s) for s in to_segments(response.results))
         return FileResult(item, duration, segments)
 
-    def long(self, item: Item, advance: Callable[[float], None]) -> FileResult:
+    def long(self, items: list[Item], advance: Callable[[float], None]) -> Iterator[Outcome]:
+        for item in items:  # one stream at a time (the server batches streams of all clients)
+            try:
+                yield self._stream(item)
+            except AudioError as err:
+                yield Failure(item, err.reason)
+
+    def _stream(self, item: Item) -> FileResult:
         import grpc
 
         from asr.client import to_segments
@@ -213,9 +275,4 @@ def run_engine(
 ) -> Iterator[Outcome]:
     """Every item through `engine`: the short ones batched first, then the long ones."""
     yield from engine.short([i for i in items if (i.duration or 0.0) <= long_audio])
-    for item in items:
-        if (item.duration or 0.0) > long_audio:
-            try:
-                yield engine.long(item, advance)
-            except AudioError as err:
-                yield Failure(item, err.reason)
+    yield from engine.long([i for i in items if (i.duration or 0.0) > long_audio], advance)
