@@ -262,6 +262,7 @@ async def _listen(
     metrics_port = None
     if config.metrics_port is not None:
         metrics_port = metrics.serve(config.host, config.metrics_port)
+
     def down() -> None:  # every model worker died: take this replica out of rotation
         log.error("no model worker is left: health NOT_SERVING")
         for name in ("", SERVICE):
