@@ -51,8 +51,9 @@ stream chunks batched across streams, Recognize micro-batched; --streams) and a 
 cross-stream batching; --per-stream-streams); stream_batching_gain = the largest real-time N
 batched / per-stream. The machine line names the CPU, its vector instruction sets and torch's
 MKL/oneDNN build, so that figures from different machines can be compared.
-rtf: CPU seconds of the server process (all threads, /proc/PID/stat) during the level divided
-by the audio seconds sent in it: cores needed per real-time stream, gRPC included.
+rtf: CPU seconds of the server and its worker processes (all threads, /proc/PID/stat) during
+the level divided by the audio seconds sent in it: cores needed per real-time stream, gRPC
+included.
 
 Unary: --unary-utterances utterances (LINEAR16) sent through Recognize by --callers concurrent
 callers, to the batched server (micro-batching on, at its default max batch and max wait) and
@@ -279,10 +280,31 @@ def chunked(audio: Audio, gap: float) -> tuple[list[bytes], list[float], int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all threads (Linux /proc)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process and its running descendants (the server's model
+    worker processes), all threads (Linux /proc)."""
+    total = 0.0
+    for proc in _tree(pid):
+        try:
+            stat = Path(f"/proc/{proc}/stat").read_text()
+        except OSError:  # it has just exited
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants."""
+    found, todo = [], [pid]
+    while todo:
+        proc = todo.pop()
+        found.append(proc)
+        for task in Path(f"/proc/{proc}/task").glob("*/children"):
+            try:
+                todo += [int(child) for child in task.read_text().split()]
+            except OSError:
+                continue
+    return found
 
 
 class Server:
