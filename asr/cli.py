@@ -455,7 +455,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on ([::] for all)")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--max-streams", type=int, default=64, help="concurrent streams")
+    p.add_argument(
+        "--max-streams",
+        type=int,
+        default=0,
+        help="concurrent streams (default: sized at start-up from measured capacity)",
+    )
     p.add_argument("--max-stream-seconds", type=float, default=3600.0)
     p.add_argument("--max-unary-seconds", type=float, default=600.0)
     p.add_argument(
@@ -488,6 +493,17 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trailing-silence", type=float, default=0.8, help="endpoint rule (s)")
     p.add_argument("--max-segment", type=float, default=30.0, help="endpoint rule (s)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        help="also serve the OpenAI-compatible HTTP API (/v1/audio/transcriptions) on this port",
+    )
+    p.add_argument(
+        "--max-http-requests",
+        type=int,
+        default=64,
+        help="HTTP API transcriptions in flight (more get 429)",
+    )
     p.add_argument(
         "--auth-token-file",
         type=Path,
@@ -559,6 +575,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         endpoint=EndpointConfig(args.trailing_silence, args.max_segment),
         auth_token=read_token(args.auth_token_file),
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
+        max_http_requests=args.max_http_requests,
         tls_cert=None if args.tls_cert is None else str(args.tls_cert),
         tls_key=None if args.tls_key is None else str(args.tls_key),
     )

@@ -125,6 +125,14 @@ class StreamingSession:
         self.has_speech = False
         self.last_partial = ""
 
+    def state_bytes(self) -> int:
+        """Bytes of the tensors this stream holds of its own (held samples, feature and
+        encoder state, the search's beam and back-pointers, the segment's frames and
+        log-probs), not the model's weights: what one more stream costs. Bounded by one
+        segment (`EndpointConfig.max_segment`), however long the stream runs."""
+        own = (self.held, self.features, self.encoder, self.state)
+        return tensor_bytes((*own, self.log_probs, self.unsearched, self.raw))
+
     def accept(self, samples: torch.Tensor) -> list[StreamResult]:
         """Feed (N,) float 16 kHz samples; returns the finals of segments that ended and, with
         interim results on, the current partial when its text changed."""
@@ -307,6 +315,28 @@ def accept_streams(
     for i, session in enumerate(sessions):
         results[i].extend(session._news(before[i]))
     return results
+
+
+def tensor_bytes(root: object) -> int:
+    """Bytes of the tensors reachable from `root` through attributes, sequences and dicts,
+    each tensor once; modules (shared weights) are not followed. A view counts its own
+    elements, not the storage it looks into (a chunk sliced from a caller's longer buffer)."""
+    seen: set[int] = set()
+    total, todo = 0, [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, torch.nn.Module):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            total += obj.nbytes
+        elif isinstance(obj, dict):
+            todo += obj.values()
+        elif isinstance(obj, list | tuple | set):
+            todo += obj
+        elif hasattr(obj, "__dict__"):
+            todo += vars(obj).values()
+    return total
 
 
 def join_finals(finals: list[StreamResult]) -> Transcript:

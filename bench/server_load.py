@@ -203,6 +203,7 @@ class Level:
     client_cpu_seconds: float
     lookahead: float
     lag_bound: float
+    memory_bytes: int = 0  # the server's peak PSS (with its worker processes) in the level
 
     def _values(self, name: str) -> list[float]:
         if name == "partial":
@@ -290,6 +291,21 @@ def cpu_seconds(pid: int) -> float:
             continue
         fields = stat.rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def memory_bytes(pid: int) -> int:
+    """Proportional set size of a process and its descendants (Linux smaps_rollup): memory
+    pages shared by the forked model workers (the weights) counted once between them."""
+    total = 0
+    for proc in _tree(pid):
+        try:
+            rollup = Path(f"/proc/{proc}/smaps_rollup").read_text()
+        except OSError:  # it has just exited
+            continue
+        for line in rollup.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
     return total
 
 
@@ -473,9 +489,19 @@ async def run_level(
                     return
                 k += 1
 
+        peak = 0
+
+        async def watch() -> None:  # the server's memory once a second
+            nonlocal peak
+            while True:
+                peak = max(peak, memory_bytes(pid))
+                await asyncio.sleep(1.0)
+
         await asyncio.sleep(max(0.0, begin - loop.time()))
         cpu0, client0 = cpu_seconds(pid), time.process_time()
+        watcher = asyncio.create_task(watch())
         await asyncio.gather(*(worker(i) for i in range(streams)))
+        watcher.cancel()
         cpu1, client1 = cpu_seconds(pid), time.process_time()
         wall = loop.time() - begin
     finished = [c for c in calls if not math.isnan(c.done)]  # cancelled ones never finish
@@ -492,6 +518,7 @@ async def run_level(
         client_cpu_seconds=client1 - client0,
         lookahead=lookahead,
         lag_bound=lag_bound,
+        memory_bytes=peak,
     )
 
 
@@ -638,7 +665,7 @@ def run_levels(
     """The streaming levels in order, printed as a table, up to the first not real time."""
     print(
         "    N  calls  first partial p50/p95 ms  final p50/p95 ms  interim delay p95 ms"
-        "  late p95 ms  server CPU  rtf    client CPU  real time"
+        "  late p95 ms  server CPU  rtf    server MiB  client CPU  real time"
     )
     levels: list[Level] = []
     for n in levels_wanted:
@@ -662,6 +689,7 @@ def run_levels(
             f"{level.p('final', 95):5.0f}  {level.p('delay', 95):20.0f}  "
             f"{level.p('late', 95):11.0f}  "
             f"{100 * level.cpu_seconds / level.wall_seconds:8.0f} %  {level.rtf:.3f}  "
+            f"{level.memory_bytes / 2**20:10.0f}  "
             f"{100 * level.client_cpu_seconds / level.wall_seconds:8.0f} %  "
             f"{'yes' if not problems else 'no: ' + '; '.join(problems)}",
             flush=True,
@@ -761,7 +789,7 @@ def main() -> None:
     # The batched server (defaults: streams batched, Recognize micro-batched), then the
     # per-stream one (--max-stream-batch 1 --max-batch 1: each chunk and call alone), same
     # model and load: their ratios are the batching gains.
-    runs: dict[str, tuple[list[Level], Unary]] = {}
+    runs: dict[str, tuple[list[Level], Unary, int]] = {}
     for label, flags, wanted in (
         ("batched (server defaults)", (), levels_wanted),
         ("per-stream (--max-stream-batch 1 --max-batch 1)", PER_STREAM, per_stream_wanted),
@@ -778,19 +806,20 @@ def main() -> None:
             # Warm up (first calls pay for lazy initialisation): a few of each, not measured.
             asyncio.run(run_unary(server.target, server.pid, loop_set[:4], 2))
             asyncio.run(run_level(server.target, server.pid, loop_set, 1, 3.0, gaps, 0.0, 1.0))
+            idle = memory_bytes(server.pid)
             levels = run_levels(server, loop_set, wanted, args, gaps, lookahead)
             recognized = asyncio.run(
                 run_unary(
                     server.target, server.pid, utterances[: args.unary_utterances], args.callers
                 )
             )
-            runs[label] = (levels, recognized)
+            runs[label] = (levels, recognized, idle)
         except grpc.RpcError as err:
             tail = server.stderr_tail()
             raise SystemExit(f"a call failed: {err}\nserver stderr:\n{tail}") from err
         finally:
             server.stop()
-    (levels, batched), (single_levels, single) = runs.values()
+    (levels, batched, idle), (single_levels, single, _) = runs.values()
 
     n_rt, best = largest_realtime(levels)
     n_single, best_single = largest_realtime(single_levels)
@@ -799,6 +828,11 @@ def main() -> None:
     else:
         print(f"no level stayed real time batched; figures below are at N={best.streams}")
     print(f"largest real-time N per-stream: {n_single} (rtf {best_single.rtf:.3f})")
+    print(
+        f"server memory (PSS, workers included): {idle / 2**20:.0f} MiB idle after warm-up, "
+        f"{best.memory_bytes / 2**20:.0f} MiB peak at N={best.streams}: "
+        f"{(best.memory_bytes - idle) / max(best.streams, 1) / 2**20:.2f} MiB per stream"
+    )
     refs, hyps = [], []
     seen = set()
     for call in best.calls:

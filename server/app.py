@@ -8,7 +8,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,13 @@ from grpc_reflection.v1alpha import reflection
 
 from asr import load_model
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from server import capacity
 from server.auth import Continuation, TokenAuth
 from server.config import ServerConfig
 from server.engine import Engine, WorkerSettings
 from server.logs import fields
 from server.metrics import CountOutcomes, Metrics
+from server.openai_http import HttpServer, OpenAIApi
 from server.servicer import Model, RecognizerServicer, RequestError
 
 log = logging.getLogger("asr.server")
@@ -37,11 +39,16 @@ class Running:
     engine: Engine
     servicer: RecognizerServicer
     metrics_port: int | None
+    http: HttpServer | None = None  # the OpenAI-compatible HTTP API, if on
+    capacity: capacity.Capacity | None = None  # the start-up probe, if it sized the limit
 
     async def stop(self, grace: float) -> None:
         """Stop taking calls, let in-flight ones finish within `grace` seconds, then exit."""
         self.health.enter_graceful_shutdown()  # every service NOT_SERVING
-        await self.server.stop(grace)
+        stopping = [self.server.stop(grace)]
+        if self.http is not None:
+            stopping.append(self.http.stop(grace))
+        await asyncio.gather(*stopping)
         await self.engine.stop()
 
 
@@ -215,10 +222,41 @@ async def start(config: ServerConfig, models: list[Model] | None = None) -> Runn
     )
     await engine.start()
     try:
-        return await _listen(config, credentials, models, engine, metrics)
+        measured = None
+        if not config.max_concurrent_streams:
+            measured = await _stream_capacity(config, models, engine)
+            streams = DEFAULT_STREAMS if measured is None else measured.streams
+            config = replace(config, max_concurrent_streams=streams)
+        running = await _listen(config, credentials, models, engine, metrics)
     except BaseException:  # e.g. the port is taken: no worker left behind
         await engine.stop()
         raise
+    return replace(running, capacity=measured)
+
+
+# The stream limit when no model can stream (streams are refused anyway: it bounds the calls
+# open at once to hear so).
+DEFAULT_STREAMS = 64
+
+
+async def _stream_capacity(
+    config: ServerConfig, models: list[Model], engine: Engine
+) -> capacity.Capacity | None:
+    """The start-up probe of the first model that streams (`server.capacity`), logged."""
+    model = next((m for m in models if m.streams), None)
+    if model is None:
+        return None
+    measured = await capacity.measure(engine, model.name, model.recognizer, config.endpoint)
+    log.info(
+        "stream capacity",
+        extra=fields(
+            model=model.name,
+            max_streams=measured.streams,
+            realtime_streams=round(measured.realtime, 1),
+            stream_bytes=measured.stream_bytes,
+        ),
+    )
+    return measured
 
 
 async def _listen(
@@ -245,6 +283,7 @@ async def _listen(
         interceptors=interceptors,
     )
     servicer = RecognizerServicer(models, engine, config, metrics)
+    metrics.max_streams.set(config.max_concurrent_streams)
     asr_pb2_grpc.add_RecognizerServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -269,9 +308,17 @@ async def _listen(
             health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     engine.on_down = down
+    http = None
+    if config.http_port is not None:
+        http = HttpServer(OpenAIApi(models, engine, config, metrics), config)
+        try:
+            await http.start()
+        except BaseException:
+            await server.stop(0)
+            raise
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, health_servicer, engine, servicer, metrics_port)
+    return Running(server, port, health_servicer, engine, servicer, metrics_port, http)
 
 
 async def serve(config: ServerConfig) -> None:
@@ -287,6 +334,13 @@ async def serve(config: ServerConfig) -> None:
         f"asr serve: listening on {config.host}:{running.port} ({scheme}) with {names}",
         flush=True,
     )
+    if running.capacity is not None:
+        print(f"asr serve: admitting {running.capacity.describe()}")
+    if running.http is not None:
+        scheme = "https" if config.tls_cert else "http"
+        print(
+            f"asr serve: OpenAI-compatible API on {scheme}://{config.host}:{running.http.port}/v1"
+        )
     if running.metrics_port is not None:
         print(f"asr serve: metrics on http://{config.host}:{running.metrics_port}/metrics")
     stop = asyncio.Event()

@@ -28,7 +28,9 @@ class ServerConfig(Config):
     quantize: str = "none"
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (tests)
-    max_concurrent_streams: int = 64  # more get RESOURCE_EXHAUSTED
+    # More get RESOURCE_EXHAUSTED. 0: sized at start-up from the measured capacity of the
+    # engine and memory (server.capacity).
+    max_concurrent_streams: int = 0
     max_stream_seconds: float = 3600.0  # audio per stream; more gets OUT_OF_RANGE
     max_unary_seconds: float = 600.0  # audio per Recognize; more gets INVALID_ARGUMENT
     max_message_bytes: int = 32 * 1024 * 1024  # larger messages get RESOURCE_EXHAUSTED
@@ -52,6 +54,10 @@ class ServerConfig(Config):
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     auth_token: str | None = None  # if set, calls need `authorization: Bearer <token>`
     metrics_port: int | None = None  # Prometheus /metrics over HTTP (0: any free port)
+    # The OpenAI-compatible HTTP API (server.openai_http) on this port (0: any free port),
+    # and how many of its transcriptions may be in flight (more get 429).
+    http_port: int | None = None
+    max_http_requests: int = 64
     tls_cert: str | None = None  # PEM certificate chain; with tls_key the port speaks TLS only
     tls_key: str | None = None  # PEM private key
 
@@ -75,7 +81,6 @@ class ServerConfig(Config):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a private key")
         positive = (
-            "max_concurrent_streams",
             "max_stream_seconds",
             "max_unary_seconds",
             "max_message_bytes",
@@ -84,11 +89,16 @@ class ServerConfig(Config):
             "max_stream_batch",
             "max_beam",
             "max_alternatives",
+            "max_http_requests",
         )
         self.check(
             {name: (getattr(self, name) > 0, "> 0") for name in positive}
             | {
                 "workers": (self.workers >= 0, ">= 0 (0: one per core)"),
+                "max_concurrent_streams": (
+                    self.max_concurrent_streams >= 0,
+                    ">= 0 (0: from the measured capacity)",
+                ),
                 "max_wait_ms": (self.max_wait_ms >= 0, ">= 0"),
                 "stream_wait_ms": (self.stream_wait_ms >= 0, ">= 0"),
                 "grace_seconds": (self.grace_seconds >= 0, ">= 0"),

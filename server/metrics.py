@@ -39,6 +39,12 @@ class Metrics:
         self.active_streams = Gauge(
             "asr_active_streams", "Open StreamingRecognize calls", registry=r
         )
+        self.max_streams = Gauge(
+            "asr_max_streams",
+            "Concurrent streams admitted (--max-streams, or sized at start-up from the measured "
+            "capacity): with asr_active_streams, how full this replica is",
+            registry=r,
+        )
         self.audio_seconds = Counter(
             "asr_audio_seconds", "Seconds of audio recognized", ["method"], registry=r
         )

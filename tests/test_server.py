@@ -479,6 +479,7 @@ def test_metrics_count_requests_errors_and_audio(
     assert values['asr_audio_seconds_total{method="StreamingRecognize"}'] > 1.0
     assert values['asr_real_time_factor_count{method="Recognize"}'] >= 1
     assert values["asr_active_streams"] == 0
+    assert values["asr_max_streams"] == 2  # the fixture's --max-streams
 
 
 def _nan_wav() -> bytes:

@@ -1,0 +1,272 @@
+"""The OpenAI-compatible HTTP API (`asr serve --http-port`) driven by the official `openai`
+client and by curl as the README shows them: every response format, OpenAI's error shapes
+and statuses, and a server that keeps serving after bad requests."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import openai
+import pytest
+import soundfile as sf
+import srt
+import torch
+
+from asr.audio import SAMPLE_RATE
+from asr.bundle import Bundle
+from asr.recognizer import Recognizer
+from server.config import ServerConfig
+from server.servicer import Model
+from tests.test_server import Server
+from tests.word_corpus import Utterance, WordCorpus
+
+TOKEN = "s3cret"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def wav(audio: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, audio.numpy(), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def utterances(word_corpus: WordCorpus) -> list[Utterance]:
+    rng = random.Random(17)
+    return [word_corpus.utterance(rng) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def server(word_model: Bundle) -> Iterator[Server]:
+    config = ServerConfig(
+        models=(("words", "<memory>"),),
+        port=0,
+        http_port=0,
+        auth_token=TOKEN,
+        max_message_bytes=1_000_000,
+        max_unary_seconds=20.0,
+        max_concurrent_streams=4,
+        metrics_port=0,
+        workers=1,
+    )
+    srv = Server(config, [Model("words", Recognizer(word_model))])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def base_url(server: Server) -> str:
+    assert server.running.http is not None
+    return f"http://127.0.0.1:{server.running.http.port}/v1"
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=TOKEN, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def audio_file(tmp_path_factory: pytest.TempPathFactory, utterances: list[Utterance]) -> Path:
+    path = tmp_path_factory.mktemp("http") / "utterance.wav"
+    path.write_bytes(wav(utterances[0].audio))
+    return path
+
+
+def transcribe(client: openai.OpenAI, path: Path, **kwargs: Any) -> Any:
+    with path.open("rb") as f:
+        return client.audio.transcriptions.create(file=f, **kwargs)
+
+
+def test_every_response_format_through_the_openai_client(
+    client: openai.OpenAI, audio_file: Path, utterances: list[Utterance]
+) -> None:
+    text = utterances[0].text
+    assert transcribe(client, audio_file, model="words").text == text
+    assert transcribe(client, audio_file, model="", response_format="text") == text + "\n"
+    cues = list(
+        srt.parse(str(transcribe(client, audio_file, model="words", response_format="srt")))
+    )
+    assert " ".join(c.content for c in cues) == text
+    vtt = str(transcribe(client, audio_file, model="words", response_format="vtt"))
+    assert vtt.startswith("WEBVTT\n\n") and " --> " in vtt
+    verbose = transcribe(
+        client,
+        audio_file,
+        model="words",
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+        temperature=0.0,
+        language="en",
+        prompt="ignored",
+    )
+    assert verbose.text == text
+    assert verbose.language == "english"
+    duration = utterances[0].audio.numel() / SAMPLE_RATE
+    assert verbose.duration == pytest.approx(duration, abs=0.01)
+    words = verbose.words
+    assert " ".join(w.word for w in words) == text
+    for word, (expected, start, end) in zip(words, utterances[0].words, strict=True):
+        assert word.word == expected
+        assert word.start <= word.end
+        assert abs((word.start + word.end) / 2 - (start + end) / 2) < 0.3  # where it was said
+    segments = verbose.segments
+    assert " ".join(s.text for s in segments) == text
+    assert [s.id for s in segments] == list(range(len(segments)))
+    assert all(s.tokens and s.avg_logprob <= 0 and s.start < s.end for s in segments)
+    # segment granularity alone (the default): no words
+    plain = transcribe(client, audio_file, model="words", response_format="verbose_json")
+    assert plain.words is None and plain.segments
+
+
+def test_models_are_listed_and_retrieved(client: openai.OpenAI) -> None:
+    listed = client.models.list()
+    assert [m.id for m in listed.data] == ["words"]
+    assert listed.data[0].object == "model" and listed.data[0].owned_by == "asr"
+    assert client.models.retrieve("words").id == "words"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("whisper-1")
+
+
+def test_errors_come_in_openais_shape_and_the_server_carries_on(
+    client: openai.OpenAI, base_url: str, audio_file: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(openai.AuthenticationError) as auth:
+        transcribe(
+            openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0),
+            audio_file,
+            model="words",
+        )
+    assert auth.value.code == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError) as unknown:
+        transcribe(client, audio_file, model="whisper-1")
+    assert unknown.value.code == "model_not_found"
+    assert "words" in str(unknown.value.body)  # it says what there is
+    bad = tmp_path / "noise.wav"
+    bad.write_bytes(b"RIFF not a wav at all")
+    with pytest.raises(openai.BadRequestError) as audio:
+        transcribe(client, bad, model="words")
+    assert audio.value.code == "invalid_audio" and "noise.wav" in str(audio.value.body)
+    with pytest.raises(openai.BadRequestError) as fmt:
+        transcribe(client, audio_file, model="words", response_format="mp3")
+    body = cast(dict[str, Any], fmt.value.body)  # the client unwraps {"error": ...}
+    assert body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError) as language:
+        transcribe(client, audio_file, model="words", language="fr")
+    assert language.value.code == "unsupported_language"
+    with pytest.raises(openai.BadRequestError):  # timestamps need verbose_json, as OpenAI's
+        transcribe(client, audio_file, model="words", timestamp_granularities=["word"])
+    big = tmp_path / "big.wav"
+    big.write_bytes(wav(torch.zeros(SAMPLE_RATE * 40)))  # 1.3 MB > --max-message-bytes
+    with pytest.raises(openai.APIStatusError) as large:
+        transcribe(client, big, model="words")
+    assert large.value.status_code == 413
+    # still serving
+    assert transcribe(client, audio_file, model="words").text
+
+
+def http(url: str, *, token: str | None = TOKEN) -> tuple[int, dict[str, str], Any]:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), json.loads(err.read())
+
+
+def test_over_capacity_and_draining_ask_the_client_to_retry(
+    server: Server, base_url: str, client: openai.OpenAI, audio_file: Path
+) -> None:
+    assert server.running.http is not None
+    api = server.running.http.api
+    api.in_flight = server.running.servicer.config.max_http_requests
+    try:
+        with pytest.raises(openai.RateLimitError) as limited:
+            transcribe(client, audio_file, model="words")
+        assert limited.value.response.headers["retry-after"] == "1"
+    finally:
+        api.in_flight = 0
+    api.draining = True
+    try:
+        status, headers, body = http(f"{base_url}/models")
+        assert status == 503 and headers["retry-after"] == "1"
+        assert body["error"]["type"] == "server_error"
+    finally:
+        api.draining = False
+    status, _, body = http(f"{base_url}/nowhere")
+    assert status == 404 and set(body["error"]) == {"message", "type", "param", "code"}
+    assert http(f"{base_url}/models", token=None)[0] == 401
+
+
+def test_requests_are_counted_in_the_metrics(server: Server, client: openai.OpenAI) -> None:
+    client.models.list()
+    port = server.running.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    assert re.search(r'asr_requests_total\{code="200",method="ListModels"\} [1-9]', text)
+    assert re.search(r'asr_requests_total\{code="200",method="CreateTranscription"\} [1-9]', text)
+
+
+def readme_curl() -> list[str]:
+    """The README's curl commands for the HTTP API (its "Drop-in" section)."""
+    section = README.read_text().split("<!-- openai-curl -->")[1]
+    block = section.split("```")[1]
+    commands = " ".join(line.rstrip("\\") for line in block.splitlines()[1:])
+    return [c.strip() for c in commands.split("curl ") if c.strip()]
+
+
+def readme_python() -> str:
+    """The README's Python example for the HTTP API."""
+    section = README.read_text().split("### Drop-in: the OpenAI transcription API")[1]
+    return section.split("```python")[1].split("```")[0]
+
+
+def test_the_readmes_python_example_runs_as_written(
+    base_url: str, utterances: list[Utterance], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sf.write(tmp_path / "audio.flac", utterances[0].audio.numpy(), SAMPLE_RATE)
+    monkeypatch.chdir(tmp_path)
+    code = readme_python().replace("http://localhost:8000/v1", base_url)
+    code = code.replace('api_key="unused"', f"api_key={TOKEN!r}").replace('"ctc"', '"words"')
+    printed = io.StringIO()
+    monkeypatch.setattr("sys.stdout", printed)
+    exec(compile(code, "README.md", "exec"), {})
+    assert printed.getvalue().startswith(utterances[0].text + " ")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
+def test_the_readmes_curl_examples_run_as_written(
+    base_url: str, utterances: list[Utterance], tmp_path: Path
+) -> None:
+    # The README's commands against `make demo`'s server, with this test's port, file, model
+    # and token in their places.
+    sf.write(tmp_path / "audio.flac", utterances[0].audio.numpy(), SAMPLE_RATE)
+    outputs = []
+    for command in readme_curl():
+        command = command.replace("http://localhost:8000/v1", base_url)
+        command = command.replace("model=ctc", "model=words")
+        run = subprocess.run(
+            f"curl --fail-with-body -sS -H 'authorization: Bearer {TOKEN}' {command}",
+            shell=True,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, (command, run.stdout, run.stderr)
+        outputs.append(run.stdout)
+    assert len(outputs) >= 3
+    assert any('"object":"list"' in out for out in outputs)
+    assert any(" --> " in out for out in outputs)
+    assert any(utterances[0].text in out for out in outputs)
