@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from asr import load_model
 from asr.v1 import asr_pb2, asr_pb2_grpc
-from server import capacity
+from server import capacity, google_speech
 from server.auth import Continuation, TokenAuth
 from server.config import ServerConfig
 from server.engine import Engine, WorkerSettings
@@ -268,7 +268,7 @@ async def _listen(
 ) -> Running:
     size = config.max_message_bytes
     core_limit = min(CORE_LIMIT_FACTOR * size, MAX_CORE_LIMIT)
-    services = (SERVICE,)
+    services = (SERVICE, google_speech.SERVICE, google_speech.OPERATIONS)
     # Outermost first: every outcome is counted, auth's refusals included; auth answers
     # before a request is looked at.
     interceptors: list[grpc.aio.ServerInterceptor] = [CountOutcomes(metrics.requests, services)]
@@ -285,8 +285,11 @@ async def _listen(
     servicer = RecognizerServicer(models, engine, config, metrics)
     metrics.max_streams.set(config.max_concurrent_streams)
     asr_pb2_grpc.add_RecognizerServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers(google_speech.GoogleSpeech(servicer).handlers())
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Not Google's services: google-cloud-speech builds message descriptors only (no service
+    # in the pool), so reflection could list them but not describe them.
     reflection.enable_server_reflection(
         (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )

@@ -116,7 +116,9 @@ def outcome(context: grpc.aio.ServicerContext, err: BaseException | None) -> str
 
 
 class CountOutcomes(grpc.aio.ServerInterceptor):
-    """Counts each finished call of `services` in `counter` by (method, status code)."""
+    """Counts each finished call of `services` in `counter` by (method, status code): the
+    first service's methods by name (Recognize), the others' by their full name
+    (google.cloud.speech.v1.Speech/Recognize)."""
 
     def __init__(self, counter: Counter, services: tuple[str, ...]) -> None:
         self.counter = counter
@@ -131,7 +133,8 @@ class CountOutcomes(grpc.aio.ServerInterceptor):
         service, _, method = details.method.strip("/").partition("/")
         if handler is None or service not in self.services:
             return handler
-        return _counted(handler, lambda code: self.counter.labels(method, code).inc())
+        name = method if service == self.services[0] else f"{service}/{method}"
+        return _counted(handler, lambda code: self.counter.labels(name, code).inc())
 
 
 def _counted(handler: grpc.RpcMethodHandler, count: Callable[[str], None]) -> grpc.RpcMethodHandler:
