@@ -61,7 +61,7 @@ from server.config import ServerConfig
 from server.engine import Engine, WorkerLost
 from server.logs import fields, quoted
 from server.metrics import Metrics
-from server.servicer import Model
+from server.servicer import Model, succeeded
 
 log = logging.getLogger("asr.server")
 
@@ -281,23 +281,8 @@ class OpenAIApi:
         except Cancelled as err:
             raise ApiError(503, str(err)) from err
         latency = time.perf_counter() - started
-        rtf = model_seconds / max(seconds, 1e-3)
-        self.metrics.audio_seconds.labels(METHOD).inc(seconds)
-        self.metrics.latency.labels(METHOD).observe(latency)
-        self.metrics.rtf.labels(METHOD).observe(rtf)
-        log.info(
-            "%s done",
-            METHOD,
-            extra=fields(
-                request_id=request.state.request_id,
-                rpc=METHOD,
-                code="200",
-                model=model.name,
-                audio_s=round(seconds, 3),
-                latency_ms=round(latency * 1000, 1),
-                rtf=round(rtf, 4),
-            ),
-        )
+        rid = request.state.request_id
+        succeeded(self.metrics, METHOD, rid, model, seconds, latency, model_seconds, "200")
         segments = (Segment(0.0, seconds, transcript),) if transcript.text else ()
         result = FileResult(Item(id=name, path=Path(name)), seconds, segments)
         tokenizer = model.recognizer.bundle.tokenizer

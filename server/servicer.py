@@ -141,6 +141,38 @@ class Model:
         return self.recognizer.can_stream
 
 
+def succeeded(
+    metrics: Metrics,
+    method: str,
+    rid: str,
+    model: Model,
+    audio_seconds: float,
+    latency: float,
+    model_seconds: float,
+    code: str = "OK",
+) -> None:
+    """Metrics and the log line of a call that ended well (the HTTP API's too, `code` its
+    status). latency: Recognize: request to response; StreamingRecognize: last audio to
+    final result (queueing included)."""
+    rtf = model_seconds / max(audio_seconds, 1e-3)
+    metrics.audio_seconds.labels(method).inc(audio_seconds)
+    metrics.latency.labels(method).observe(latency)
+    metrics.rtf.labels(method).observe(rtf)
+    log.info(
+        "%s done",
+        method,
+        extra=fields(
+            request_id=rid,
+            rpc=method,
+            code=code,
+            model=model.name,
+            audio_s=round(audio_seconds, 3),
+            latency_ms=round(latency * 1000, 1),
+            rtf=round(rtf, 4),
+        ),
+    )
+
+
 class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
     def __init__(
         self, models: list[Model], engine: Engine, config: ServerConfig, metrics: Metrics
@@ -290,35 +322,6 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
         )
         raise AssertionError("context.abort returned")  # it always raises
 
-    def _succeeded(
-        self,
-        method: str,
-        rid: str,
-        model: Model,
-        audio_seconds: float,
-        latency: float,
-        model_seconds: float,
-    ) -> None:
-        """Metrics and the log line of a call that ended OK. latency: Recognize: request to
-        response; StreamingRecognize: last audio to final result (queueing included)."""
-        rtf = model_seconds / max(audio_seconds, 1e-3)
-        self.metrics.audio_seconds.labels(method).inc(audio_seconds)
-        self.metrics.latency.labels(method).observe(latency)
-        self.metrics.rtf.labels(method).observe(rtf)
-        log.info(
-            "%s done",
-            method,
-            extra=fields(
-                request_id=rid,
-                rpc=method,
-                code="OK",
-                model=model.name,
-                audio_s=round(audio_seconds, 3),
-                latency_ms=round(latency * 1000, 1),
-                rtf=round(rtf, 4),
-            ),
-        )
-
     # -- RPCs -------------------------------------------------------------------------------
 
     async def Recognize(  # noqa: N802 (gRPC method name)
@@ -350,7 +353,7 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
         except Exception as err:
             await self._fail(context, err, rid, "Recognize")
         latency = time.perf_counter() - started
-        self._succeeded("Recognize", rid, model, seconds, latency, model_seconds)
+        succeeded(self.metrics, "Recognize", rid, model, seconds, latency, model_seconds)
         result = asr_pb2.SpeechRecognitionResult(
             alternatives=to_alternatives(
                 transcript, word_time_offsets=request.config.enable_word_time_offsets
@@ -436,8 +439,14 @@ class RecognizerServicer(asr_pb2_grpc.RecognizerServicer):
                 latency = time.perf_counter() - started  # last audio to final result
                 for response in self._responses(results, rid, config):
                     yield response
-                self._succeeded(
-                    "StreamingRecognize", rid, model, pcm.seconds, latency, model_seconds + spent
+                succeeded(
+                    self.metrics,
+                    "StreamingRecognize",
+                    rid,
+                    model,
+                    pcm.seconds,
+                    latency,
+                    model_seconds + spent,
                 )
         except Exception as err:
             await self._fail(context, err, rid, "StreamingRecognize")
