@@ -26,6 +26,7 @@ from asr.bundle import Bundle
 from asr.recognizer import Recognizer
 from server.config import ServerConfig
 from server.servicer import Model
+from tests.certs import make_tls_files
 from tests.test_server import Server
 from tests.word_corpus import Utterance, WordCorpus
 
@@ -261,3 +262,49 @@ def test_the_readmes_example_runs_as_written(
     text = utterances[0].text
     assert lines[:2] == [text, text]  # Recognize, LongRunningRecognize
     assert lines[-1] == f"final {text}" and any(line.startswith("interim ") for line in lines)
+
+
+def test_over_tls_with_the_token_and_compressed_encodings(
+    word_model: Bundle, utterances: list[Utterance], tmp_path: Path
+) -> None:
+    ca, cert, key = make_tls_files(tmp_path)
+    config = ServerConfig(
+        models=(("words", "<memory>"),),
+        port=0,
+        tls_cert=str(cert),
+        tls_key=str(key),
+        auth_token=TOKEN,
+        max_concurrent_streams=2,
+        workers=1,
+    )
+    srv = Server(config, [Model("words", Recognizer(word_model))])
+    try:
+        credentials = grpc.composite_channel_credentials(
+            grpc.ssl_channel_credentials(root_certificates=ca.read_bytes()),
+            grpc.access_token_call_credentials(TOKEN),
+        )
+        channel = grpc.secure_channel(f"localhost:{srv.running.port}", credentials)
+        client: Any = speech.SpeechClient(transport=SpeechGrpcTransport(channel=channel))
+        utt = utterances[0]
+        response = client.recognize(
+            config=speech.RecognitionConfig(encoding=Encoding.FLAC, language_code="en-US"),
+            audio=speech.RecognitionAudio(content=flac(utt.audio)),
+        )
+        assert response.results[0].alternatives[0].transcript == utt.text
+        # Ogg Opus and MP3 are decoded from their containers (lossy: only that they decode
+        # to the whole utterance is certain)
+        duration = utt.audio.numel() / SAMPLE_RATE
+        for encoding, fmt, subtype in (
+            (Encoding.OGG_OPUS, "OGG", "OPUS"),
+            (Encoding.MP3, "MP3", "MPEG_LAYER_III"),
+        ):
+            buf = io.BytesIO()
+            sf.write(buf, utt.audio.numpy(), SAMPLE_RATE, format=fmt, subtype=subtype)
+            response = client.recognize(
+                config=speech.RecognitionConfig(encoding=encoding, language_code="en-US"),
+                audio=speech.RecognitionAudio(content=buf.getvalue()),
+            )
+            end = response.total_billed_time.total_seconds()
+            assert end == pytest.approx(duration, abs=0.1), fmt
+    finally:
+        srv.stop()
