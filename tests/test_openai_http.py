@@ -5,14 +5,17 @@ and statuses, and a server that keeps serving after bad requests."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import re
 import shutil
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any, cast
 
@@ -270,3 +273,52 @@ def test_the_readmes_curl_examples_run_as_written(
     assert any('"object":"list"' in out for out in outputs)
     assert any(" --> " in out for out in outputs)
     assert any(utterances[0].text in out for out in outputs)
+
+
+def post(base_url: str, body: bytes | Iterator[bytes], headers: dict[str, str]) -> tuple[int, Any]:
+    """A raw POST to the transcriptions route (chunked when `body` is an iterator)."""
+    url = urllib.parse.urlsplit(base_url)
+    connection = HTTPConnection(url.hostname or "", url.port, timeout=30)
+    try:
+        chunked = not isinstance(body, bytes)
+        connection.request(
+            "POST",
+            f"{url.path}/audio/transcriptions",
+            body=body,
+            headers={"authorization": f"Bearer {TOKEN}", **headers},
+            encode_chunked=chunked,
+        )
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_hostile_forms_get_clear_errors(base_url: str, audio_file: Path) -> None:
+    boundary = "b0undary"
+    multipart = {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+    def part(name: str, data: bytes, filename: str | None = None) -> bytes:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        return (
+            f"--{boundary}\r\ncontent-disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+        )
+
+    audio = audio_file.read_bytes()
+    two_files = (
+        part("file", audio, "a.wav") + part("file", audio, "b.wav") + f"--{boundary}--\r\n".encode()
+    )
+    status, body = post(base_url, two_files, multipart)
+    assert status == 400 and "files" in body["error"]["message"]
+    status, body = post(base_url, b"garbage", multipart)
+    assert status == 400 and body["error"]["message"].startswith("bad multipart form")
+    status, body = post(base_url, b'{"file": "x"}', {"content-type": "application/json"})
+    assert status == 400 and "multipart/form-data" in body["error"]["message"]
+    # no content-length: the limit holds while the body streams in
+    head = part("file", b"", "big.wav")[:-2]  # one file part whose data keeps coming
+    endless = itertools.chain([head], (b"\0" * 100_000 for _ in range(30)))
+    status, body = post(base_url, endless, multipart)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    ok = part("file", audio, "a.wav") + f"--{boundary}--\r\n".encode()
+    status, body = post(base_url, ok, multipart)
+    assert status == 200 and body["text"]
