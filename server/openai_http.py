@@ -72,6 +72,7 @@ ENGLISH = ("", "en", "english")
 CUE_WORDS = 12  # words per verbose_json segment and subtitle cue at most (as asr transcribe)
 RETRY_AFTER = "1"  # seconds, on 429 and 503
 METHOD = "CreateTranscription"  # the metrics' method label (OpenAI's operation name)
+CUT_OFF_SECONDS = 1  # after the drain's grace, requests still running get this, then cancelled
 MAX_FIELDS = 32  # form fields a request may have (the client sends 7 at most)
 
 
@@ -474,8 +475,11 @@ class HttpServer:
     async def stop(self, grace: float) -> None:
         """New requests get 503; those in flight get `grace` seconds; then it closes."""
         self.api.draining = True
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(self.api.idle.wait(), grace)
+        except TimeoutError:  # what still runs is cancelled, as gRPC's calls are (uvicorn
+            # would otherwise wait for it without end)
+            self.server.config.timeout_graceful_shutdown = CUT_OFF_SECONDS
         self.server.should_exit = True
         if self.task is not None:
             await asyncio.gather(self.task, return_exceptions=True)

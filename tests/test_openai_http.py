@@ -4,6 +4,7 @@ and statuses, and a server that keeps serving after bad requests."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
 import json
@@ -11,10 +12,13 @@ import random
 import re
 import shutil
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any, cast
@@ -28,6 +32,7 @@ import torch
 from asr.audio import SAMPLE_RATE
 from asr.bundle import Bundle
 from asr.recognizer import Recognizer
+from server import openai_http
 from server.config import ServerConfig
 from server.servicer import Model
 from tests.test_server import Server
@@ -322,3 +327,42 @@ def test_hostile_forms_get_clear_errors(base_url: str, audio_file: Path) -> None
     ok = part("file", audio, "a.wav") + f"--{boundary}--\r\n".encode()
     status, body = post(base_url, ok, multipart)
     assert status == 200 and body["text"]
+
+
+def test_a_drain_answers_503_then_cuts_off_what_outlives_the_grace(
+    word_model: Bundle, audio_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    real = openai_http.load_audio
+
+    def slow(*args: Any, **kwargs: Any) -> Any:  # a request that outlives the grace
+        gate.wait(20)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(openai_http, "load_audio", slow)
+    config = ServerConfig(
+        models=(("words", "<memory>"),), port=0, http_port=0, max_concurrent_streams=2, workers=1
+    )
+    srv = Server(config, [Model("words", Recognizer(word_model))])
+    assert srv.running.http is not None
+    api, base = srv.running.http.api, f"http://127.0.0.1:{srv.running.http.port}/v1"
+    client = openai.OpenAI(base_url=base, api_key="x", max_retries=0, timeout=20)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(transcribe, client, audio_file, model="words")
+        for _ in range(200):
+            if api.in_flight:
+                break
+            time.sleep(0.05)
+        began = time.monotonic()
+        stopping = asyncio.run_coroutine_threadsafe(srv.running.stop(1.0), srv.loop)
+        while not api.draining:
+            time.sleep(0.01)
+        status, headers, _ = http(f"{base}/models", token=None)
+        assert status == 503 and headers["retry-after"] == "1"
+        stopping.result(timeout=20)
+        assert time.monotonic() - began < 5  # the grace and the cut-off, not the request
+        gate.set()
+        with pytest.raises(openai.APIError):  # cut off: no transcript
+            pending.result(timeout=30)
+    srv.loop.call_soon_threadsafe(srv.loop.stop)
+    srv.thread.join(timeout=10)
