@@ -86,7 +86,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -284,11 +284,7 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and its running descendants (the server's model
     worker processes), all threads (Linux /proc)."""
     total = 0.0
-    for proc in _tree(pid):
-        try:
-            stat = Path(f"/proc/{proc}/stat").read_text()
-        except OSError:  # it has just exited
-            continue
+    for stat in _tree_files(pid, "stat"):
         fields = stat.rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
@@ -298,15 +294,21 @@ def memory_bytes(pid: int) -> int:
     """Proportional set size of a process and its descendants (Linux smaps_rollup): memory
     pages shared by the forked model workers (the weights) counted once between them."""
     total = 0
-    for proc in _tree(pid):
-        try:
-            rollup = Path(f"/proc/{proc}/smaps_rollup").read_text()
-        except OSError:  # it has just exited
-            continue
+    for rollup in _tree_files(pid, "smaps_rollup"):
         for line in rollup.splitlines():
             if line.startswith("Pss:"):
                 total += int(line.split()[1]) * 1024
     return total
+
+
+def _tree_files(pid: int, name: str) -> Iterator[str]:
+    """/proc/PID/`name` of `pid` and each running descendant (one that has just exited is
+    skipped)."""
+    for proc in _tree(pid):
+        try:
+            yield Path(f"/proc/{proc}/{name}").read_text()
+        except OSError:
+            continue
 
 
 def _tree(pid: int) -> list[int]:

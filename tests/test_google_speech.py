@@ -27,7 +27,7 @@ from asr.recognizer import Recognizer
 from server.config import ServerConfig
 from server.servicer import Model
 from tests.certs import make_tls_files
-from tests.test_server import Server
+from tests.test_server import Server, flac, pcm16
 from tests.word_corpus import Utterance, WordCorpus
 
 TOKEN = "g00gle"
@@ -74,16 +74,6 @@ def speech_client(target: str, token: str | None = TOKEN) -> Any:
 @pytest.fixture(scope="module")
 def client(server: Server) -> Any:
     return speech_client(server.target)
-
-
-def flac(audio: torch.Tensor) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, audio.numpy(), SAMPLE_RATE, format="FLAC")
-    return buf.getvalue()
-
-
-def pcm16(audio: torch.Tensor) -> bytes:
-    return (audio.clamp(-1, 1) * 32767).to(torch.int16).numpy().tobytes()
 
 
 def test_recognize_with_words_and_confidences(client: Any, utterances: list[Utterance]) -> None:
