@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from asr.calibration import Calibration
+from asr.calibration import KEY, LM_KEY, Calibration
 from asr.features import CMVN, FeatureConfig
 from asr.models import build_model, count_parameters
 from asr.models.base import attach_cmvn
@@ -60,7 +60,13 @@ class Bundle:
     @property
     def calibration(self) -> Calibration | None:
         """The word confidence calibration export fitted (None: confidences are raw)."""
-        return Calibration.from_bundle(self.config)
+        return Calibration.from_bundle(self.config, KEY)
+
+    @property
+    def lm_calibration(self) -> Calibration | None:
+        """The one fitted on decodes with a language model fused (`asr export --lm`), for
+        LM-fused transcripts (None: they keep raw confidences)."""
+        return Calibration.from_bundle(self.config, LM_KEY)
 
 
 def git_commit() -> str:
@@ -91,6 +97,7 @@ def write_bundle(
     results: dict[str, Any],
     decoding: dict[str, Any] | None = None,
     calibration: Calibration | None = None,
+    lm_calibration: Calibration | None = None,
 ) -> Path:
     """Write a bundle; the weights are checked to load into the rebuilt model first."""
     model = build_model(model_type, model_config)
@@ -113,7 +120,11 @@ def write_bundle(
         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
         "decoding": decoding or {},
         # Absent without one: such bundles report raw confidences, as before calibration.
-        **({"calibration": calibration.to_bundle()} if calibration is not None else {}),
+        **{
+            key: cal.to_bundle()
+            for key, cal in ((KEY, calibration), (LM_KEY, lm_calibration))
+            if cal is not None
+        },
         "training": {
             **training,
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -158,7 +169,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     except (KeyError, TypeError, RuntimeError) as err:
         raise BundleError(f"{root}: cannot rebuild the model ({err})") from err
     try:
-        Calibration.from_bundle(config)
+        for key in (KEY, LM_KEY):
+            Calibration.from_bundle(config, key)
     except ValueError as err:
         raise BundleError(f"{root / FILES[0]}: {err}") from err
     model.to(device).eval()

@@ -248,6 +248,17 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         default=300,
         help="calibrate on at most this many of its utterances, evenly spaced",
     )
+    p.add_argument(
+        "--lm",
+        type=Path,
+        help="also calibrate for decoding with this language model fused (an LM bundle or "
+        "ARPA file; serve with the same --lm): LM-fused words get their own calibration",
+    )
+    p.add_argument(
+        "--lm-weight",
+        type=float,
+        help=f"the LM weight to calibrate at (default {DEFAULT_LM_WEIGHT})",
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -258,6 +269,8 @@ def _run_export(args: argparse.Namespace) -> int:
         calibrate=not args.no_calibrate,
         calibration_manifest=args.calibration_manifest,
         calibration_utterances=args.calibration_utterances,
+        lm=args.lm,
+        lm_weight=args.lm_weight,
     )
     results = json.loads((out / "config.json").read_text())["results"]
     dev = results["dev"]
@@ -265,15 +278,17 @@ def _run_export(args: argparse.Namespace) -> int:
         f"{out}: bundle written; dev WER {dev['wer']:.2f} %, CER {dev['cer']:.2f} % "
         f"({dev['utterances']} utterances, greedy)"
     )
-    cal = results.get("calibration")
-    if cal is not None and "skipped" in cal:
-        print(f"word confidence left uncalibrated: {cal['skipped']}")
-    elif cal is not None:
-        print(
-            f"word confidence calibrated on {cal['words']} words of {cal['utterances']} dev "
-            f"utterances ({cal['method']}, {cal['word_accuracy']:.1%} right): "
-            f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}"
-        )
+    for key, what in (("calibration", ""), ("lm_calibration", " with the LM")):
+        cal = results.get(key)
+        if cal is not None and "skipped" in cal:
+            print(f"word confidence{what} left uncalibrated: {cal['skipped']}")
+        elif cal is not None:
+            print(
+                f"word confidence{what} calibrated on {cal['words']} words of "
+                f"{cal['utterances']} dev utterances ({cal['method']}, "
+                f"{cal['word_accuracy']:.1%} right): "
+                f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}"
+            )
     return 0
 
 

@@ -9,6 +9,7 @@ Streaming runs its second pass through the same methods.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
@@ -49,6 +50,8 @@ from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.models.las import LAS, EncoderOutput
 from asr.text import normalize_text
 from asr.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class CTCModel(Protocol):
@@ -222,7 +225,8 @@ class Recognizer:
     """A loaded bundle (plus, for two-pass CTC decoding, a LAS bundle) and decoding options.
 
     `calibration` (the bundle's; None reports raw confidences) maps the raw word confidences
-    of every transcript it makes, whole-utterance or a stream's final, to calibrated ones.
+    of every transcript it makes, whole-utterance or a stream's final, to calibrated ones;
+    `lm_calibration` those of transcripts decoded with the LM fused (`calibration_for`).
     `lm`: a language model every search fuses at `options.lm_weight` (without options,
     `DEFAULT_LM_WEIGHT` with the length bonus that goes with the LM).
     """
@@ -241,6 +245,13 @@ class Recognizer:
         # Hotword graphs of recent requests (a server sees the same phrase lists again).
         self._hotwords = lru_cache(maxsize=64)(self._compile_hotwords)
         self.calibration: Calibration | None = bundle.calibration
+        self.lm_calibration: Calibration | None = bundle.lm_calibration
+        if lm is not None and self.calibration is not None and self.lm_calibration is None:
+            log.warning(
+                "%s has no word confidence calibration for decoding with a language model "
+                "(asr export --lm fits one): LM-fused words keep their raw confidences",
+                bundle.path,
+            )
         if rescorer is not None:
             if rescorer.model_type != "las":
                 raise BundleError(f"{rescorer.path}: a rescoring bundle must be LAS")
@@ -261,6 +272,13 @@ class Recognizer:
             bonus = lm.length_bonus(weight)
             self.options = replace(self.options, lm_weight=weight, length_bonus=bonus)
         self.check(self.options)
+
+    def calibration_for(self, options: DecodeOptions) -> Calibration | None:
+        """The calibration of transcripts decoded with `options`: the one fitted with a
+        language model when the LM is fused (the other does not carry over, `asr.calibration`)."""
+        if self.lm is not None and options.lm_weight != 0:
+            return self.lm_calibration
+        return self.calibration
 
     def fusion(self, options: DecodeOptions) -> Fusion | None:
         """The scorers `options` asks the searches to add (None: none)."""
@@ -435,8 +453,8 @@ class Recognizer:
                 energy,
                 offset=offset,
             )
-            if self.calibration is not None:
-                words = self.calibration.apply(words)
+            if (calibration := self.calibration_for(opts)) is not None:
+                words = calibration.apply(words)
         return build_transcript(self.bundle.tokenizer, hyps[: opts.nbest], words)
 
 

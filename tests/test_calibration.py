@@ -5,6 +5,7 @@ applied by the recognizer (batch, streamed and at export), and bundles without o
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -20,8 +21,10 @@ from asr.decoding.alignment import word_timings
 from asr.decoding.options import DecodeOptions, Hypothesis, Transcript, WordTiming
 from asr.evaluation import confidence_scores, decode_line, score_decode, spread
 from asr.features import CMVN, FeatureConfig
+from asr.language_model import DEFAULT_LM_WEIGHT, load_language_model
 from asr.metrics import error_rates
 from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCConfig
+from asr.models.ngram import write_arpa
 from asr.recognizer import Posteriors, Recognizer
 from asr.streaming import StreamingSession
 from asr.tokenizer import Tokenizer
@@ -277,6 +280,89 @@ def test_a_bundle_with_an_unknown_calibration_is_refused(
             load_bundle(copy)
 
 
+def test_a_bad_lm_calibration_is_refused_at_load(
+    tiny: tuple[Path, Path, Calibration], tmp_path: Path
+) -> None:
+    _, calibrated_dir, _ = tiny
+    copy = tmp_path / "bundle"
+    copy.mkdir()
+    for f in calibrated_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    config = json.loads((copy / "config.json").read_text())
+    entry = {"version": 1, "method": "platt", "word_weight": 0.0}
+    (copy / "config.json").write_text(json.dumps(config | {"lm_calibration": entry}))
+    with pytest.raises(BundleError, match=r"lm_calibration: .*word_weight must be > 0"):
+        load_bundle(copy)
+
+
+@pytest.fixture(scope="module")
+def both(
+    tiny: tuple[Path, Path, Calibration], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, Calibration]:
+    """The tiny model with both calibrations, and a word 3-gram over its words."""
+    raw_dir, _, calibration = tiny
+    raw = load_bundle(raw_dir)
+    assert isinstance(raw.model, BiLSTMCTC)
+    lm_calibration = Calibration(word_weight=0.5, utterance_weight=1.0, bias=1.5)
+    out = write_bundle(
+        tmp_path_factory.mktemp("both") / "bundle",
+        model_type="ctc",
+        model_config=raw.model.config.to_dict(),
+        weights=raw.model.state_dict(),
+        tokenizer=raw.tokenizer,
+        cmvn=raw.cmvn,
+        feature_config=raw.feature_config,
+        training=TRAINING,
+        results={},
+        calibration=calibration,
+        lm_calibration=lm_calibration,
+    )
+    arpa = write_arpa([" ".join(WORDS)] * 3, tmp_path_factory.mktemp("lm") / "lm.arpa")
+    return out, arpa, lm_calibration
+
+
+def test_lm_fused_transcripts_get_the_lm_calibration(
+    tiny: tuple[Path, Path, Calibration], both: tuple[Path, Path, Calibration]
+) -> None:
+    _, _, calibration = tiny
+    bundle_dir, arpa, lm_calibration = both
+    stored = json.loads((bundle_dir / "config.json").read_text())
+    assert stored["lm_calibration"] == {"version": 1, "method": "platt"} | lm_calibration.to_dict()
+    bundle = load_bundle(bundle_dir)
+    assert (bundle.calibration, bundle.lm_calibration) == (calibration, lm_calibration)
+    lm = load_language_model(arpa, bundle.tokenizer)
+    fused, plain = Recognizer(bundle, lm=lm), Recognizer(bundle)
+    on, off = DecodeOptions(lm_weight=0.5), DecodeOptions(lm_weight=0.0)
+    assert fused.calibration_for(on) == lm_calibration
+    assert fused.calibration_for(off) == calibration  # weight 0: no LM in the search
+    assert plain.calibration_for(on) == calibration  # no LM to fuse
+    for rec, options, expected in ((fused, on, lm_calibration), (fused, off, calibration)):
+        generator = torch.Generator().manual_seed(3)
+        log_probs = torch.randn(1, 80, bundle.tokenizer.vocab_size, generator=generator) * 3
+        ctc = Posteriors(log_probs.log_softmax(-1), torch.tensor([80]), 4)
+        tokens = tuple(bundle.tokenizer.encode(" ".join(WORDS)))
+        t = rec.transcript([Hypothesis(tokens, -1.0)], options, ctc, 0, None)
+        raw = [w.raw_confidence for w in t.words if w.raw_confidence is not None]
+        assert len(raw) == len(t.words) == len(WORDS)
+        assert [w.confidence for w in t.words] == expected.confidences(raw)
+
+
+def test_an_lm_without_its_calibration_leaves_fused_words_raw(
+    tiny: tuple[Path, Path, Calibration],
+    both: tuple[Path, Path, Calibration],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, calibrated_dir, calibration = tiny
+    _, arpa, _ = both
+    bundle = load_bundle(calibrated_dir)
+    assert bundle.lm_calibration is None
+    with caplog.at_level(logging.WARNING, logger="asr.recognizer"):
+        rec = Recognizer(bundle, lm=load_language_model(arpa, bundle.tokenizer))
+    assert "asr export --lm" in caplog.text and str(calibrated_dir) in caplog.text
+    assert rec.calibration_for(DecodeOptions(lm_weight=0.5)) is None
+    assert rec.calibration_for(DecodeOptions()) == calibration
+
+
 # ---------------------------------------------------------------------------------------------
 # The decode report
 
@@ -413,3 +499,30 @@ def test_export_fits_calibration_on_dev_and_the_recognizer_applies_it(
     assert all(not r.transcript.words for r in results if not r.is_final)  # partials: no words
     plain = Recognizer(load_bundle(plain_dir)).transcribe(utt.audio)
     assert [w.confidence for w in plain.words] == [w.raw_confidence for w in whole.words]
+    assert "lm_calibration" not in config
+
+    # With --lm: a second calibration, fitted on dev decoded with the LM, for fused decodes.
+    texts = [json.loads(line)["text"] for line in word_dev.read_text().splitlines()]
+    arpa = write_arpa(texts, tmp_path / "lm.arpa")
+    with pytest.raises(ValueError, match="only used to calibrate"):
+        export_experiment(exp, tmp_path / "nope", calibrate=False, lm=arpa)
+    with pytest.raises(BundleError, match="no such language model"):
+        export_experiment(exp, tmp_path / "nope", lm=tmp_path / "missing.arpa")
+    assert not (tmp_path / "nope").exists()
+    fused_dir = export_experiment(exp, tmp_path / "fused", calibration_utterances=8, lm=arpa)
+    config = json.loads((fused_dir / "config.json").read_text())
+    report = config["results"]["lm_calibration"]
+    assert report["lm"] == str(arpa) and report["lm_weight"] == DEFAULT_LM_WEIGHT
+    assert report["utterances"] == 8 and report["words"] > 0 and "ece_after" in report
+    assert (
+        config["calibration"] == json.loads((bundle_dir / "config.json").read_text())["calibration"]
+    )
+    fused_bundle = load_bundle(fused_dir)
+    lm_calibration = fused_bundle.lm_calibration
+    assert lm_calibration is not None
+    fused = Recognizer(fused_bundle, lm=load_language_model(arpa, fused_bundle.tokenizer))
+    assert fused.options.lm_weight == DEFAULT_LM_WEIGHT
+    heard = fused.transcribe(utt.audio)
+    raw = [w.raw_confidence for w in heard.words if w.raw_confidence is not None]
+    assert raw and len(raw) == len(heard.words)
+    assert [w.confidence for w in heard.words] == lm_calibration.confidences(raw)

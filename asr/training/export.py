@@ -4,16 +4,18 @@ word confidence calibration on dev (`asr.calibration`), write."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from asr.bundle import Bundle, write_bundle
+from asr.calibration import Calibration
 from asr.data.manifest import read_manifest
 from asr.evaluation import evaluate, fit_calibration
 from asr.features import CMVN
+from asr.language_model import DEFAULT_LM_WEIGHT, load_language_model
 from asr.models import build_model
 from asr.models.base import attach_cmvn, offers
 from asr.recognizer import Recognizer, default_options
@@ -55,6 +57,8 @@ def export_experiment(
     calibrate: bool = True,
     calibration_manifest: str | Path | None = None,
     calibration_utterances: int = 300,
+    lm: str | Path | None = None,
+    lm_weight: float | None = None,
 ) -> Path:
     """Write a bundle from the newest `average` checkpoints of `exp_dir`, with dev results of
     the averaged weights (so the bundle's numbers describe exactly what it contains).
@@ -62,12 +66,21 @@ def export_experiment(
     With `calibrate`, word confidences are calibrated on `calibration_utterances` (evenly
     spaced) of `calibration_manifest` (default: the experiment's dev set) decoded with the
     bundle's default decoding; config.json's results["calibration"] says on what, and the
-    words' ECE before and after (or why there is none: a model that gives no words)."""
+    words' ECE before and after (or why there is none: a model that gives no words).
+
+    With `lm` (an LM bundle or ARPA file, `asr.language_model`), a second calibration is
+    fitted on the same utterances decoded with it fused at `lm_weight` (default
+    DEFAULT_LM_WEIGHT, with its length bonus), for LM-fused transcripts; results
+    ["lm_calibration"] reports it. The LM itself stays outside the bundle (`asr serve --lm`)."""
     if calibration_utterances < 1:
         raise ValueError(f"calibration utterances must be >= 1, got {calibration_utterances}")
+    if lm is not None and not calibrate:
+        raise ValueError("an LM is only used to calibrate for it: drop it or calibrate")
     exp_path = Path(exp_dir)
     experiment, weights, training = average_checkpoints(exp_path, average)
     tokenizer = Tokenizer.load(exp_path / "tokenizer.model")
+    # Before any decoding: an unusable LM fails now, not after the first calibration.
+    fused = load_language_model(lm, tokenizer) if lm is not None else None
     cmvn = CMVN.load(exp_path / "cmvn.json")
 
     model = build_model(experiment.model_type, experiment.model_config)
@@ -84,20 +97,35 @@ def export_experiment(
     )
     results: dict[str, Any] = {"dev": dev_eval.summary() | {"manifest": experiment.dev_manifest}}
     decoding = default_options(offers(model))
-    calibration = None
+    calibration = lm_calibration = None
     if calibrate:
         bundle = Bundle(
             exp_path, experiment.model_type, model, tokenizer, cmvn, experiment.feature_config, {}
         )
         manifest = str(calibration_manifest or experiment.dev_manifest)
         heard = dev if manifest == experiment.dev_manifest else read_manifest(manifest)
-        calibration, report = fit_calibration(
-            Recognizer(bundle, decoding),
-            heard,
-            max_utterances=calibration_utterances,
-            max_frames=experiment.train.max_frames,
-        )
+
+        def fit_on(recognizer: Recognizer) -> tuple[Calibration | None, dict[str, Any]]:
+            return fit_calibration(
+                recognizer,
+                heard,
+                max_utterances=calibration_utterances,
+                max_frames=experiment.train.max_frames,
+            )
+
+        calibration, report = fit_on(Recognizer(bundle, decoding))
         results["calibration"] = report | {"manifest": manifest, "method": decoding.method}
+        if fused is not None:
+            weight = DEFAULT_LM_WEIGHT if lm_weight is None else lm_weight
+            options = replace(decoding, lm_weight=weight, length_bonus=fused.length_bonus(weight))
+            lm_calibration, report = fit_on(Recognizer(bundle, options, lm=fused))
+            results["lm_calibration"] = report | {
+                "manifest": manifest,
+                "method": decoding.method,
+                "lm": str(lm),
+                "lm_weight": weight,
+                "length_bonus": options.length_bonus,
+            }
     train_utts = read_manifest(experiment.train_manifest)
     training["train_hours"] = round(sum(u.duration for u in train_utts) / 3600, 3)
     return write_bundle(
@@ -112,4 +140,5 @@ def export_experiment(
         results=results,
         decoding=asdict(decoding),
         calibration=calibration,
+        lm_calibration=lm_calibration,
     )

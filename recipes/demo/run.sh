@@ -17,13 +17,16 @@
 #              reading each training sentence (with rate and pitch jitter); 2 of them read the
 #              held-out sentences (dev, "heldout-sentences"); a voice of a kind of synthesis
 #              never heard in training, festival's HTS slt, reads them too ("heldout-engine")
-#   3 prepare  asr prepare, asr tokenizer (characters), asr cmvn (3 s sliding window)
+#   3 prepare  asr prepare, asr tokenizer (characters), asr cmvn (3 s sliding window), asr lm
+#              ngram (a word 3-gram of the training sentences only)
 #   4 train    asr train --model ctc --preset cpu-small with noise, reverb, channel, pitch and
 #              VTLP augmentation (resumes if interrupted)
-#   5 export   asr export -> WORK/bundle
-#   6 serve    asr serve --model demo=WORK/bundle; python -m asr.healthcheck waits for SERVING
+#   5 export   asr export -> WORK/bundle (word confidences calibrated without and with the LM)
+#   6 serve    asr serve --model demo=WORK/bundle --lm demo=WORK/data/lm.arpa; python -m
+#              asr.healthcheck waits for SERVING
 #   7 stream   asr client --stream --realtime on a held-out sentence in the held-out engine's voice
-#   8 score    asr decode on both held-out sets (summary line: WER, CER, errors)
+#   8 score    asr decode on both held-out sets, without and with the LM (summary line: WER,
+#              CER, errors)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -142,7 +145,7 @@ if ! done_stamp synth; then
 fi
 
 if ! done_stamp prepare; then
-  say "3/8 prepare: manifests, character tokenizer, feature statistics"
+  say "3/8 prepare: manifests, character tokenizer, feature statistics, word 3-gram LM"
   run "$asr" prepare --librispeech-root "$corpus" --subsets train,heldout-sentences,heldout-engine \
     --out "$manifests" --jobs "$jobs"
   run "$asr" tokenizer --manifest "$manifests/train.jsonl" --kind char --vocab-size 64 \
@@ -152,6 +155,11 @@ if ! done_stamp prepare; then
     --jobs "$jobs"
   mark prepare
 fi
+# Words of the training sentences only, so it cannot know the held-out ones; what it adds is
+# spelling: the acoustic model gets most characters of an unheard voice right and the LM turns
+# them into words. (Outside step 3's stamp: a WORK prepared before the demo had one gets it.)
+[[ -f $data/lm.arpa ]] || run "$asr" lm ngram --text "$work/text/train.txt" --order 3 \
+  --out "$data/lm.arpa"
 
 if ! done_stamp train; then
   say "4/8 train: BiLSTM-CTC (cpu-small preset), $epochs epochs; the longest step (~10 min on 2 cores)"
@@ -170,7 +178,7 @@ fi
 
 if ! done_stamp export; then
   say "5/8 export: average the last checkpoints into a self-describing bundle"
-  run "$asr" export --exp-dir "$exp" --average 3 --out "$bundle"
+  run "$asr" export --exp-dir "$exp" --average 3 --out "$bundle" --lm "$data/lm.arpa"
   mark export
 fi
 if [[ ${#reused[@]} -gt 0 ]]; then
@@ -201,7 +209,7 @@ stop_server() {
 }
 trap stop_server EXIT
 trap 'exit 130' INT TERM  # the EXIT trap still stops the server
-"$asr" serve --model "demo=$bundle" --port "$port" > "$server_log" 2>&1 &
+"$asr" serve --model "demo=$bundle" --lm "demo=$data/lm.arpa" --port "$port" > "$server_log" 2>&1 &
 server_pid=$!
 # The port comes from the server's first line (so --port 0 works and a busy port fails loudly).
 target=
@@ -222,17 +230,19 @@ echo "reference: $reference"
 run "$asr" client --server "$target" --model demo --stream --realtime "$work/heldout.flac"
 stop_server
 
-say "8/8 score: WER on the held-out sentences (training voices, then the held-out engine)"
+say "8/8 score: WER on the held-out sentences (training voices, then the held-out engine), without and with the LM"
 for set in heldout-sentences heldout-engine; do
-  out=$("$asr" decode --model "$bundle" --manifest "$manifests/$set.jsonl" \
-    --out "$work/decode/$set" --name "$set" 2>&1) || { echo "$out" >&2; exit 1; }
-  tail -n 1 <<< "$out"  # the summary line; errors.txt beside it lists the worst utterances
+  for lm in "" "$data/lm.arpa"; do
+    out=$("$asr" decode --model "$bundle" --manifest "$manifests/$set.jsonl" ${lm:+--lm "$lm"} \
+      --out "$work/decode/$set${lm:+-lm}" --name "$set" 2>&1) || { echo "$out" >&2; exit 1; }
+    tail -n 1 <<< "$out"  # the summary line; errors.txt beside it lists the worst utterances
+  done
 done
 
 say "done in $(( $(date +%s) - start )) s; what was built is in $work"
 printf '  %s\n' "${times[@]}"
 cat <<EOF
-  serve it:     $asr serve --model demo=$bundle
+  serve it:     $asr serve --model demo=$bundle --lm demo=$data/lm.arpa
   stream to it: $asr client --stream --realtime $work/heldout.flac
   in Docker:    docker compose -f docker/docker-compose.yml up --build --exit-code-from client
   start over:   make demo DEMO_ARGS=--fresh
