@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from asr.calibration import KEY, LM_KEY, Calibration
+from asr.calibration import KEY, LM_FINGERPRINT, LM_KEY, Calibration
 from asr.features import CMVN, FeatureConfig
 from asr.models import build_model, count_parameters
 from asr.models.base import attach_cmvn
@@ -64,9 +64,14 @@ class Bundle:
 
     @property
     def lm_calibration(self) -> Calibration | None:
-        """The one fitted on decodes with a language model fused (`asr export --lm`), for
-        LM-fused transcripts (None: they keep raw confidences)."""
+        """The one fitted on decodes with a language model fused (`asr export --lm`)."""
         return Calibration.from_bundle(self.config, LM_KEY)
+
+    @property
+    def lm_fingerprint(self) -> str | None:
+        """The sha256 of the LM `lm_calibration` was fitted with (`LanguageModel.fingerprint`)."""
+        entry = self.config.get(LM_KEY)
+        return entry.get(LM_FINGERPRINT) if isinstance(entry, dict) else None
 
 
 def git_commit() -> str:
@@ -98,6 +103,7 @@ def write_bundle(
     decoding: dict[str, Any] | None = None,
     calibration: Calibration | None = None,
     lm_calibration: Calibration | None = None,
+    lm_fingerprint: str | None = None,
 ) -> Path:
     """Write a bundle; the weights are checked to load into the rebuilt model first."""
     model = build_model(model_type, model_config)
@@ -120,11 +126,10 @@ def write_bundle(
         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
         "decoding": decoding or {},
         # Absent without one: such bundles report raw confidences, as before calibration.
-        **{
-            key: cal.to_bundle()
-            for key, cal in ((KEY, calibration), (LM_KEY, lm_calibration))
-            if cal is not None
-        },
+        **({KEY: calibration.to_bundle()} if calibration is not None else {}),
+        **(
+            {LM_KEY: lm_calibration.to_bundle(lm_fingerprint)} if lm_calibration is not None else {}
+        ),
         "training": {
             **training,
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),

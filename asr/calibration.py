@@ -27,10 +27,13 @@ temperature on the posteriors before alignment, did no better on the unheard syn
 With a language model fused into the search, the same raw confidences mean something else:
 the LM picks words the acoustics were unsure of, and they are right more often than their
 posteriors say. So a bundle holds a second calibration, fitted on dev decoded with an LM
-(`asr export --lm`, config.json's "lm_calibration"), applied to LM-fused transcripts only.
+(`asr export --lm`, config.json's "lm_calibration", with the sha256 of the LM), applied to
+transcripts fused with that LM only.
 The one fitted without an LM does not carry over: on the demo model with its 3-gram it
 took word ECE from 0.051 (raw) to 0.262 on the held-out engine, 0.082 to 0.189 on held-out
-sentences, so without an LM calibration fused words keep their raw confidences.
+sentences, and one fitted with another LM does not either (its 3-gram's, applied to an LSTM
+LM's decodes: 0.142 -> 0.193). So without a calibration for the LM fused, fused words keep
+their raw confidences.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from asr.text import normalize_text
 
 VERSION = 1  # of the "calibration" and "lm_calibration" entries of a bundle's config.json
 KEY, LM_KEY = "calibration", "lm_calibration"  # their names: without and with an LM
+LM_FINGERPRINT = "lm_sha256"  # in "lm_calibration": the LM it was fitted with
 METHOD = "platt"
 # Raw confidences are rounded to 4 places: 1.0 means "at least 0.99995", kept finite.
 _EPS = 1e-4
@@ -89,9 +93,11 @@ class Calibration(Config):
             for w, r, p in zip(words, raw, self.confidences(raw), strict=True)
         )
 
-    def to_bundle(self) -> dict[str, Any]:
-        """Its entry in a bundle's config.json ("calibration" or "lm_calibration")."""
-        return {"version": VERSION, "method": METHOD} | self.to_dict()
+    def to_bundle(self, lm_fingerprint: str | None = None) -> dict[str, Any]:
+        """Its entry in a bundle's config.json ("calibration", or "lm_calibration" with the
+        fingerprint of the LM it was fitted with)."""
+        lm = {LM_FINGERPRINT: lm_fingerprint} if lm_fingerprint is not None else {}
+        return {"version": VERSION, "method": METHOD} | self.to_dict() | lm
 
     @classmethod
     def from_bundle(cls, config: Mapping[str, Any], key: str = KEY) -> Calibration | None:
@@ -104,6 +110,7 @@ class Calibration(Config):
             raise ValueError(f"{key} must be an object, got {stored!r}")
         entry = dict(stored)
         version, method = entry.pop("version", None), entry.pop("method", None)
+        entry.pop(LM_FINGERPRINT, None)  # which LM: `Bundle.lm_calibration_for` checks it
         if version != VERSION or method != METHOD:
             raise ValueError(
                 f"{key}: unsupported calibration {method!r} version {version!r} "

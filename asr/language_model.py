@@ -3,13 +3,15 @@ or a word n-gram ARPA file, loaded into one `LanguageModel` behind the `Scorer` 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from asr.bundle import BundleError, load_lm_bundle
+from asr.bundle import LM_FILES, BundleError, load_lm_bundle
 from asr.decoding.scorers import LSTMLMScorer, NGramScorer, Scorer
 from asr.models.ngram import ARPAError, NGramLM
 from asr.tokenizer import Tokenizer
@@ -35,6 +37,17 @@ class LanguageModel:
 
     def describe(self) -> str:
         return f"{self.kind} LM {self.path.name}"
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of what it was loaded from (the ARPA file, an LM bundle's weights): a
+        calibration fitted with this LM (`asr export --lm`) applies to it, wherever it lies."""
+        source = self.path / LM_FILES[1] if self.path.is_dir() else self.path
+        digest = hashlib.sha256()
+        with source.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        return digest.hexdigest()
 
     def length_bonus(self, weight: float) -> float:
         """The length bonus to fuse with at `weight` (recipes/librispeech/run.sh stage 7)."""

@@ -245,12 +245,17 @@ class Recognizer:
         # Hotword graphs of recent requests (a server sees the same phrase lists again).
         self._hotwords = lru_cache(maxsize=64)(self._compile_hotwords)
         self.calibration: Calibration | None = bundle.calibration
-        self.lm_calibration: Calibration | None = bundle.lm_calibration
+        # Fitted with this very LM (its fingerprint), or none: another LM's does not carry over.
+        self.lm_calibration: Calibration | None = None
+        fitted_with = bundle.lm_fingerprint  # hash the LM only if there is one to compare
+        if lm is not None and fitted_with is not None and fitted_with == lm.fingerprint:
+            self.lm_calibration = bundle.lm_calibration
         if lm is not None and self.calibration is not None and self.lm_calibration is None:
             log.warning(
-                "%s has no word confidence calibration for decoding with a language model "
-                "(asr export --lm fits one): LM-fused words keep their raw confidences",
+                "%s has no word confidence calibration for decoding with %s (asr export --lm "
+                "with it fits one): LM-fused words keep their raw confidences",
                 bundle.path,
+                lm.path,
             )
         if rescorer is not None:
             if rescorer.model_type != "las":

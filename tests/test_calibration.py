@@ -4,10 +4,12 @@ applied by the recognizer (batch, streamed and at export), and bundles without o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +306,7 @@ def both(
     raw = load_bundle(raw_dir)
     assert isinstance(raw.model, BiLSTMCTC)
     lm_calibration = Calibration(word_weight=0.5, utterance_weight=1.0, bias=1.5)
+    arpa = write_arpa([" ".join(WORDS)] * 3, tmp_path_factory.mktemp("lm") / "lm.arpa")
     out = write_bundle(
         tmp_path_factory.mktemp("both") / "bundle",
         model_type="ctc",
@@ -316,8 +319,8 @@ def both(
         results={},
         calibration=calibration,
         lm_calibration=lm_calibration,
+        lm_fingerprint=load_language_model(arpa, raw.tokenizer).fingerprint,
     )
-    arpa = write_arpa([" ".join(WORDS)] * 3, tmp_path_factory.mktemp("lm") / "lm.arpa")
     return out, arpa, lm_calibration
 
 
@@ -327,10 +330,15 @@ def test_lm_fused_transcripts_get_the_lm_calibration(
     _, _, calibration = tiny
     bundle_dir, arpa, lm_calibration = both
     stored = json.loads((bundle_dir / "config.json").read_text())
-    assert stored["lm_calibration"] == {"version": 1, "method": "platt"} | lm_calibration.to_dict()
+    sha = hashlib.sha256(arpa.read_bytes()).hexdigest()
+    assert stored["lm_calibration"] == {"version": 1, "method": "platt"} | (
+        lm_calibration.to_dict() | {"lm_sha256": sha}
+    )
     bundle = load_bundle(bundle_dir)
     assert (bundle.calibration, bundle.lm_calibration) == (calibration, lm_calibration)
-    lm = load_language_model(arpa, bundle.tokenizer)
+    assert bundle.lm_fingerprint == sha
+    # The same LM under another name is the same LM.
+    lm = load_language_model(shutil.copy(arpa, arpa.with_name("copy.arpa")), bundle.tokenizer)
     fused, plain = Recognizer(bundle, lm=lm), Recognizer(bundle)
     on, off = DecodeOptions(lm_weight=0.5), DecodeOptions(lm_weight=0.0)
     assert fused.calibration_for(on) == lm_calibration
@@ -347,18 +355,23 @@ def test_lm_fused_transcripts_get_the_lm_calibration(
         assert [w.confidence for w in t.words] == expected.confidences(raw)
 
 
+@pytest.mark.parametrize("case", ["no LM calibration", "another LM's"])
 def test_an_lm_without_its_calibration_leaves_fused_words_raw(
     tiny: tuple[Path, Path, Calibration],
     both: tuple[Path, Path, Calibration],
     caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    case: str,
 ) -> None:
     _, calibrated_dir, calibration = tiny
-    _, arpa, _ = both
-    bundle = load_bundle(calibrated_dir)
-    assert bundle.lm_calibration is None
+    both_dir, arpa, _ = both
+    bundle_dir = calibrated_dir if case == "no LM calibration" else both_dir
+    if case == "another LM's":  # the same words, other counts: another file, another LM
+        arpa = write_arpa([" ".join(WORDS), "APPLE RIVER"], tmp_path / "other.arpa")
+    bundle = load_bundle(bundle_dir)
     with caplog.at_level(logging.WARNING, logger="asr.recognizer"):
         rec = Recognizer(bundle, lm=load_language_model(arpa, bundle.tokenizer))
-    assert "asr export --lm" in caplog.text and str(calibrated_dir) in caplog.text
+    assert "asr export --lm" in caplog.text and str(bundle_dir) in caplog.text
     assert rec.calibration_for(DecodeOptions(lm_weight=0.5)) is None
     assert rec.calibration_for(DecodeOptions()) == calibration
 
@@ -513,6 +526,7 @@ def test_export_fits_calibration_on_dev_and_the_recognizer_applies_it(
     config = json.loads((fused_dir / "config.json").read_text())
     report = config["results"]["lm_calibration"]
     assert report["lm"] == str(arpa) and report["lm_weight"] == DEFAULT_LM_WEIGHT
+    assert config["lm_calibration"]["lm_sha256"] == hashlib.sha256(arpa.read_bytes()).hexdigest()
     assert report["utterances"] == 8 and report["words"] > 0 and "ece_after" in report
     assert (
         config["calibration"] == json.loads((bundle_dir / "config.json").read_text())["calibration"]

@@ -141,4 +141,5 @@ def export_experiment(
         decoding=asdict(decoding),
         calibration=calibration,
         lm_calibration=lm_calibration,
+        lm_fingerprint=fused.fingerprint if fused is not None else None,
     )

@@ -25,7 +25,9 @@
 #                asr lm ngram --text LM/text.txt --order 3 --out LM/3gram.arpa   (a word 3-gram)
 #   7 lm-decode  asr decode ... --lm LM/bundle --lm-weight W --length-bonus W*ln(LM dev perplexity)
 #                on DEV for each W of --lm-weights (and --lm LM/3gram.arpa for --ngram-weights),
-#                then on every test set with the best W (rows METHOD+lstm, METHOD+ngram)
+#                then on every test set with the best W (rows METHOD+lstm, METHOD+ngram);
+#                asr export --lm LM/bundle --lm-weight W --out EXP/bundle-lm (confidences
+#                calibrated for serving with the LSTM LM)
 # Export comes before decode so the numbers are those of the bundle users get.
 set -euo pipefail
 
@@ -241,4 +243,10 @@ if in_stage 7; then
     done
   done
   run asr results "$exp_dir/results.json"
+  # A bundle to serve with the LSTM LM: the same weights, word confidences calibrated on dev
+  # decoded with the LM at the weight chosen for the first method (an LM changes what a raw
+  # confidence means; asr.calibration). Serve: asr serve --model M=EXP/bundle-lm --lm M=LM/bundle
+  w=$(sed -n 's/.*LM weight \([^,]*\),.*/\1/p' "$exp_dir/decode/${method_list[0]}+lstm/weight.txt")
+  run asr export --exp-dir "$exp_dir" --average "$average" --out "$exp_dir/bundle-lm" \
+    --lm "$lm_dir/bundle" --lm-weight "$w"
 fi
