@@ -34,7 +34,7 @@ from asr.training import checkpoint as ckpt
 from asr.training.config import TrainConfig
 from asr.training.export import export_experiment
 from asr.training.trainer import Experiment
-from tests.word_corpus import TRAINING, WordCorpus, write_clips_manifest
+from tests.word_corpus import TRAINING, WordCorpus, save_bundle, write_clips_manifest
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -304,19 +304,11 @@ def both(
     """The tiny model with both calibrations, and a word 3-gram over its words."""
     raw_dir, _, calibration = tiny
     raw = load_bundle(raw_dir)
-    assert isinstance(raw.model, BiLSTMCTC)
     lm_calibration = Calibration(word_weight=0.5, utterance_weight=1.0, bias=1.5)
     arpa = write_arpa([" ".join(WORDS)] * 3, tmp_path_factory.mktemp("lm") / "lm.arpa")
-    out = write_bundle(
+    out = save_bundle(
+        raw,
         tmp_path_factory.mktemp("both") / "bundle",
-        model_type="ctc",
-        model_config=raw.model.config.to_dict(),
-        weights=raw.model.state_dict(),
-        tokenizer=raw.tokenizer,
-        cmvn=raw.cmvn,
-        feature_config=raw.feature_config,
-        training=TRAINING,
-        results={},
         calibration=calibration,
         lm_calibration=lm_calibration,
         lm_fingerprint=load_language_model(arpa, raw.tokenizer).fingerprint,

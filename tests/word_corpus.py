@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -292,8 +293,9 @@ TRAINING = {
 }
 
 
-def save_bundle(bundle: Bundle, out: Path) -> Path:
-    """Write an in-memory bundle (e.g. the trained word model) as a bundle directory."""
+def save_bundle(bundle: Bundle, out: Path, **extra: Any) -> Path:
+    """Write an in-memory bundle (e.g. the trained word model) as a bundle directory; `extra`:
+    more `write_bundle` arguments (calibrations)."""
     return write_bundle(
         out,
         model_type=bundle.model_type,
@@ -304,6 +306,7 @@ def save_bundle(bundle: Bundle, out: Path) -> Path:
         feature_config=bundle.feature_config,
         training=TRAINING,
         results={},
+        **extra,
     )
 
 
