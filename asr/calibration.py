@@ -110,7 +110,7 @@ class Calibration(Config):
             raise ValueError(f"{key} must be an object, got {stored!r}")
         entry = dict(stored)
         version, method = entry.pop("version", None), entry.pop("method", None)
-        entry.pop(LM_FINGERPRINT, None)  # which LM: `Bundle.lm_calibration_for` checks it
+        entry.pop(LM_FINGERPRINT, None)  # which LM (`Bundle.lm_fingerprint`): the recognizer checks
         if version != VERSION or method != METHOD:
             raise ValueError(
                 f"{key}: unsupported calibration {method!r} version {version!r} "
