@@ -315,6 +315,12 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lm-weight", type=float, help=f"LM weight (default {DEFAULT_LM_WEIGHT})")
     p.add_argument(
+        "--ilm-weight",
+        type=float,
+        help="subtract the attention decoder's internal LM estimate at this weight (ILME; "
+        "LAS, joint and rescore searches; default 0), typically beside --lm",
+    )
+    p.add_argument(
         "--length-bonus",
         type=float,
         help="score added per emitted unit (with --lm: default the LM's, weight x ln "
@@ -370,6 +376,7 @@ def _decode_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "beam": args.beam,
         "ctc_weight": args.ctc_weight,
         "lm_weight": args.lm_weight,
+        "ilm_weight": args.ilm_weight,
         "length_bonus": args.length_bonus,
         "hotwords": None if args.hotwords is None else read_hotwords(args.hotwords),
     }

@@ -227,7 +227,8 @@ def score_decode(
     the same for a bundle without one; both None without words), the method
     (`streaming-METHOD` when streamed), options, speed. `seconds`: the decoding wall time;
     `rescore_model`: the LAS bundle a CTC model decoded with, if any; `lm`: the language model
-    it fused (filed as method METHOD+KIND, e.g. beam+lstm, when its weight is not 0)."""
+    it fused (filed as method METHOD+KIND, e.g. beam+lstm, when its weight is not 0; with
+    -ilm after it when the internal LM was subtracted)."""
     rates = error_rates([u.text for u in utterances], [transcripts[u.id].text for u in utterances])
     audio_seconds = sum(u.duration for u in utterances)
     confidence = confidence_scores(utterances, transcripts)
@@ -236,6 +237,8 @@ def score_decode(
     if fused:
         assert lm is not None
         method += f"+{lm.kind}"
+    if options.ilm_weight > 0 and options.method != "greedy":
+        method += "-ilm"  # beam+lstm-ilm: the LSTM LM fused, the internal LM subtracted
     summary = rates.to_dict() | {
         "ece": confidence.ece(),
         "raw_ece": confidence.ece(confidence.raw),

@@ -39,6 +39,7 @@ from asr.decoding.scorers import (
     HotwordGraph,
     HotwordScorer,
     LengthBonus,
+    LSTMLMScorer,
     Scorer,
     compile_hotwords,
 )
@@ -98,10 +99,8 @@ class Evidence:
         cancel: CancelToken | None = None,
     ) -> None:
         model = recognizer.bundle.model
-        self.own = ATTENTION if ATTENTION in offers(model) else CTC  # greedy/beam's decoder
-        rescorer = recognizer.rescorer
-        attention = model if self.own == ATTENTION else rescorer and rescorer.model
-        self.attention = cast(LAS | None, attention)  # Recognizer checked what it is
+        self.own = recognizer.own_decoder  # greedy/beam's decoder
+        self.attention = recognizer.attention_decoder
         self.ctc_model = cast(CTCModel, model) if self.own == CTC else None
         self.raw, self.lengths = raw, lengths
         self.fusion = recognizer.fusion
@@ -139,7 +138,7 @@ class Evidence:
         if self._ctc_nbest is None:
             ctc = self.needed_ctc()
             wide = replace(opts, nbest=opts.beam)
-            search = CTCPrefixBeamSearch(wide, self.fusion(opts))
+            search = CTCPrefixBeamSearch(wide, self.fusion(opts, CTC))
             self._ctc_nbest = search(ctc.log_probs, ctc.lengths, cancel=self.cancel)
         return self._ctc_nbest
 
@@ -178,7 +177,7 @@ def _joint(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
         ctc_lengths=ctc.lengths.to(ev.encoded.lengths),
     )
     return attention_beam_search(
-        ev.attention, enc, opts, joint=True, fusion=ev.fusion(opts), cancel=ev.cancel
+        ev.attention, enc, opts, joint=True, fusion=ev.fusion(opts, ATTENTION), cancel=ev.cancel
     )
 
 
@@ -186,7 +185,8 @@ def _rescore(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
     """The CTC n-best re-ranked by the attention decoder."""
     assert ev.attention is not None
     nbest = ev.ctc_nbest(opts)
-    return rescore(ev.attention, ev.encoded, nbest, opts, ev.cancel, ev.fusion(opts))
+    fusion = ev.fusion(opts, ATTENTION)  # the first pass's, less the internal LM's part
+    return rescore(ev.attention, ev.encoded, nbest, opts, ev.cancel, fusion)
 
 
 @dataclass(frozen=True)
@@ -285,12 +285,16 @@ class Recognizer:
             return self.lm_calibration
         return self.calibration
 
-    def fusion(self, options: DecodeOptions) -> Fusion | None:
-        """The scorers `options` asks the searches to add (None: none)."""
+    def fusion(self, options: DecodeOptions, decoder: str | None = None) -> Fusion | None:
+        """The scorers `options` asks a search over `decoder` (CTC or ATTENTION; default the
+        model's own) to add (None: none). Only an attention decoder's search subtracts the
+        internal LM, which is that decoder's."""
         vocab = self.bundle.tokenizer.vocab_size
         weighted: list[tuple[float, Scorer]] = []
         if self.lm is not None:
             weighted.append((options.lm_weight, self.lm.scorer))
+        if (decoder or self.own_decoder) == ATTENTION and options.ilm_weight:
+            weighted.append((-options.ilm_weight, self.internal_lm))
         if options.length_bonus:
             weighted.append((options.length_bonus, LengthBonus(vocab)))
         if options.hotwords:
@@ -302,6 +306,26 @@ class Recognizer:
         tokenizer = self.bundle.tokenizer
         units = [(tokenizer.encode(normalize_text(p)), boost) for p, boost in hotwords]
         return compile_hotwords([(u, b) for u, b in units if u], tokenizer.vocab_size)
+
+    @property
+    def own_decoder(self) -> str:
+        """The decoder greedy and beam search use: ATTENTION if the model has one, else CTC."""
+        return ATTENTION if ATTENTION in offers(self.bundle.model) else CTC
+
+    @property
+    def attention_decoder(self) -> LAS | None:
+        """The model whose attention decoder the searches use: the model's own, else the LAS
+        bundle beside it (None: neither)."""
+        if self.own_decoder == ATTENTION:
+            return cast(LAS, self.bundle.model)
+        return None if self.rescorer is None else cast(LAS, self.rescorer.model)  # checked
+
+    @cached_property
+    def internal_lm(self) -> LSTMLMScorer:
+        """The attention decoder's internal LM estimate as a scorer (`InternalLM`)."""
+        if (attention := self.attention_decoder) is None:
+            raise ValueError("this recognizer has no attention decoder")  # check() says so
+        return LSTMLMScorer(attention.internal_lm())
 
     @property
     def offers(self) -> frozenset[str]:
@@ -335,6 +359,12 @@ class Recognizer:
             raise ValueError(
                 f"method {options.method!r} needs "
                 + " and ".join(_HOW_TO_OFFER[m] for m in missing)
+            )
+        if options.ilm_weight and ATTENTION not in method.needs | {self.own_decoder}:
+            raise ValueError(
+                f"ilm_weight subtracts an attention decoder's internal LM, and method "
+                f"{options.method!r} of this CTC model searches without one: use joint or "
+                "rescore (with a LAS bundle beside it, --rescore-model), or ilm_weight 0"
             )
 
     @property

@@ -26,12 +26,17 @@ from asr.decoding.scorers import (
     compile_hotwords,
 )
 from asr.language_model import LanguageModel, load_language_model
+from asr.models.base import ATTENTION, CTC
+from asr.models.las import LAS, EncoderOutput, las
 from asr.models.lm import LSTMLM, LSTMLMConfig
 from asr.models.ngram import LN10, ARPAError, NGramLM, write_arpa
+from asr.quantize import quantize_model
 from asr.recognizer import Recognizer
 from asr.tokenizer import BLANK_ID, SOS_EOS_ID, Tokenizer
 from tests.test_decoding_attention import _Frames
 from tests.test_decoding_ctc import assert_same, exhaustive, peaky
+from tests.test_las import TINY_PYRAMID
+from tests.word_corpus import untrained_las
 
 SENTENCE = "THE CAT SAT ON THE MAT"
 TEXTS = [SENTENCE, "A DOG RAN HOME", "SHE SAW THE SEA", "WE WENT OUT AT NOON", "HE HAD A RED HAT"]
@@ -377,6 +382,100 @@ def test_a_broken_arpa_file_is_a_clear_error(tmp_path: Path, text: str, error: s
 
 
 # --------------------------------------------------------------------------------------------
+# Internal LM estimate (ILME), subtracted
+
+
+@pytest.fixture(scope="module")
+def las_model() -> LAS:
+    torch.manual_seed(0)
+    return las(TINY_PYRAMID).eval()
+
+
+def _las_batch(model: LAS, lengths: list[int], seed: int) -> EncoderOutput:
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(len(lengths), max(lengths), TINY_PYRAMID.input_dim, generator=gen)
+    with torch.no_grad():
+        return model.encode(feats, torch.tensor(lengths))
+
+
+def test_the_internal_lm_is_the_decoder_with_the_attention_context_removed(
+    las_model: LAS,
+) -> None:
+    # Over a memory of zeros every attention context is zero whatever the weights: the
+    # decoder is then exactly its internal LM (renormalised without blank, never a unit).
+    enc = _las_batch(las_model, [96, 80, 64], seed=3)
+    memory = torch.zeros_like(enc.memory)
+    silent = replace(enc, memory=memory, keys=las_model.speller.attention.keys(memory))
+    ilm = las_model.internal_lm()
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.full((3,), SOS_EOS_ID)
+    state, heard, ilm_state = las_model.init_state(silent), las_model.init_state(enc), None
+    with torch.no_grad():
+        for _ in range(6):
+            log_probs, state = las_model.step(silent, state, tokens)
+            listening, heard = las_model.step(enc, heard, tokens)
+            ilm_state = ilm.init_state(3) if ilm_state is None else ilm(ilm_state, tokens)
+            assert bool((ilm_state.log_probs[:, BLANK_ID] == -math.inf).all())
+            expected = log_probs[:, 1:].log_softmax(dim=-1)
+            torch.testing.assert_close(ilm_state.log_probs[:, 1:], expected)
+            # ... and not the decoder listening to audio.
+            assert not torch.allclose(listening[:, 1:].log_softmax(dim=-1), expected, atol=1e-3)
+            tokens = torch.randint(3, TINY_PYRAMID.vocab_size, (3,), generator=gen)
+
+
+def test_the_internal_lm_runs_on_an_int8_decoder(las_model: LAS) -> None:
+    tokens = torch.tensor([5, 7, 3])
+    float_ilm, int8_ilm = las_model.internal_lm(), quantize_model(las_model, "int8").internal_lm()
+    expected = float_ilm(float_ilm.init_state(3), tokens).log_probs
+    got = int8_ilm(int8_ilm.init_state(3), tokens).log_probs
+    assert bool((got[:, BLANK_ID] == -math.inf).all())
+    torch.testing.assert_close(got[:, 1:], expected[:, 1:], atol=0.05, rtol=0.0)
+
+
+def test_a_search_subtracting_the_internal_lm_scores_attention_less_the_weighted_ilm(
+    las_model: LAS,
+) -> None:
+    enc = _las_batch(las_model, [160, 96], seed=5)
+    options = DecodeOptions(beam=3, nbest=3, length_penalty=0.0, max_len_ratio=1.0)
+    ilm = LSTMLMScorer(las_model.internal_lm())
+    hyps = attention_beam_search(las_model, enc, options, fusion=Fusion([(-0.4, ilm)]))
+    limits = (enc.lengths.double() * options.max_len_ratio).ceil().long().tolist()
+    for b, utt in enumerate(hyps):
+        one = enc.select(torch.tensor([b]))
+        for h in utt:
+            # Teacher-forced: the decoder's log-prob of each unit (and of eos, unless the
+            # hypothesis ran to the length limit) less 0.4 x the internal LM's.
+            ended = [SOS_EOS_ID] if len(h.tokens) < limits[b] else []
+            state, prior, previous, expected = (
+                las_model.init_state(one),
+                ilm.init(1, "cpu"),
+                SOS_EOS_ID,
+                0.0,
+            )
+            with torch.no_grad():
+                for unit in [*h.tokens, *ended]:
+                    log_probs, state = las_model.step(one, state, torch.tensor([previous]))
+                    expected += float(log_probs[0, unit] - 0.4 * ilm.scores(prior)[0, unit])
+                    prior = ilm.advance(prior, torch.tensor([0]), torch.tensor([unit]))
+                    previous = unit
+            assert h.score == pytest.approx(expected, abs=1e-4)
+
+
+def test_subtracting_a_scorer_does_not_reward_what_it_rules_out(
+    tokenizer: Tokenizer, sentence_lm: LSTMLM
+) -> None:
+    scorer = LSTMLMScorer(sentence_lm)
+    fusion = Fusion([(-0.5, scorer)])
+    state = fusion.init(2, "cpu")
+    scores, own = fusion.scores(state), scorer.scores(state[0])
+    assert bool((scores[:, BLANK_ID] == -math.inf).all())  # the LM's blank: still impossible
+    units = own[:, 3:]
+    torch.testing.assert_close(scores[:, 3:], -0.5 * units)
+    with pytest.raises(ValueError, match="ilm_weight"):
+        DecodeOptions(ilm_weight=-0.1)
+
+
+# --------------------------------------------------------------------------------------------
 # Through a Recognizer
 
 
@@ -402,6 +501,32 @@ def test_lm_weight_zero_equals_no_lm(word_model: Bundle, tmp_path: Path) -> None
     assert fused.options.length_bonus == pytest.approx(fused.options.lm_weight * 2.0)
     for t in fused.transcribe(audio):
         assert math.isfinite(t.score)
+
+
+def test_ilm_weight_subtracts_the_attention_decoders_internal_lm_only(
+    word_model: Bundle,
+) -> None:
+    las_bundle = untrained_las(word_model, word_model.tokenizer)
+    joint = DecodeOptions(method="joint", beam=3, ilm_weight=0.3)
+    with pytest.raises(ValueError, match="ilm_weight subtracts an attention decoder"):
+        Recognizer(word_model, joint.override(method="beam"))  # CTC alone has none
+    with pytest.raises(ValueError, match="method 'beam' of this CTC model"):
+        Recognizer(word_model, joint.override(method="beam"), las_bundle)
+    two_pass = Recognizer(word_model, joint, las_bundle)
+    fusion = two_pass.fusion(joint, ATTENTION)
+    assert fusion is not None and [w for w, _ in fusion.weighted] == [-0.3]
+    assert two_pass.fusion(joint, CTC) is None  # a CTC search never subtracts it
+    gen = torch.Generator().manual_seed(0)
+    audio: list[AudioInput] = [torch.randn(16000, generator=gen) * 0.1]
+    for method in ("joint", "rescore"):
+        zero = two_pass.transcribe(audio, method=method, ilm_weight=0.0)
+        plain = Recognizer(word_model, joint.override(ilm_weight=0.0), las_bundle)
+        assert [t.to_dict() for t in zero] == [
+            t.to_dict() for t in plain.transcribe(audio, method=method)
+        ]
+        assert all(math.isfinite(t.score) for t in two_pass.transcribe(audio, method=method))
+    own = Recognizer(las_bundle, DecodeOptions(method="beam", beam=3, ilm_weight=0.3))
+    assert own.fusion(own.options) is not None  # a LAS's own beam search subtracts it
 
 
 def test_an_lm_needs_the_acoustic_models_units(

@@ -99,6 +99,12 @@ def test_two_pass_rescoring_across_bundles(
     assert main(args) == 0
     wer = json.loads((out / "wer.json").read_text())
     assert wer["method"] == "rescore" and wer["rescore_model"] == str(las_dir)
+    # The LAS's internal LM subtracted: filed apart from the plain decode.
+    out = tmp_path / "joint-ilm"
+    args = [*argv, "--out", str(out), "--method", "joint", "--rescore-model", str(las_dir)]
+    assert main([*args, "--ilm-weight", "0.2"]) == 0
+    wer = json.loads((out / "wer.json").read_text())
+    assert wer["method"] == "joint-ilm" and wer["options"]["ilm_weight"] == 0.2
 
 
 def _batch(
@@ -172,6 +178,8 @@ def test_joint_decoding_across_bundles_scores_with_the_ctc_models_posteriors(
         (["--method", "joint"], "needs a LAS bundle"),
         (["--set", "bogus=1"], "unknown decoding option(s) bogus"),
         (["--beam", "0"], "invalid DecodeOptions: beam must be >= 1, got 0"),
+        (["--ilm-weight", "0.3"], "method 'beam' of this CTC model searches without one"),
+        (["--ilm-weight", "-1"], "ilm_weight must be in [0, 10]"),
     ],
 )
 def test_decode_rejects_options_that_cannot_work(

@@ -51,6 +51,10 @@ class DecodeOptions(Config):
     # its boost per unit matched (withdrawn if the phrase is left unfinished).
     lm_weight: float = 0.0
     length_bonus: float = 0.0
+    # Searches over an attention decoder (LAS beam, joint, rescore) subtract its internal LM
+    # estimate at this weight (ILME, `asr.models.las.InternalLM`; 0: not subtracted), so an
+    # external LM replaces the training transcripts' prior instead of adding to it.
+    ilm_weight: float = 0.0
     hotwords: tuple[tuple[str, float], ...] = ()
     # Results.
     word_timings: bool = True
@@ -77,6 +81,7 @@ class DecodeOptions(Config):
                 "joint_candidates": (candidates is None or candidates >= 1, "None or >= 1"),
                 "lm_weight": (0.0 <= self.lm_weight <= 10.0, "in [0, 10]"),
                 "length_bonus": (math.isfinite(self.length_bonus), "finite"),
+                "ilm_weight": (0.0 <= self.ilm_weight <= 10.0, "in [0, 10]"),
                 "hotwords": (
                     len(self.hotwords) <= MAX_HOTWORDS
                     and all(

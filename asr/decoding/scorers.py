@@ -15,7 +15,8 @@ only three calls:
   streams of a server search together: a row selection splits them again).
 
 `Fusion` holds the scorers with their weights (those of weight 0 are left out, so weight 0 is
-exactly no fusion) and is itself a scorer, so a search sees one object.
+exactly no fusion) and is itself a scorer, so a search sees one object. A negative weight
+subtracts a scorer (an internal LM estimate, `asr.models.las.InternalLM`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
-from asr.models.lm import LSTMLM, LMState
+from asr.models.lm import LSTMLM, LMState, LMStep
 from asr.models.ngram import NGramLM
 from asr.tokenizer import BLANK_ID, SOS_EOS_ID, Tokenizer
 
@@ -60,10 +61,14 @@ class Fusion:
         return tuple(s.init(n, device) for _, s in self.weighted)
 
     def scores(self, state: tuple[Any, ...]) -> torch.Tensor:
-        """(N, V): the weighted sum; a scorer's -inf (an LM's blank) stays -inf."""
+        """(N, V): the weighted sum; a scorer's -inf (an LM's blank) stays -inf, whatever the
+        sign of its weight (what a scorer rules out, subtracting it does not reward)."""
         total: torch.Tensor | None = None
         for (w, s), st in zip(self.weighted, state, strict=True):
-            part = w * s.scores(st)
+            scores = s.scores(st)
+            part = w * scores
+            if w < 0:
+                part = part.masked_fill(scores == -math.inf, -math.inf)
             total = part if total is None else total + part
         assert total is not None, "an empty Fusion has no scores (check bool(fusion))"
         return total
@@ -111,10 +116,11 @@ class LSTMLMScorer:
     """An LSTM language model over the units: scores are its next-unit log-probabilities
     (cached in the state, so `scores` costs nothing; `advance` runs one LSTM step for the
     extended rows only: a CTC search extends a few of its prefixes per frame). It steps a
-    snapshot of the model's weights (`LSTMLM.stepper`)."""
+    snapshot of an LSTM LM's weights (`LSTMLM.stepper`), or any other `LMStep` (an attention
+    decoder's internal LM)."""
 
-    def __init__(self, model: LSTMLM) -> None:
-        self.step = model.stepper()
+    def __init__(self, model: LSTMLM | LMStep) -> None:
+        self.step: LMStep = model.stepper() if isinstance(model, LSTMLM) else model
 
     def init(self, n: int, device: torch.device | str) -> LMState:
         return self.step.init_state(n, device)

@@ -23,6 +23,7 @@ gives at position u the log-probs the training loss scores for y_{u+1} (or eos).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,8 +35,9 @@ from asr.config import Config
 from asr.models.base import ATTENTION, CTC, ModelOutput, NormalizesInput
 from asr.models.ctc import ctc_loss
 from asr.models.layers import LocationAwareAttention, PyramidalBiLSTM, lengths_to_mask
+from asr.models.lm import LMState
 from asr.models.subsampling import Subsampling
-from asr.tokenizer import SOS_EOS_ID
+from asr.tokenizer import BLANK_ID, SOS_EOS_ID
 
 ListenerKind = Literal["pyramid", "conv-pyramid"]
 _MIN_LISTENER_LAYERS: dict[str, int] = {"pyramid": 3, "conv-pyramid": 2}
@@ -342,6 +344,7 @@ class Speller(nn.Module):
     def __init__(self, config: LASConfig, memory_dim: int) -> None:
         super().__init__()
         hidden = config.speller_hidden
+        self.memory_dim = memory_dim
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
         self.rnn = nn.LSTM(
             config.embedding_dim + memory_dim,
@@ -381,6 +384,40 @@ class Speller(nn.Module):
         query = self.dropout(out[0])  # (N, H)
         context, weights = self.attention(query, enc.memory, enc.keys, enc.mask, state.attention)
         return torch.cat([query, context], dim=1), DecoderState(hidden, cell, context, weights)
+
+
+class InternalLM:
+    """The speller's internal language model estimate (ILME, Meng et al. 2021): the decoder
+    run over its own units with the attention context removed (zero) at every step, so it
+    scores P_ILM(y_u | y_<u) from the text prior alone. Subtracted at a weight from the
+    decoder's scores (`DecodeOptions.ilm_weight`), it discounts the prior learnt from the
+    training transcripts, so that an external LM fused beside it replaces that prior rather
+    than doubling it. An `asr.models.lm.LMStep`: it runs the speller's own modules, float or
+    int8-quantized alike. Blank, never a unit of text, gets no probability.
+    """
+
+    def __init__(self, speller: Speller) -> None:
+        self.speller = speller
+
+    def init_state(self, n: int, device: torch.device | str = "cpu") -> LMState:
+        """N empty prefixes: the state after sos."""
+        return self(None, torch.full((n,), SOS_EOS_ID, dtype=torch.long, device=device))
+
+    @torch.no_grad()
+    def __call__(self, state: LMState | None, tokens: torch.Tensor) -> LMState:
+        """Append tokens (N,) to the N prefixes of `state` (None: fresh prefixes)."""
+        speller = self.speller
+        embedded = speller.embedding(tokens)  # (N, E)
+        n = embedded.shape[0]
+        context = embedded.new_zeros(n, speller.memory_dim)  # (N, D): no attention
+        if state is None:
+            zeros = embedded.new_zeros(speller.rnn.num_layers, n, speller.rnn.hidden_size)
+            state = LMState(zeros, zeros, embedded.new_empty(n, 0))
+        x = torch.cat([embedded, context], dim=1).unsqueeze(0)  # (1, N, E + D)
+        out, (hidden, cell) = speller.rnn(x, (state.h, state.c))
+        logits = speller.output(torch.cat([out[0], context], dim=1)).float()  # (N, V)
+        logits[:, BLANK_ID] = -math.inf
+        return LMState(hidden, cell, logits.log_softmax(dim=-1))
 
 
 class LAS(NormalizesInput, nn.Module):
@@ -448,6 +485,10 @@ class LAS(NormalizesInput, nn.Module):
         """
         features, state = self.speller.advance(enc, state, self.speller.embedding(tokens))
         return self.speller.output(features).float().log_softmax(dim=-1), state
+
+    def internal_lm(self) -> InternalLM:
+        """The speller's internal LM estimate, for a search to subtract (`InternalLM`)."""
+        return InternalLM(self.speller)
 
     def teacher_forced_logits(self, enc: EncoderOutput, ys_in: torch.Tensor) -> torch.Tensor:
         """ys_in: (B, S) decoder inputs from `add_sos_eos` -> logits (B, S, V).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,19 @@ class LMState:
 
     def select(self, rows: torch.Tensor) -> LMState:
         return LMState(self.h[:, rows], self.c[:, rows], self.log_probs[rows])
+
+
+class LMStep(Protocol):
+    """A unit LM stepped one unit at a time for a search: `LSTMLM.stepper()`, or an attention
+    decoder's internal LM (`asr.models.las.InternalLM`)."""
+
+    def init_state(self, n: int, device: torch.device | str = "cpu") -> LMState:
+        """N empty prefixes: the state after sos."""
+        ...
+
+    def __call__(self, state: LMState | None, tokens: torch.Tensor) -> LMState:
+        """Append tokens (N,) to the N prefixes of `state` (None: fresh prefixes)."""
+        ...
 
 
 class LSTMLM(nn.Module):
