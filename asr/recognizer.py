@@ -185,7 +185,7 @@ def _rescore(ev: Evidence, opts: DecodeOptions) -> list[list[Hypothesis]]:
     """The CTC n-best re-ranked by the attention decoder."""
     assert ev.attention is not None
     nbest = ev.ctc_nbest(opts)
-    fusion = ev.fusion(opts, ATTENTION)  # the first pass's, less the internal LM's part
+    fusion = ev.fusion(opts, ATTENTION)  # the first pass's scorers, and the attention ILM
     return rescore(ev.attention, ev.encoded, nbest, opts, ev.cancel, fusion)
 
 
