@@ -26,6 +26,8 @@
 #   7 lm-decode  asr decode ... --lm LM/bundle --lm-weight W --length-bonus W*ln(LM dev perplexity)
 #                on DEV for each W of --lm-weights (and --lm LM/3gram.arpa for --ngram-weights),
 #                then on every test set with the best W (rows METHOD+lstm, METHOD+ngram);
+#                where an attention decoder searches, also each W with each --ilm-weights
+#                IW (--ilm-weight IW subtracts its internal LM; rows METHOD+lstm-ilm, ...);
 #                asr export --lm LM/bundle --lm-weight W --out EXP/bundle-lm (confidences
 #                calibrated for serving with the LSTM LM)
 # Export comes before decode so the numbers are those of the bundle users get.
@@ -62,6 +64,8 @@ lm_epochs=                  # empty: the LM preset's
 lm_weights=0.1,0.2,0.3,0.5  # stage 7 tries these LSTM LM weights on DEV and keeps the best
 ngram_weights=0.3,0.6       # ... and these 3-gram weights
 ngram_bonus=1.0             # length bonus per unit with the 3-gram
+ilm_weights=0.1,0.2,0.3     # ... and these internal-LM weights with each LM weight, where an
+                            # attention decoder searches (empty: no METHOD+KIND-ilm rows)
 lm_methods=                 # stage 7 methods; empty: beam (ctc; joint too with --rescore-model), joint (las)
 train_args=()               # extra `asr train` arguments after --, e.g. -- --set lr=5e-4
 
@@ -98,6 +102,7 @@ while [[ $# -gt 0 ]]; do
     --lm-weights) lm_weights=$2; shift 2 ;;
     --ngram-weights) ngram_weights=$2; shift 2 ;;
     --ngram-bonus) ngram_bonus=$2; shift 2 ;;
+    --ilm-weights) ilm_weights=$2; shift 2 ;;
     --lm-methods) lm_methods=$2; shift 2 ;;
     --) shift; train_args=("$@"); break ;;
     -h|--help) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 0 ;;
@@ -215,31 +220,47 @@ if in_stage 7; then
   }
   declare -A lm_path=([lstm]=$lm_dir/bundle [ngram]=$lm_dir/3gram.arpa)
   declare -A lm_grid=([lstm]=$lm_weights [ngram]=$ngram_weights)
+  # tune ILM_WEIGHTS: tries every LM weight of the kind's grid with each internal-LM weight
+  # of ILM_WEIGHTS (comma-separated) on DEV, then decodes the test sets at the best pair.
+  tune() {
+    local -a weights ilms
+    IFS=, read -ra weights <<< "${lm_grid[$kind]}"
+    IFS=, read -ra ilms <<< "$1"
+    local best='' best_ilm='' best_wer='' w iw out wer dir=$m+$kind
+    [[ $1 != 0 ]] && dir=$m+$kind-ilm
+    for w in "${weights[@]}"; do
+      for iw in "${ilms[@]}"; do
+        out=$exp_dir/decode/$dir/tune/$dev_set-w$w-ilm$iw
+        run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$dev_set.jsonl" \
+          "${extra[@]}" --lm-weight "$w" --length-bonus "$(bonus "$kind" "$w")" \
+          --ilm-weight "$iw" --out "$out" --name "$dev_set"
+        wer=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["wer"])' "$out/wer.json")
+        if [[ -z $best ]] || awk -v a="$wer" -v b="$best_wer" 'BEGIN { exit !(a < b) }'; then
+          best=$w best_ilm=$iw best_wer=$wer
+        fi
+      done
+    done
+    echo "$dir: LM weight $best, length bonus $(bonus "$kind" "$best"), ILM weight $best_ilm (dev WER $best_wer %)" \
+      | tee "$exp_dir/decode/$dir/weight.txt"
+    for t in "${tests[@]}"; do
+      run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$t.jsonl" \
+        "${extra[@]}" --lm-weight "$best" --length-bonus "$(bonus "$kind" "$best")" \
+        --ilm-weight "$best_ilm" --out "$exp_dir/decode/$dir/$t" --name "$t" \
+        --results "$exp_dir/results.json"
+    done
+  }
   for m in "${method_list[@]}"; do
     for kind in lstm ngram; do
       extra=(--method "$m" --beam "$beam" --lm "${lm_path[$kind]}")
       [[ $m =~ ^(rescore|joint)$ && $model == ctc ]] && extra+=(--rescore-model "$rescore_model")
       [[ $m =~ ^(rescore|joint)$ && -n $ctc_weight ]] && extra+=(--ctc-weight "$ctc_weight")
-      # The LM weight is chosen on the dev set, never on a test set.
-      IFS=, read -ra weights <<< "${lm_grid[$kind]}"
-      best='' best_wer=''
-      for w in "${weights[@]}"; do
-        out=$exp_dir/decode/$m+$kind/tune/$dev_set-w$w
-        run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$dev_set.jsonl" \
-          "${extra[@]}" --lm-weight "$w" --length-bonus "$(bonus "$kind" "$w")" --out "$out" \
-          --name "$dev_set"
-        wer=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["wer"])' "$out/wer.json")
-        if [[ -z $best ]] || awk -v a="$wer" -v b="$best_wer" 'BEGIN { exit !(a < b) }'; then
-          best=$w best_wer=$wer
-        fi
-      done
-      echo "$m+$kind: LM weight $best, length bonus $(bonus "$kind" "$best") (dev WER $best_wer %)" \
-        | tee "$exp_dir/decode/$m+$kind/weight.txt"
-      for t in "${tests[@]}"; do
-        run asr decode --model "$exp_dir/bundle" --manifest "$manifests/$t.jsonl" \
-          "${extra[@]}" --lm-weight "$best" --length-bonus "$(bonus "$kind" "$best")" \
-          --out "$exp_dir/decode/$m+$kind/$t" --name "$t" --results "$exp_dir/results.json"
-      done
+      # The weights are chosen on the dev set, never on a test set: row METHOD+KIND without
+      # the internal LM, and where an attention decoder searches (las; rescore and joint with
+      # --rescore-model) row METHOD+KIND-ilm with it subtracted (ILME, Meng et al. 2021).
+      tune 0
+      if [[ -n $ilm_weights && ($model == las || $m =~ ^(rescore|joint)$) ]]; then
+        tune "$ilm_weights"
+      fi
     done
   done
   run asr results "$exp_dir/results.json"

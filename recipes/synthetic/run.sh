@@ -30,7 +30,8 @@
 #   9 lm      an LSTM LM (cpu-small) and a word 3-gram on the training sentences (+ --lm-text),
 #             never the test sentences (recipes/librispeech/run.sh stage 6), in WORK/exp/lm
 #   10 lm-decode  each LM fused into the BiLSTM-CTC's beam search and the LAS's joint decoding,
-#             its weight chosen on dev (stage 7 there): rows beam+lstm, beam+ngram, joint+...
+#             its weight chosen on dev (stage 7 there): rows beam+lstm, beam+ngram, joint+...,
+#             and for the LAS also with its internal LM subtracted (joint+lstm-ilm, ...)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -60,6 +61,7 @@ augment=(--augment)         # signal augmentation of the training audio (asr.dat
 lm_text=                    # more LM training text, comma-separated (never test sentences)
 lm_weights=0.2,0.4          # LSTM LM weights tried on dev
 ngram_weights=0.3,0.6       # 3-gram weights tried on dev
+ilm_weights=0.1,0.2         # internal-LM weights tried with each, for the LAS (empty: none)
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -84,6 +86,7 @@ while [[ $# -gt 0 ]]; do
     --lm-text) lm_text=$2; shift 2 ;;
     --lm-weights) lm_weights=$2; shift 2 ;;
     --ngram-weights) ngram_weights=$2; shift 2 ;;
+    --ilm-weights) ilm_weights=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -248,7 +251,7 @@ fi
 if [[ $stop_stage -ge 9 && $stage -le 10 ]]; then
   lm_args=(--data-dir "$work/data" --dev-set dev-synth --test-sets "$test_sets"
     --lm-dir "$work/exp/lm" --lm-preset cpu-small --lm-text "$lm_text" --lm-weights "$lm_weights"
-    --ngram-weights "$ngram_weights")
+    --ngram-weights "$ngram_weights" --ilm-weights "$ilm_weights")
   if in_stage 9; then
     run "$repo/recipes/librispeech/run.sh" --stage 6 --stop-stage 6 "${lm_args[@]}"
   fi
