@@ -48,9 +48,9 @@ def load_model(
     chunking: (chunk_size, right_context) LC blocks in encoder frames for a BiLSTM-CTC model,
     in place of those it was trained with ((0, 0) runs it offline); other models have no
     blocks and ignore it, so one server setting can cover a mixed set of models.
-    quantize: "int8" runs the model (and the rescorer) with int8 LSTM and Linear weights on
-    CPU (`asr.quantize`); "none" (the default) keeps float weights. QuantizationError (a
-    ValueError) if it cannot run here.
+    quantize: "int8" runs the model (and the rescorer, and an LSTM LM's steps) with int8 LSTM
+    and Linear weights on CPU (`asr.quantize`); "none" (the default) keeps float weights.
+    QuantizationError (a ValueError) if it cannot run here.
     decode_options: `DecodeOptions` fields (method="beam", beam=8, nbest=3, ...) over the
     bundle's defaults (an `lm_weight` without `length_bonus` brings the LM's bonus for it);
     an unknown name is a TypeError, a bad value a ValueError.
@@ -64,7 +64,11 @@ def load_model(
         bundle = replace(bundle, model=quantize_model(bundle.model, quantize, device))
         if second is not None:
             second = replace(second, model=quantize_model(second.model, quantize, device))
-    fused = load_language_model(lm, bundle.tokenizer, device) if lm is not None else None
+    fused = (
+        load_language_model(lm, bundle.tokenizer, device, quantize=quantize)
+        if lm is not None
+        else None
+    )
     recognizer = Recognizer(bundle, rescorer=second, lm=fused)
     if fused is not None and "lm_weight" in decode_options:
         # A weight without a bonus gets the bonus that goes with it.

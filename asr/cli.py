@@ -344,8 +344,8 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
         "--quantize",
         choices=QUANTIZATIONS,
         default="none",
-        help="int8: run the acoustic models with int8 LSTM and Linear weights (CPU only; "
-        "faster, WER within a few tenths)",
+        help="int8: run the acoustic models (and an LSTM LM) with int8 LSTM and Linear "
+        "weights (CPU only; faster, WER within a few tenths)",
     )
 
 

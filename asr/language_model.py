@@ -62,7 +62,9 @@ def _arpa(path: Path, tokenizer: Tokenizer) -> LanguageModel:
         raise BundleError(str(err)) from err
 
 
-def _lstm(path: Path, tokenizer: Tokenizer, device: str | torch.device) -> LanguageModel:
+def _lstm(
+    path: Path, tokenizer: Tokenizer, device: str | torch.device, quantize: str
+) -> LanguageModel:
     bundle = load_lm_bundle(path, device)
     if bundle.tokenizer.pieces() != tokenizer.pieces():
         raise BundleError(
@@ -71,17 +73,22 @@ def _lstm(path: Path, tokenizer: Tokenizer, device: str | torch.device) -> Langu
         )
     # Its mean cost per unit on dev: ln of its perplexity.
     cost = math.log(bundle.perplexity) if bundle.perplexity else 0.0
-    return LanguageModel(path, "lstm", LSTMLMScorer(bundle.model), cost)
+    return LanguageModel(path, "lstm", LSTMLMScorer(bundle.model.stepper(quantize)), cost)
 
 
 def load_language_model(
-    path: str | Path, tokenizer: Tokenizer, device: str | torch.device = "cpu"
+    path: str | Path,
+    tokenizer: Tokenizer,
+    device: str | torch.device = "cpu",
+    *,
+    quantize: str = "none",
 ) -> LanguageModel:
-    """An LM bundle directory or an ARPA file (.arpa, .arpa.gz) for a model with `tokenizer`.
-    Raises BundleError naming the path for anything unusable."""
+    """An LM bundle directory or an ARPA file (.arpa, .arpa.gz) for a model with `tokenizer`;
+    `quantize="int8"` steps an LSTM LM with int8 weights (`LMStepper`; an n-gram has no
+    weights to quantize). Raises BundleError naming the path for anything unusable."""
     path = Path(path)
     if path.is_dir():
-        return _lstm(path, tokenizer, device)
+        return _lstm(path, tokenizer, device, quantize)
     if path.is_file():
         return _arpa(path, tokenizer)  # a dict of n-grams: no device
     raise BundleError(f"{path}: no such language model (an LM bundle directory or ARPA file)")

@@ -9,8 +9,10 @@ The 3-gram is estimated from --text (asr.models.ngram.write_arpa; or pass --arpa
 searches decode batches of 16 utterances at beam B with at most 16 tokens per frame, on CPU;
 speed is utterances per second, the best of two runs after a warm-up. Last line (machine-readable):
     lm_fusion wer_no_lm=<a> wer_lstm=<b> wer_ngram=<c> speed_vs_no_lm=<r>x \\
-        ngram_speed_vs_no_lm=<r2>x flashlight_ngram_wer=<f> speed_vs_flashlight_ngram=<r3>x
-(r: utterances/s with the LSTM LM over without; r3: ours with the 3-gram over flashlight's).
+        wer_lstm_int8=<b8> int8_speed_vs_no_lm=<r8>x ngram_speed_vs_no_lm=<r2>x \\
+        flashlight_ngram_wer=<f> speed_vs_flashlight_ngram=<r3>x
+(r: utterances/s with the LSTM LM over without; b8, r8: the same with the LM stepped on int8
+weights, as `--quantize int8` runs it; r3: ours with the 3-gram over flashlight's).
 """
 
 from __future__ import annotations
@@ -137,6 +139,12 @@ def main() -> None:
             args.beam,
             [(args.lm_weight, LSTMLMScorer(lstm)), (lm_bonus, LengthBonus(vocab))],
         ),
+        # The same LM stepped with int8 weights (what `--quantize int8` runs).
+        "lstm_int8": ours(
+            tokenizer,
+            args.beam,
+            [(args.lm_weight, LSTMLMScorer(lstm.stepper("int8"))), (lm_bonus, LengthBonus(vocab))],
+        ),
         "ngram": ours(
             tokenizer,
             args.beam,
@@ -172,6 +180,8 @@ def main() -> None:
     print(
         f"lm_fusion wer_no_lm={wer['no_lm']:.2f} wer_lstm={wer['lstm']:.2f} "
         f"wer_ngram={wer['ngram']:.2f} speed_vs_no_lm={speed['lstm'] / speed['no_lm']:.2f}x "
+        f"wer_lstm_int8={wer['lstm_int8']:.2f} "
+        f"int8_speed_vs_no_lm={speed['lstm_int8'] / speed['no_lm']:.2f}x "
         f"ngram_speed_vs_no_lm={speed['ngram'] / speed['no_lm']:.2f}x "
         f"flashlight_ngram_wer={wer['flashlight_ngram']:.2f} "
         f"speed_vs_flashlight_ngram={speed['ngram'] / speed['flashlight_ngram']:.2f}x"

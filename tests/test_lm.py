@@ -10,7 +10,9 @@ import torch
 
 from asr.bundle import BundleError, load_lm_bundle
 from asr.cli import main
+from asr.language_model import load_language_model
 from asr.models.lm import LSTMLM, LSTMLMConfig
+from asr.quantize import QuantizationError
 from asr.tokenizer import SOS_EOS_ID, Tokenizer
 from asr.training.lm import TextDataset, perplexity, read_sentences
 
@@ -64,6 +66,24 @@ def test_search_stepper_equals_step(config: LSTMLMConfig) -> None:
             assert torch.allclose(a, b, atol=1e-5)
         ref, fast = model.step(ref, ids), stepper(fast, ids)
     assert bool((fast.log_probs[:, 0] == -float("inf")).all())
+
+
+def test_int8_stepper_is_close_to_float_and_keeps_blank_out() -> None:
+    torch.manual_seed(0)
+    config = LSTMLMConfig(vocab_size=20, embed_dim=32, hidden_size=32, num_layers=2)
+    model = LSTMLM(config).eval()
+    steppers = (model.stepper(), model.stepper("int8"))
+    states = [s.init_state(4) for s in steppers]
+    for tokens in ([5, 6, 7, 3], [8, 8, 3, 19], [2, 9, 11, 4]):
+        ids = torch.tensor(tokens)
+        states = [s(st, ids) for s, st in zip(steppers, states, strict=True)]
+        ref, got = (st.log_probs for st in states)
+        assert bool((got[:, 0] == -float("inf")).all())
+        assert got.dtype == torch.float32 and bool(torch.isfinite(got[:, 1:]).all())
+        # int8 weights: the distribution moves by a little (quantized, so not bit-equal).
+        assert 0 < float((ref.exp() - got.exp()).abs().max()) < 0.02
+    with pytest.raises(QuantizationError, match="unknown quantization 'int4'"):
+        model.stepper("int4")
 
 
 def test_read_sentences_drops_ids_and_reads_manifests(tmp_path: Path) -> None:
@@ -137,6 +157,14 @@ def test_lm_overfits_a_few_sentences_then_exports(tmp_path: Path, tokenizer: Pat
     data = TextDataset(SENTENCES, bundle.tokenizer)
     assert perplexity(bundle.model, data)["perplexity"] == pytest.approx(bundle.perplexity)
     assert main(["lm", "perplexity", "--lm", str(out), "--text", str(text)]) == 0
+    # Loaded for fusion with `quantize="int8"` (what `--quantize int8` passes), it steps on
+    # int8 weights: next-unit scores close to the float LM's, not the same.
+    scores = []
+    for kind in ("none", "int8"):
+        scorer = load_language_model(out, bundle.tokenizer, quantize=kind).scorer
+        state = scorer.advance(scorer.init(2, "cpu"), torch.arange(2), torch.tensor([5, 9]))
+        scores.append(scorer.scores(state).exp())
+    assert 0 < float((scores[0] - scores[1]).abs().max()) < 0.05
 
 
 def test_load_lm_bundle_errors(tmp_path: Path) -> None:
