@@ -739,7 +739,15 @@ def _add_lm(p: argparse.ArgumentParser) -> None:
     text = sub.add_parser(
         "text", help="the normalised sentences of text files and manifests, as LM training text"
     )
-    text.add_argument("inputs", nargs="+", type=Path, help="text files (ID TEXT lines too), JSONL")
+    text.add_argument("inputs", nargs="*", type=Path, help="text files (ID TEXT lines too), JSONL")
+    text.add_argument(
+        "--gcide",
+        action="append",
+        default=[],
+        type=Path,
+        help="the prose of a GCIDE dictionary file too (Debian's dict-gcide: "
+        "/usr/share/dictd/gcide.dict.dz), 3 M words of English; repeatable",
+    )
     text.add_argument("--out", required=True, type=Path, help="text file to write")
     text.add_argument(
         "--exclude",
@@ -747,6 +755,14 @@ def _add_lm(p: argparse.ArgumentParser) -> None:
         default=[],
         type=Path,
         help="drop sentences found in this text or manifest (e.g. the test sets'; repeatable)",
+    )
+    text.add_argument(
+        "--exclude-overlap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also drop sentences that share N words in a row with an excluded one "
+        "(outside text may quote a test sentence inside a longer one; default 0: off)",
     )
     text.add_argument(
         "--unique",
@@ -777,14 +793,22 @@ def _run_lm(args: argparse.Namespace) -> int:
         print(f"{args.out}: {args.order}-gram of {args.text} ({' / '.join(counts)} n-grams)")
         return 0
     if args.lm_command == "text":
-        excluded = {s for path in args.exclude for s in lm.read_sentences(path)}
+        if not args.inputs and not args.gcide:
+            raise ValueError("lm text: no input (give text files or --gcide)")
+        allowed = lm.OverlapFilter(
+            [s for path in args.exclude for s in lm.read_sentences(path)], args.exclude_overlap
+        )
+        sources = [
+            *((p, lm.read_sentences) for p in args.inputs),
+            *((p, lm.read_gcide) for p in args.gcide),
+        ]
         seen: set[int] = set()  # hashes, so a large text needs 8 bytes per sentence, not its text
         kept = dropped = repeated = 0
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(args.out) as tmp, tmp.open("w", encoding="utf-8") as sink:
-            for path in args.inputs:
-                for sentence in lm.read_sentences(path):
-                    if sentence in excluded:
+            for path, read in sources:
+                for sentence in read(path):
+                    if not allowed(sentence):
                         dropped += 1
                         continue
                     if args.unique:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -14,7 +15,14 @@ from asr.language_model import load_language_model
 from asr.models.lm import LSTMLM, LSTMLMConfig
 from asr.quantize import QuantizationError
 from asr.tokenizer import SOS_EOS_ID, Tokenizer
-from asr.training.lm import TextDataset, perplexity, read_sentences
+from asr.training.lm import (
+    OverlapFilter,
+    TextDataset,
+    gcide_sentences,
+    perplexity,
+    read_gcide,
+    read_sentences,
+)
 
 SENTENCES = ["THE CAT SAT ON THE MAT", "A DOG RAN IN THE PARK", "SHE READ A LONG BOOK"]
 
@@ -98,6 +106,75 @@ def test_read_sentences_drops_ids_and_reads_manifests(tmp_path: Path) -> None:
         read_sentences(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError):
         read_sentences(tmp_path / "missing.txt")
+
+
+# Entries in GCIDE's markup (made up, so no dictionary text is copied here): pronunciations
+# with stress marks, run-on forms, etymologies over two lines, labels, numbered senses, a
+# quotation with its author, a synonym list.
+GCIDE = """Lanternist \\Lan"tern*ist\\, n. [From lantern, with the suffix
+   -ist.] (Optics)
+   1. One who carries a lantern through the streets at night; a
+      watchman of the old town. "The lanternist went slowly down
+      the hill with his light." --Old Play.
+      [1913 Webster] -- {Lan"tern*ist*ly}, adv.
+
+   Syn: Watchman; guard; sentinel.
+        [1913 Webster]
+
+Lanternwise   ([l^]an"t[~e]rn*w[imac]z`), adv.
+   In the manner of a lantern; with a steady glow.
+   [1913 Webster]
+"""
+
+
+def test_gcide_sentences_keep_the_prose_and_drop_the_markup(tmp_path: Path) -> None:
+    assert gcide_sentences(GCIDE) == [
+        "ONE WHO CARRIES A LANTERN THROUGH THE STREETS AT NIGHT",
+        "A WATCHMAN OF THE OLD TOWN",
+        "THE LANTERNIST WENT SLOWLY DOWN THE HILL WITH HIS LIGHT",
+        "IN THE MANNER OF A LANTERN",
+        "WITH A STEADY GLOW",
+    ]
+    packed = tmp_path / "gcide.dict.dz"  # dictd's format is gzip-compatible
+    packed.write_bytes(gzip.compress(GCIDE.encode()))
+    assert read_gcide(packed) == gcide_sentences(GCIDE)
+    (tmp_path / "other.txt").write_text("NO PROSE HERE\n")
+    with pytest.raises(ValueError, match=r"other\.txt: no sentences"):
+        read_gcide(tmp_path / "other.txt")
+    with pytest.raises(FileNotFoundError, match="dict-gcide"):
+        read_gcide(tmp_path / "missing.dict.dz")
+
+
+def test_overlap_filter_drops_sentences_that_quote_an_excluded_one() -> None:
+    excluded = ["HE WENT DOWN TO THE RIVER AT DAWN", "YES"]
+    exact = OverlapFilter(excluded)
+    assert not exact("YES") and not exact("HE WENT DOWN TO THE RIVER AT DAWN")
+    assert exact("AND THEN HE WENT DOWN TO THE RIVER AT DAWN AGAIN")
+    runs = OverlapFilter(excluded, n=4)
+    assert not runs("AND THEN HE WENT DOWN TO THE RIVER AT DAWN AGAIN")
+    assert not runs("SHE SAID THE RIVER AT DAWN WAS COLD")  # four words in a row
+    assert runs("HE WENT DOWN INTO TOWN") and runs("THE RIVER AT NOON")  # three at most
+    assert not runs("YES") and runs("YES INDEED")  # shorter than n: only equal ones
+
+
+def test_lm_text_reads_gcide_and_excludes_overlaps(tmp_path: Path) -> None:
+    gcide = tmp_path / "gcide.dict.dz"
+    gcide.write_bytes(gzip.compress(GCIDE.encode()))
+    train = tmp_path / "train.txt"
+    train.write_text("THE CAT SAT\n")
+    test = tmp_path / "test.txt"
+    test.write_text("WENT SLOWLY DOWN THE HILL\n")
+    out = tmp_path / "text.txt"
+    args = ["lm", "text", str(train), "--gcide", str(gcide), "--exclude", str(test)]
+    assert main([*args, "--exclude-overlap", "4", "--out", str(out)]) == 0
+    assert out.read_text().splitlines() == [
+        "THE CAT SAT",
+        "ONE WHO CARRIES A LANTERN THROUGH THE STREETS AT NIGHT",
+        "A WATCHMAN OF THE OLD TOWN",
+        "IN THE MANNER OF A LANTERN",
+        "WITH A STEADY GLOW",
+    ]
+    assert main(["lm", "text", "--out", str(out)]) != 0  # no input at all
 
 
 def test_lm_overfits_a_few_sentences_then_exports(tmp_path: Path, tokenizer: Path) -> None:
