@@ -177,12 +177,7 @@ class StreamingSession:
         """End of audio: the final result of the last segment (if it had speech)."""
         if self.finished:
             return []
-        self.finished = True
-        self._features()
-        results = self._consume(self.encoder.flush()[0])
-        if self.has_speech:
-            results.append(self._final())
-        return results
+        return accept_streams([self], [torch.zeros(0)], last=[True])[0]
 
     def _consume(self, log_probs: torch.Tensor) -> list[StreamResult]:
         """Advance over new encoder frames (n, V), closing segments at endpoints."""
@@ -278,7 +273,9 @@ class StreamingSession:
 
 
 def accept_streams(
-    sessions: Sequence[StreamingSession], chunks: Sequence[torch.Tensor]
+    sessions: Sequence[StreamingSession],
+    chunks: Sequence[torch.Tensor],
+    last: Sequence[bool] | None = None,
 ) -> list[list[StreamResult]]:
     """Feed each session its chunk of (N,) float 16 kHz samples and return what each
     `accept` would, with the work of sessions of equal `batch_key` batched: one batched
@@ -287,15 +284,23 @@ def accept_streams(
     Every session's results are its own alone, up to the float rounding of the encoder's
     batched matrix products (~1e-7). A session may appear once.
 
+    last[i]: chunk i is the end of session i's audio: its results are then the finals that
+    `accept(chunk)` and `finish()` give (not the interim result the final supersedes), its
+    last blocks batched with the others' (`run_streams`' flush), and the session is finished.
+
     This is how a server carries many streams on few cores: a batch-1 LSTM step and a
     one-stream search step cost about what 10-30 of them batched do.
     """
-    if len(sessions) != len(chunks):
-        raise ValueError(f"{len(sessions)} sessions, {len(chunks)} chunks")
+    ending = [False] * len(sessions) if last is None else list(last)
+    if not len(sessions) == len(chunks) == len(ending):
+        raise ValueError(f"{len(sessions)} sessions, {len(chunks)} chunks, {len(ending)} flags")
     if len({id(s) for s in sessions}) != len(sessions):
         raise ValueError("accept_streams: a session may appear once")
-    for session, samples in zip(sessions, chunks, strict=True):
+    for session, samples, ends in zip(sessions, chunks, ending, strict=True):
         session._push(samples)
+        if ends:
+            session.finished = True
+            session._features()
     groups: dict[tuple[int, DecodeOptions], list[int]] = {}
     for i, session in enumerate(sessions):
         groups.setdefault(session.batch_key, []).append(i)
@@ -303,7 +308,7 @@ def accept_streams(
     before = [s.frames for s in sessions]
     for members in groups.values():
         group = [sessions[i] for i in members]
-        outputs = run_streams([s.encoder for s in group])
+        outputs = run_streams([s.encoder for s in group], [ending[i] for i in members])
         for i, session, log_probs in zip(members, group, outputs, strict=True):
             results[i] = session._consume(log_probs[0])  # endpoints: finals (synced alone)
         behind = [s for s in group if s.unsearched]
@@ -313,7 +318,10 @@ def accept_streams(
         for s in behind:
             s.unsearched = []
     for i, session in enumerate(sessions):
-        results[i].extend(session._news(before[i]))
+        if not ending[i]:
+            results[i].extend(session._news(before[i]))
+        elif session.has_speech:
+            results[i].append(session._final())
     return results
 
 

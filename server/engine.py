@@ -162,6 +162,7 @@ class _Chunk:
     queued: float  # perf_counter when it was queued
     # the session's results and this chunk's share of its batch's model time (by samples)
     future: asyncio.Future[tuple[list[StreamResult], float]] = field(repr=False)
+    last: bool = False  # the end of the stream's audio: its finals come back
 
     def drop(self) -> None:
         """Its caller is gone: let go of the session now, though the queue holds the chunk
@@ -304,20 +305,25 @@ class Worker:
         return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
 
     async def stream(
-        self, session: StreamingSession, samples: torch.Tensor
+        self, session: StreamingSession, samples: torch.Tensor, *, last: bool = False
     ) -> tuple[list[StreamResult], float]:
-        """`session.accept(samples)`, batched with other streams' chunks (module docstring),
-        and this chunk's share of the batch's model seconds. One chunk of a session at a time
-        (await each). A cancelled await takes the chunk out of the queue (or, if its batch is
-        running, lets the batch finish without it)."""
+        """`session.accept(samples)` (last: the end of audio, so the finals of `accept` and
+        `finish`), batched with other streams' chunks (module docstring), and this chunk's
+        share of the batch's model seconds. One chunk of a session at a time (await each). A
+        cancelled await takes the chunk out of the queue (or, if its batch is running, lets
+        the batch finish without it)."""
         assert self._chunks is not None, "Engine.start() first"
         if self.max_stream_batch == 1:  # per-stream: each chunk its own turn, no queue
-            return await self.run_timed(session.accept, samples)
+
+            def alone() -> list[StreamResult]:
+                return accept_streams([session], [samples], [last])[0]
+
+            return await self.run_timed(alone)
         if id(session) in self._streaming:
             raise RuntimeError("a session's chunks go one at a time: await the last one")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[list[StreamResult], float]] = loop.create_future()
-        chunk = _Chunk(session, samples, time.perf_counter(), future)
+        chunk = _Chunk(session, samples, time.perf_counter(), future, last)
         key = id(session)
         self._streaming.add(key)
         try:
@@ -639,12 +645,7 @@ class _LocalStream:
         return await self.worker.stream(self._session(), samples)
 
     async def finish(self, samples: torch.Tensor) -> tuple[list[StreamResult], float]:
-        session = self._session()
-
-        def finish() -> list[StreamResult]:
-            return session.accept(samples) + session.finish()
-
-        return await self.worker.run_timed(finish)
+        return await self.worker.stream(self._session(), samples, last=True)
 
     def close(self) -> None:
         self.session = None
@@ -762,7 +763,9 @@ def _accept_chunks(chunks: list[_Chunk]) -> list[list[StreamResult] | Exception]
             run.append(i)
     sessions = [chunks[i].session for i in run]
     results = accept_streams(
-        [s for s in sessions if s is not None], [chunks[i].samples for i in run]
+        [s for s in sessions if s is not None],
+        [chunks[i].samples for i in run],
+        [chunks[i].last for i in run],
     )
     for i, result in zip(run, results, strict=True):
         outcomes[i] = result

@@ -339,13 +339,7 @@ class _Child:
             raise RuntimeError("the stream is closed")
         if isinstance(session, Exception):
             raise session
-        if kind == "accept":
-            return await self.worker.stream(session, torch.from_numpy(samples))
-
-        def finish() -> list[StreamResult]:
-            return session.accept(torch.from_numpy(samples)) + session.finish()
-
-        return await self.worker.run_timed(finish)
+        return await self.worker.stream(session, torch.from_numpy(samples), last=kind == "finish")
 
     async def _answer(self, key: int, work: Any) -> None:
         try:

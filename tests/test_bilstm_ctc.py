@@ -362,6 +362,33 @@ def test_streams_run_batched_equal_each_alone(rnn_type: str) -> None:
         run_streams([BiLSTMCTCStream(model), BiLSTMCTCStream(tiny())])
 
 
+def test_streams_that_end_flush_batched_with_those_that_go_on() -> None:
+    # Streams whose input ends with different amounts left (none, under a chunk, between a
+    # chunk and a block, several blocks) flush in one batched call beside a stream that goes
+    # on: each gets what it gets alone, the short blocks padded in the batch.
+    model = tiny()
+    width = model.config.chunk_size + model.config.right_context
+    streams = [BiLSTMCTCStream(model) for _ in range(6)]
+    feats = [torch.randn(1, n, 20) for n in (0, 13, 30, 75, 210, 300)]
+    alone = []
+    with torch.no_grad():
+        for f in feats[1:]:
+            alone.append(model.log_probs(f, torch.tensor([f.shape[1]]))[0])
+    for stream, f in zip(streams, feats, strict=True):
+        stream.push(f)
+    going_on = streams[-1]
+    outputs = run_streams(streams, flush=[True] * 5 + [False])
+    assert outputs[0].shape[1] == 0  # nothing was pushed: nothing comes out
+    for out, whole in zip(outputs[1:5], alone[:4], strict=True):
+        torch.testing.assert_close(out, whole, atol=1e-5, rtol=0)
+    assert all(s._pending is None and s.frames_emitted == 0 for s in streams[:5])  # reset
+    assert going_on._pending is not None and 0 < going_on._pending.shape[1] < width
+    rest = run_streams([going_on], flush=[True])[0]
+    torch.testing.assert_close(torch.cat([outputs[5], rest], dim=1), alone[4], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="flush flags"):
+        run_streams(streams, flush=[True])
+
+
 def test_streaming_needs_lc_model() -> None:
     with pytest.raises(ValueError, match="chunk_size"):
         BiLSTMCTCStream(tiny(**OFFLINE))

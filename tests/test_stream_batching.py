@@ -68,12 +68,13 @@ def serve(test: Callable[[Worker], Coroutine[Any, Any, T]], **settings: Any) -> 
 
 
 async def through(engine: Worker, session: StreamingSession, audio: torch.Tensor) -> list[Any]:
-    """A stream's chunks through the engine, then its final alone (as the servicer does)."""
+    """A stream's chunks through the engine, then its end of audio (batched with other
+    streams' chunks, as the servicer sends it)."""
     results: list[StreamResult] = []
     for start in range(0, audio.numel(), CHUNK):
         out, _ = await engine.stream(session, audio[start : start + CHUNK])
         results += out
-    return results + await engine.run(session.finish)
+    return results + (await engine.stream(session, torch.zeros(0), last=True))[0]
 
 
 @pytest.mark.parametrize("max_stream_batch", [64, 3, 1])

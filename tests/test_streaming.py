@@ -3,6 +3,7 @@ endpoints split segments at pauses with stream-relative times, and buffers stay 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 
@@ -157,6 +158,49 @@ def test_streams_accepted_together_get_their_results_alone(
     with pytest.raises(ValueError, match="once"):
         twice = session(0)
         accept_streams([twice, twice], [torch.zeros(CHUNK), torch.zeros(CHUNK)])
+
+
+def test_streams_ending_in_a_batch_get_their_finals_alone(
+    word_model: Bundle, utterances: list[Utterance]
+) -> None:
+    # Five streams of different lengths, each sending its last chunk flagged `last` in a
+    # batch with the others (two in the same call, one whose last chunk is empty): each gets
+    # the results it gets alone, the final's superseded partial aside, and ends finished.
+    recognizer = Recognizer(word_model, DecodeOptions(method="beam", beam=4))
+    audios = [utterances[i].audio for i in range(5)]
+    lengths = [a.numel() for a in audios]
+    rounds = [math.ceil(n / CHUNK) for n in lengths]
+    ends = [r - 1 for r in rounds]
+    ends[1] = ends[2] = max(ends[1], ends[2])  # two streams end in the same call
+    ends[3] += 1  # an empty last chunk
+
+    def alone(audio: torch.Tensor) -> list[StreamResult]:
+        session, results = StreamingSession(recognizer), []
+        for start in range(0, audio.numel(), CHUNK):
+            out = session.accept(audio[start : start + CHUNK])
+            last = start + CHUNK >= audio.numel()
+            results += [r for r in out if r.is_final] if last else out
+        return results + session.finish()
+
+    def key(results: list[StreamResult]) -> list[tuple[object, ...]]:
+        return [(r.is_final, r.transcript.text, r.transcript.tokens, r.end) for r in results]
+
+    expected = [key(alone(a)) for a in audios]
+    sessions = [StreamingSession(recognizer) for _ in audios]
+    got: list[list[StreamResult]] = [[] for _ in audios]
+    for round_ in range(max(ends) + 1):
+        now = [i for i in range(5) if round_ <= ends[i]]
+        pieces = [audios[i][round_ * CHUNK : (round_ + 1) * CHUNK] for i in now]
+        last = [round_ == ends[i] for i in now]
+        batched = accept_streams([sessions[i] for i in now], pieces, last)
+        for i, results, ending in zip(now, batched, last, strict=True):
+            got[i] += results
+            assert not ending or all(r.is_final for r in results)  # no partial at the end
+    assert [key(g) for g in got] == expected
+    assert all(s.finished for s in sessions)
+    assert sessions[0].finish() == []
+    with pytest.raises(ValueError, match="flags"):
+        accept_streams([StreamingSession(recognizer)], [torch.zeros(CHUNK)], [True, False])
 
 
 def test_silence_before_speech_is_not_buffered(

@@ -335,16 +335,21 @@ class BiLSTMCTCStream:
 
         Feature frames too few to complete a subsampling window are dropped, as offline.
         """
-        out = self._run(self._pending, 1) if self._pending is not None else self._empty()
-        self.reset()
-        return out
+        return run_streams([self], flush=[True])[0]
 
     def _empty(self) -> torch.Tensor:
         return torch.zeros(1, 0, self.model.config.vocab_size, device=model_device(self.model))
 
+    def _runnable(self, flushing: bool) -> bool:
+        """Whether a block can run: a whole one, or at the end of input any frames left."""
+        if flushing:
+            return self._pending is not None and self._pending.shape[1] > 0
+        return self.ready()
+
     def _take_block(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next whole block (1, Nc + Nr, D) and the forward states it starts from
-        (L, S, 1, H); the chunk frames leave the buffer (`ready()` first)."""
+        """The next block (1, W, D), W = Nc + Nr unless fewer frames are left at the end of
+        input, and the forward states it starts from (L, S, 1, H); the chunk frames leave the
+        buffer (`_runnable` first)."""
         assert self._pending is not None
         block = self._pending[:, : self.width]
         self._pending = self._pending[:, self.model.config.chunk_size :]
@@ -354,51 +359,52 @@ class BiLSTMCTCStream:
             self._states = block.new_zeros(config.num_layers, sizes, 1, config.hidden_size)
         return block, self._states
 
-    def _run(self, pending: torch.Tensor, min_width: int) -> torch.Tensor:
-        """Run blocks while at least `min_width` frames are buffered; keep the rest."""
-        chunk, context = self.model.config.chunk_size, self.model.config.right_context
-        outputs = [self._empty()]
-        while pending.shape[1] >= min_width:
-            block = pending[:, : chunk + context]
-            valid = torch.tensor([block.shape[1]])
-            enc, self._states = self.model.lc_block(block, valid, self._states)
-            outputs.append(self.model.output(enc))
-            pending = pending[:, chunk:]
-        self._pending = pending
-        out = torch.cat(outputs, dim=1)
-        self.frames_emitted += out.shape[1]
-        return out
-
 
 @torch.no_grad()
-def run_streams(streams: Sequence[BiLSTMCTCStream]) -> list[torch.Tensor]:
+def run_streams(
+    streams: Sequence[BiLSTMCTCStream], flush: Sequence[bool] | None = None
+) -> list[torch.Tensor]:
     """Run every whole block buffered in `streams` (all of one model), one block of each
     ready stream per batched `lc_block` call: each stream's forward state is a row of the
     batch's (L, S, B, H) state, joined for the call and handed back after it, so a stream
     starts, stops or waits without the others noticing. Returns each stream's newly final
     log-probs (1, T'', V), what `accept` would return: batching changes only the float
     rounding of the matrix products (~1e-7).
+
+    flush[i]: stream i's input has ended: it also runs its last, shorter blocks (rows padded
+    to the batch's width, their valid length passed on, so padding never reaches them) and
+    returns what `flush` would, then is reset. So streams that end are batched with those
+    that go on, not run alone at batch 1.
     """
     if not streams:
         return []
     model = streams[0].model
     if any(s.model is not model for s in streams):
         raise ValueError("run_streams: every stream must run the same model")
+    flushing = [False] * len(streams) if flush is None else list(flush)
+    if len(flushing) != len(streams):
+        raise ValueError(f"run_streams: {len(streams)} streams, {len(flushing)} flush flags")
+    chunk = model.config.chunk_size
     outputs: list[list[torch.Tensor]] = [[s._empty()] for s in streams]
-    while ready := [i for i, s in enumerate(streams) if s.ready()]:
+    while ready := [i for i, s in enumerate(streams) if s._runnable(flushing[i])]:
         taken = [streams[i]._take_block() for i in ready]
-        block = torch.cat([b for b, _ in taken])  # (B, Nc + Nr, D)
+        widths = [b.shape[1] for b, _ in taken]
+        width = max(widths)
+        block = torch.cat(  # (B, W, D)
+            [torch.nn.functional.pad(b, (0, 0, 0, width - b.shape[1])) for b, _ in taken]
+        )
         states = torch.cat([st for _, st in taken], dim=2)  # (L, S, B, H)
-        valid = torch.full((len(ready),), block.shape[1])
-        enc, states = model.lc_block(block, valid, states)
-        log_probs = model.output(enc)  # (B, Nc, V)
+        enc, states = model.lc_block(block, torch.tensor(widths), states)
+        log_probs = model.output(enc)  # (B, min(W, Nc), V)
         for row, i in enumerate(ready):
             # clone: a view would keep the whole batch's state alive
             streams[i]._states = states[:, :, row : row + 1].clone()
-            outputs[i].append(log_probs[row : row + 1])
+            outputs[i].append(log_probs[row : row + 1, : min(widths[row], chunk)])
     results = []
-    for s, out in zip(streams, outputs, strict=True):
+    for s, out, ends in zip(streams, outputs, flushing, strict=True):
         joined = torch.cat(out, dim=1)
         s.frames_emitted += joined.shape[1]
+        if ends:
+            s.reset()
         results.append(joined)
     return results
