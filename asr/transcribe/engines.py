@@ -149,25 +149,28 @@ class LocalEngine:
                 files.append(_LongFile(item, read_blocks(item.path, BLOCK_SECONDS), session))
             if not files:
                 return
-            running: list[tuple[_LongFile, torch.Tensor]] = []
+            running: list[tuple[_LongFile, torch.Tensor | None]] = []  # None: its end
             for file in files:
                 try:
-                    block = next(file.blocks, None)
+                    running.append((file, next(file.blocks, None)))
                 except AudioError as err:
                     yield Failure(file.item, err.reason)
-                    continue
-                if block is None:
-                    file.add(file.session.finish())
-                    yield file.result()
-                else:
-                    running.append((file, block))
-            files = [file for file, _ in running]
-            if not files:
+            files = []
+            if not running:
                 continue
-            outputs = accept_streams([f.session for f in files], [b for _, b in running])
+            # Files that end are flushed in the same batched call as the blocks of the others.
+            outputs = accept_streams(
+                [f.session for f, _ in running],
+                [torch.zeros(0) if b is None else b for _, b in running],
+                [b is None for _, b in running],
+            )
             for (file, block), results in zip(running, outputs, strict=True):
                 file.add(results)
-                advance(block.numel() / SAMPLE_RATE)
+                if block is None:
+                    yield file.result()
+                else:
+                    files.append(file)
+                    advance(block.numel() / SAMPLE_RATE)
 
     def _pieces(self, blocks: Iterable[torch.Tensor]) -> Iterator[Segment]:
         """Pieces cut at pauses, decoded a batch (`batch_frames`) at a time."""
