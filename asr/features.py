@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -130,16 +130,46 @@ class StreamingFeatures:
 
     def accept(self, samples: torch.Tensor) -> torch.Tensor:
         """Feed (N,) samples; returns the (T', F) frames that became complete."""
-        self._buffer = torch.cat([self._buffer, samples.to(torch.float32)])
-        frames = self.config.num_frames(self._buffer.numel())
-        if frames == 0:
-            return torch.zeros(0, self.config.num_mel_bins)
-        used = (frames - 1) * self.config.hop_length + self.config.win_length
-        feats = log_mel(self._buffer[:used], self.config)
+        return accept_features([self], [samples])[0]
+
+
+def accept_features(
+    streams: Sequence[StreamingFeatures], samples: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """`streams[i].accept(samples[i])` for every stream (all of one config), with the frames
+    of all of them computed in one batched `log_mel` call: rows are zero-padded at the end,
+    and a frame sees only its own window's samples, so padding changes no frame (the batched
+    mel product rounds ~1e-7 differently). A server's streams completing a block together
+    pay one STFT call, not one each."""
+    if len(streams) != len(samples):
+        raise ValueError(f"accept_features: {len(streams)} streams, {len(samples)} chunks")
+    if not streams:
+        return []
+    config = streams[0].config
+    if any(s.config != config for s in streams):
+        raise ValueError("accept_features: every stream must have the same feature config")
+    buffers = [
+        torch.cat([s._buffer, x.to(torch.float32)]) for s, x in zip(streams, samples, strict=True)
+    ]
+    counts = [config.num_frames(b.numel()) for b in buffers]
+    out = [torch.zeros(0, config.num_mel_bins) for _ in streams]
+    due = [i for i, n in enumerate(counts) if n]
+    if due:
+        used = [(counts[i] - 1) * config.hop_length + config.win_length for i in due]
+        if len(due) == 1:
+            batch = buffers[due[0]][None, : used[0]]
+        else:
+            batch = buffers[due[0]].new_zeros(len(due), max(used))
+            for row, (i, n) in enumerate(zip(due, used, strict=True)):
+                batch[row, :n] = buffers[i][:n]
+        feats = log_mel(batch, config)  # (B, T, F)
+        for row, i in enumerate(due):  # a copy: a view would keep the whole batch alive
+            out[i] = feats[row, : counts[i]] if len(due) == 1 else feats[row, : counts[i]].clone()
+    for s, buffer, n in zip(streams, buffers, counts, strict=True):
         # Keep the samples that later frames still need (windows overlap by win - hop).
-        self._buffer = self._buffer[frames * self.config.hop_length :]
-        self.frames_emitted += frames
-        return feats
+        s._buffer = buffer[n * config.hop_length :]
+        s.frames_emitted += n
+    return out
 
 
 DEFAULT_CMN_PRIOR = 100  # frames (1 s) of the global mean that a sliding window starts from

@@ -28,7 +28,7 @@ from asr.decoding.options import (
     Transcript,
     mean_confidence,
 )
-from asr.features import StreamingFeatures
+from asr.features import FeatureConfig, StreamingFeatures, accept_features
 from asr.models.base import model_device
 from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCStream, run_streams
 from asr.models.las import LAS
@@ -138,24 +138,24 @@ class StreamingSession:
         interim results on, the current partial when its text changed."""
         return accept_streams([self], [samples])[0]
 
-    def _push(self, samples: torch.Tensor) -> None:
-        """New samples; once they complete an encoder block, their features go into the
-        encoder's buffer (`accept_streams` runs it)."""
+    def _push(self, samples: torch.Tensor, ends: bool) -> torch.Tensor | None:
+        """New samples (ends: the last); once they complete an encoder block, or at the end,
+        the held samples that the features must now take (`accept_streams` runs them)."""
         if self.finished:
             raise RuntimeError("the stream is finished")
+        self.finished = ends
         if samples.numel():
             self.held.append(samples)
             self.held_samples += samples.numel()
-        if self.encoder.completes_block(self.features.frames_after(self.held_samples)):
-            self._features()
-
-    def _features(self) -> None:
-        """The held samples through the features, into the encoder's buffer."""
-        if not self.held:
-            return
-        samples = torch.cat(self.held) if len(self.held) > 1 else self.held[0]
+        due = ends or self.encoder.completes_block(self.features.frames_after(self.held_samples))
+        if not due or not self.held:
+            return None
+        held = torch.cat(self.held) if len(self.held) > 1 else self.held[0]
         self.held, self.held_samples = [], 0
-        feats = self.features.accept(samples)  # (T, F)
+        return held
+
+    def _encode(self, feats: torch.Tensor) -> None:
+        """New (T, F) feature frames into the encoder's buffer."""
         if feats.shape[0]:
             self.raw.append(feats)
             self.encoder.push(feats[None])
@@ -278,7 +278,8 @@ def accept_streams(
     last: Sequence[bool] | None = None,
 ) -> list[list[StreamResult]]:
     """Feed each session its chunk of (N,) float 16 kHz samples and return what each
-    `accept` would, with the work of sessions of equal `batch_key` batched: one batched
+    `accept` would, with the work of sessions of equal `batch_key` batched: one log-mel call
+    for all the sessions whose held audio completes a block (`accept_features`), one batched
     encoder call per LC block for all the sessions with a block ready (`run_streams`) and
     one batched search over all their new frames (`CTCPrefixBeamSearch.advance_many`).
     Every session's results are its own alone, up to the float rounding of the encoder's
@@ -296,11 +297,15 @@ def accept_streams(
         raise ValueError(f"{len(sessions)} sessions, {len(chunks)} chunks, {len(ending)} flags")
     if len({id(s) for s in sessions}) != len(sessions):
         raise ValueError("accept_streams: a session may appear once")
+    # One STFT call for the streams with features due (a block complete, or the end).
+    due: dict[FeatureConfig, list[tuple[StreamingSession, torch.Tensor]]] = {}
     for session, samples, ends in zip(sessions, chunks, ending, strict=True):
-        session._push(samples)
-        if ends:
-            session.finished = True
-            session._features()
+        if (held := session._push(samples, ends)) is not None:
+            due.setdefault(session.features.config, []).append((session, held))
+    for pending in due.values():
+        feats = accept_features([s.features for s, _ in pending], [x for _, x in pending])
+        for (session, _), frames in zip(pending, feats, strict=True):
+            session._encode(frames)
     groups: dict[tuple[int, DecodeOptions], list[int]] = {}
     for i, session in enumerate(sessions):
         groups.setdefault(session.batch_key, []).append(i)

@@ -41,8 +41,9 @@ batched do). Each stream gets exactly its solo results. A stream holds no row be
 chunks: its encoder and search states live in its own session and are joined into a batch
 for one call, so a stream that ends or is cancelled leaves nothing behind in the engine, and
 a slow client's stream simply is not in the batches it has no chunk for. Finals (end of
-audio) run alone (`run_timed`): the encoder's flush and the final search are per stream.
-With `max_stream_batch` 1 every chunk is its own `run_timed` call (the per-stream path).
+audio) queue like any chunk: an ending stream's flush runs in the same batched block calls
+as the others' blocks (`accept_streams(last=)`). With `max_stream_batch` 1 every chunk is
+its own `run_timed` call (the per-stream path).
 
 Cancellation. Each call carries its caller's deadline (gRPC `time_remaining`) and
 cancellation in a `CancelToken`. The caller gets `DeadlineExceeded` when its deadline passes,

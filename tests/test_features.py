@@ -13,6 +13,7 @@ from asr.features import (
     FeatureConfig,
     SpecAugmentConfig,
     StreamingFeatures,
+    accept_features,
     log_mel,
     spec_augment,
     speed_perturb,
@@ -72,6 +73,31 @@ def test_streaming_with_random_chunk_sizes(speech: torch.Tensor) -> None:
         parts.append(stream.accept(speech[pos : pos + size]))
         pos += size
     assert (torch.cat(parts) - log_mel(speech, CONFIG)).abs().max() < 1e-4
+
+
+def test_streams_batched_equal_each_alone(speech: torch.Tensor) -> None:
+    # Streams of different lengths cut at different points, one with less than a window
+    # (no frames yet): batched, each gets exactly the frames it gets alone, and keeps the
+    # same leftover samples for its next call.
+    gen = torch.Generator().manual_seed(5)
+    cuts = [(0, 1600), (7000, 7300), (20000, 23333), (41000, 41100), (50000, 58000)]
+    batched = [StreamingFeatures(CONFIG) for _ in cuts]
+    alone = [StreamingFeatures(CONFIG) for _ in cuts]
+    for _ in range(3):
+        chunks = [speech[a:b] for a, b in cuts]
+        together = accept_features(batched, chunks)
+        for stream, chunk, feats in zip(alone, chunks, together, strict=True):
+            own = stream.accept(chunk)
+            assert feats.shape == own.shape
+            assert torch.allclose(feats, own, atol=1e-4)
+        cuts = [(b, b + int(torch.randint(100, 3000, (1,), generator=gen))) for _, b in cuts]
+    assert [s.frames_emitted for s in batched] == [s.frames_emitted for s in alone]
+    assert all(torch.equal(s._buffer, t._buffer) for s, t in zip(batched, alone, strict=True))
+    assert accept_features([StreamingFeatures(CONFIG)], [speech[:100]])[0].shape == (0, 80)
+    with pytest.raises(ValueError, match="same feature config"):
+        accept_features(
+            [StreamingFeatures(CONFIG), StreamingFeatures(FeatureConfig(40))], [speech] * 2
+        )
 
 
 def test_dither_only_in_training() -> None:
