@@ -30,7 +30,7 @@ from asr.decoding.options import (
 )
 from asr.features import FeatureConfig, StreamingFeatures, accept_features
 from asr.models.base import model_device
-from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCStream, run_streams
+from asr.models.bilstm_ctc import BiLSTMCTC, BiLSTMCTCStream, push_streams, run_streams
 from asr.models.las import LAS
 from asr.recognizer import METHODS, Evidence, Posteriors, Recognizer
 from asr.tokenizer import BLANK_ID
@@ -154,12 +154,6 @@ class StreamingSession:
         self.held, self.held_samples = [], 0
         return held
 
-    def _encode(self, feats: torch.Tensor) -> None:
-        """New (T, F) feature frames into the encoder's buffer."""
-        if feats.shape[0]:
-            self.raw.append(feats)
-            self.encoder.push(feats[None])
-
     def _news(self, frames: int) -> list[StreamResult]:
         """With interim results on: the partial, if its text changed since the encoder stood
         at `frames` (the search is synced)."""
@@ -279,11 +273,11 @@ def accept_streams(
 ) -> list[list[StreamResult]]:
     """Feed each session its chunk of (N,) float 16 kHz samples and return what each
     `accept` would, with the work of sessions of equal `batch_key` batched: one log-mel call
-    for all the sessions whose held audio completes a block (`accept_features`), one batched
-    encoder call per LC block for all the sessions with a block ready (`run_streams`) and
-    one batched search over all their new frames (`CTCPrefixBeamSearch.advance_many`).
-    Every session's results are its own alone, up to the float rounding of the encoder's
-    batched matrix products (~1e-7). A session may appear once.
+    and one subsampling call for all the sessions whose held audio completes a block
+    (`accept_features`, `push_streams`), one batched encoder call per LC block for all the
+    sessions with a block ready (`run_streams`) and one batched search over all their new
+    frames (`CTCPrefixBeamSearch.advance_many`). Every session's results are its own alone,
+    up to the float rounding of the batched matrix products (~1e-7). A session may appear once.
 
     last[i]: chunk i is the end of session i's audio: its results are then the finals that
     `accept(chunk)` and `finish()` give (not the interim result the final supersedes), its
@@ -302,10 +296,15 @@ def accept_streams(
     for session, samples, ends in zip(sessions, chunks, ending, strict=True):
         if (held := session._push(samples, ends)) is not None:
             due.setdefault(session.features.config, []).append((session, held))
+    fed: dict[int, list[tuple[StreamingSession, torch.Tensor]]] = {}
     for pending in due.values():
         feats = accept_features([s.features for s, _ in pending], [x for _, x in pending])
         for (session, _), frames in zip(pending, feats, strict=True):
-            session._encode(frames)
+            if frames.shape[0]:
+                session.raw.append(frames)
+                fed.setdefault(id(session.model), []).append((session, frames[None]))
+    for frames_of in fed.values():  # and one subsampling call per model
+        push_streams([s.encoder for s, _ in frames_of], [f for _, f in frames_of])
     groups: dict[tuple[int, DecodeOptions], list[int]] = {}
     for i, session in enumerate(sessions):
         groups.setdefault(session.batch_key, []).append(i)

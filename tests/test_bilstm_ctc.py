@@ -27,6 +27,7 @@ from asr.models.bilstm_ctc import (
     BiLSTMCTCConfig,
     BiLSTMCTCStream,
     bilstm_ctc,
+    push_streams,
     run_streams,
 )
 from asr.models.layers import lengths_to_mask
@@ -329,12 +330,13 @@ def test_streaming_matches_whole_utterance_lc(subsampling: str, rnn_type: str, s
         torch.testing.assert_close(streamed, whole, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
-def test_streams_run_batched_equal_each_alone(rnn_type: str) -> None:
+@pytest.mark.parametrize(("rnn_type", "subsampling"), [("lstm", "conv2d"), ("gru", "stack")])
+def test_streams_run_batched_equal_each_alone(rnn_type: str, subsampling: str) -> None:
     # Five streams at different points, fed different amounts each round (some nothing, some
-    # several blocks, one joining late and one flushed early): batched blocks give each
-    # stream what it gets alone.
-    model = tiny(rnn_type=rnn_type)
+    # under a subsampling window, some several blocks, one joining late and one flushed
+    # early): batched subsampling (push_streams) and batched blocks give each stream what it
+    # gets alone.
+    model = tiny(rnn_type=rnn_type, subsampling=subsampling)
     rng = random.Random(3)
     feats = [torch.randn(1, rng.randint(120, 300), 20) for _ in range(5)]
     alone = []
@@ -349,9 +351,12 @@ def test_streams_run_batched_equal_each_alone(rnn_type: str) -> None:
         active = [i for i in range(5) if fed[i] < feats[i].shape[1] and (i != 4 or round_ > 5)]
         if not active:
             break
-        for i in active:
-            step = rng.choice([0, 3, 17, 60])
-            streams[i].push(feats[i][:, fed[i] : fed[i] + step])
+        steps = [rng.choice([0, 3, 17, 60]) for _ in active]
+        push_streams(
+            [streams[i] for i in active],
+            [feats[i][:, fed[i] : fed[i] + step] for i, step in zip(active, steps, strict=True)],
+        )
+        for i, step in zip(active, steps, strict=True):
             fed[i] = min(fed[i] + step, feats[i].shape[1])
         for i, out in zip(active, run_streams([streams[i] for i in active]), strict=True):
             pieces[i].append(out)
@@ -360,6 +365,8 @@ def test_streams_run_batched_equal_each_alone(rnn_type: str) -> None:
         torch.testing.assert_close(streamed, alone[i], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="same model"):
         run_streams([BiLSTMCTCStream(model), BiLSTMCTCStream(tiny())])
+    with pytest.raises(ValueError, match="same module"):
+        push_streams([BiLSTMCTCStream(model), BiLSTMCTCStream(tiny())], [feats[0]] * 2)
 
 
 def test_streams_that_end_flush_batched_with_those_that_go_on() -> None:

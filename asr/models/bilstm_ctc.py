@@ -36,7 +36,12 @@ from asr.config import Config
 from asr.models.base import CTC, ModelOutput, NormalizesInput, model_device
 from asr.models.ctc import count_infeasible, ctc_loss
 from asr.models.layers import BiRNN, RNNType
-from asr.models.subsampling import Subsampling, SubsamplingKind, SubsamplingStream
+from asr.models.subsampling import (
+    Subsampling,
+    SubsamplingKind,
+    SubsamplingStream,
+    accept_subsampled,
+)
 
 
 @dataclass(frozen=True)
@@ -312,8 +317,7 @@ class BiLSTMCTCStream:
     def push(self, feats: torch.Tensor) -> None:
         """Buffer feats (1, T, F) new raw log-mel frames without running the encoder on them
         (`run_streams` runs the blocks they complete, batched with other streams')."""
-        new = self._subsampling.accept(self._normalize(feats))  # (1, n, D)
-        self._pending = new if self._pending is None else torch.cat([self._pending, new], dim=1)
+        push_streams([self], [feats])
 
     @property
     def width(self) -> int:
@@ -358,6 +362,16 @@ class BiLSTMCTCStream:
             sizes = 2 if config.rnn_type == "lstm" else 1  # (h, c) or h
             self._states = block.new_zeros(config.num_layers, sizes, 1, config.hidden_size)
         return block, self._states
+
+
+@torch.no_grad()
+def push_streams(streams: Sequence[BiLSTMCTCStream], feats: Sequence[torch.Tensor]) -> None:
+    """`streams[i].push(feats[i])` for every stream (all of one model), the subsampling of
+    all of them in one batched call (`accept_subsampled`)."""
+    normalized = [s._normalize(f) for s, f in zip(streams, feats, strict=True)]
+    subsampled = accept_subsampled([s._subsampling for s in streams], normalized)  # (1, n, D)
+    for s, new in zip(streams, subsampled, strict=True):
+        s._pending = new if s._pending is None else torch.cat([s._pending, new], dim=1)
 
 
 @torch.no_grad()

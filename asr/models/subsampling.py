@@ -7,6 +7,7 @@ feeds complete windows gets exactly the offline output (see `SubsamplingStream`)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -77,9 +78,43 @@ class SubsamplingStream:
 
     def accept(self, feats: torch.Tensor) -> torch.Tensor:
         """feats: (1, T, F) new frames -> (1, T', D) newly complete output frames."""
-        buf = feats if self._buffer is None else torch.cat([self._buffer, feats], dim=1)
-        n = max((buf.shape[1] - self.module.receptive_field) // self.module.stride + 1, 0)
-        used = (n - 1) * self.module.stride + self.module.receptive_field if n else 0
-        out, _ = self.module(buf[:, :used], torch.tensor([used]))
-        self._buffer = buf[:, n * self.module.stride :]  # overlap of later windows
-        return out
+        return accept_subsampled([self], [feats])[0]
+
+
+def accept_subsampled(
+    streams: Sequence[SubsamplingStream], feats: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """`streams[i].accept(feats[i])` for every stream (all of one module), the windows of all
+    of them through the module in one batched call: rows are zero-padded at the end, and an
+    output frame sees only its own window, so padding changes no frame (the batched conv
+    and matrix products round ~1e-7 differently)."""
+    if len(streams) != len(feats):
+        raise ValueError(f"accept_subsampled: {len(streams)} streams, {len(feats)} chunks")
+    if not streams:
+        return []
+    module = streams[0].module
+    if any(s.module is not module for s in streams):
+        raise ValueError("accept_subsampled: every stream must run the same module")
+    window, stride = module.receptive_field, module.stride
+    buffers = [
+        x if s._buffer is None else torch.cat([s._buffer, x], dim=1)
+        for s, x in zip(streams, feats, strict=True)
+    ]  # (1, T_i, F)
+    counts = [max((b.shape[1] - window) // stride + 1, 0) for b in buffers]
+    out = [buffers[i].new_zeros(1, 0, module.out.out_features) for i in range(len(streams))]
+    due = [i for i, n in enumerate(counts) if n]
+    if due:
+        used = [(counts[i] - 1) * stride + window for i in due]
+        batch = torch.cat(
+            [
+                torch.nn.functional.pad(buffers[i][:, :n], (0, 0, 0, max(used) - n))
+                for i, n in zip(due, used, strict=True)
+            ]
+        )  # (B, max used, F)
+        outputs, _ = module(batch, torch.tensor(used))  # (B, T', D)
+        for row, i in enumerate(due):  # a copy: a view would keep the whole batch alive
+            own = outputs[row : row + 1, : counts[i]]
+            out[i] = own if len(due) == 1 else own.clone()
+    for s, buffer, n in zip(streams, buffers, counts, strict=True):
+        s._buffer = buffer[:, n * stride :]  # overlap of later windows
+    return out
