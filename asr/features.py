@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torchaudio.transforms as AT
+from torch.nn.utils.rnn import pad_sequence
 
 from asr.audio import SAMPLE_RATE, resample
 from asr.config import Config
@@ -156,13 +157,8 @@ def accept_features(
     due = [i for i, n in enumerate(counts) if n]
     if due:
         used = [(counts[i] - 1) * config.hop_length + config.win_length for i in due]
-        if len(due) == 1:
-            batch = buffers[due[0]][None, : used[0]]
-        else:
-            batch = buffers[due[0]].new_zeros(len(due), max(used))
-            for row, (i, n) in enumerate(zip(due, used, strict=True)):
-                batch[row, :n] = buffers[i][:n]
-        feats = log_mel(batch, config)  # (B, T, F)
+        windows = [buffers[i][:n] for i, n in zip(due, used, strict=True)]
+        feats = log_mel(pad_sequence(windows, batch_first=True), config)  # (B, T, F)
         for row, i in enumerate(due):  # a copy: a view would keep the whole batch alive
             out[i] = feats[row, : counts[i]] if len(due) == 1 else feats[row, : counts[i]].clone()
     for s, buffer, n in zip(streams, buffers, counts, strict=True):

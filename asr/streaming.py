@@ -291,20 +291,19 @@ def accept_streams(
         raise ValueError(f"{len(sessions)} sessions, {len(chunks)} chunks, {len(ending)} flags")
     if len({id(s) for s in sessions}) != len(sessions):
         raise ValueError("accept_streams: a session may appear once")
-    # One STFT call for the streams with features due (a block complete, or the end).
-    due: dict[FeatureConfig, list[tuple[StreamingSession, torch.Tensor]]] = {}
+    # One log-mel and one subsampling call per model for the streams with features due (a
+    # block complete, or the end).
+    due: dict[tuple[int, FeatureConfig], list[tuple[StreamingSession, torch.Tensor]]] = {}
     for session, samples, ends in zip(sessions, chunks, ending, strict=True):
         if (held := session._push(samples, ends)) is not None:
-            due.setdefault(session.features.config, []).append((session, held))
-    fed: dict[int, list[tuple[StreamingSession, torch.Tensor]]] = {}
+            key = (id(session.model), session.features.config)
+            due.setdefault(key, []).append((session, held))
     for pending in due.values():
         feats = accept_features([s.features for s, _ in pending], [x for _, x in pending])
-        for (session, _), frames in zip(pending, feats, strict=True):
-            if frames.shape[0]:
-                session.raw.append(frames)
-                fed.setdefault(id(session.model), []).append((session, frames[None]))
-    for frames_of in fed.values():  # and one subsampling call per model
-        push_streams([s.encoder for s, _ in frames_of], [f for _, f in frames_of])
+        fed = [(s, f) for (s, _), f in zip(pending, feats, strict=True) if f.shape[0]]
+        for session, frames in fed:
+            session.raw.append(frames)
+        push_streams([s.encoder for s, _ in fed], [f[None] for _, f in fed])
     groups: dict[tuple[int, DecodeOptions], list[int]] = {}
     for i, session in enumerate(sessions):
         groups.setdefault(session.batch_key, []).append(i)

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 SubsamplingKind = Literal["conv2d", "stack"]
 
@@ -105,13 +106,8 @@ def accept_subsampled(
     due = [i for i, n in enumerate(counts) if n]
     if due:
         used = [(counts[i] - 1) * stride + window for i in due]
-        batch = torch.cat(
-            [
-                torch.nn.functional.pad(buffers[i][:, :n], (0, 0, 0, max(used) - n))
-                for i, n in zip(due, used, strict=True)
-            ]
-        )  # (B, max used, F)
-        outputs, _ = module(batch, torch.tensor(used))  # (B, T', D)
+        windows = [buffers[i][0, :n] for i, n in zip(due, used, strict=True)]  # (n, F)
+        outputs, _ = module(pad_sequence(windows, batch_first=True), torch.tensor(used))
         for row, i in enumerate(due):  # a copy: a view would keep the whole batch alive
             own = outputs[row : row + 1, : counts[i]]
             out[i] = own if len(due) == 1 else own.clone()
