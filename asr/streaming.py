@@ -154,6 +154,26 @@ class StreamingSession:
         self.held, self.held_samples = [], 0
         return held
 
+    def samples_until_due(self) -> int:
+        """The fewest samples (>= 1) that the next `accept` calls must bring, together, before
+        any of them does work: until then each returns nothing and changes nothing but the
+        held audio, so a caller may hold that much audio itself (`server.engine`) and send it
+        as one chunk. 0 once the stream is finished (the next `accept` raises)."""
+        if self.finished:
+            return 0
+
+        def due(more: int) -> bool:
+            frames = self.features.frames_after(self.held_samples + more)
+            return self.encoder.completes_block(frames)
+
+        low, high = 0, 1  # invariant: due(high), and low == 0 or not due(low)
+        while not due(high):
+            low, high = high, 2 * high
+        while high - low > 1:  # the least `high` that is due: both are monotone in samples
+            middle = (low + high) // 2
+            low, high = (low, middle) if due(middle) else (middle, high)
+        return high
+
     def _news(self, frames: int) -> list[StreamResult]:
         """With interim results on: the partial, if its text changed since the encoder stood
         at `frames` (the search is synced)."""

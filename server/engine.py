@@ -43,7 +43,9 @@ for one call, so a stream that ends or is cancelled leaves nothing behind in the
 a slow client's stream simply is not in the batches it has no chunk for. Finals (end of
 audio) queue like any chunk: an ending stream's flush runs in the same batched block calls
 as the others' blocks (`accept_streams(last=)`). With `max_stream_batch` 1 every chunk is
-its own `run_timed` call (the per-stream path).
+its own `run_timed` call (the per-stream path). Either way a chunk that completes no encoder
+block never reaches the worker: the stream's side holds it (`HeldAudio`) until the audio
+held does, which keeps about two 100 ms chunks in three off the queue and out of the pipe.
 
 Cancellation. Each call carries its caller's deadline (gRPC `time_remaining`) and
 cancellation in a `CancelToken`. The caller gets `DeadlineExceeded` when its deadline passes,
@@ -632,10 +634,38 @@ class LocalWorker(ModelWorker):
         )
 
 
+class HeldAudio:
+    """A stream's audio held where its chunks arrive until it completes an encoder block.
+
+    Most 100 ms chunks complete no block (a block is 240-320 ms of audio), so the session
+    would only hold them and answer nothing; each of them sent to the worker would still cost
+    a queue entry there and, across processes, a pipe message each way. So the stream's side
+    keeps them until they add up to the session's `samples_until_due` (read after each call:
+    nothing but a call changes it), then sends them as one chunk. Exact: a held chunk's
+    answer, no results and no model time, is the one the session would give.
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+        self.samples = 0
+        self.due = 0  # samples the session needs before it works (0: send every chunk)
+
+    def take(self, samples: torch.Tensor, last: bool = False) -> torch.Tensor | None:
+        """None if `samples` are held; else the audio to send now (what was held, then them)."""
+        self.parts.append(samples)
+        self.samples += samples.numel()
+        if self.samples < self.due and not last:
+            return None
+        audio = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
+        self.parts, self.samples = [], 0
+        return audio
+
+
 class _LocalStream:
     def __init__(self, worker: Worker, session: StreamingSession) -> None:
         self.worker = worker
         self.session: StreamingSession | None = session
+        self.held = HeldAudio()
 
     def _session(self) -> StreamingSession:
         if self.session is None:
@@ -643,10 +673,18 @@ class _LocalStream:
         return self.session
 
     async def accept(self, samples: torch.Tensor) -> tuple[list[StreamResult], float]:
-        return await self.worker.stream(self._session(), samples)
+        return await self._send(samples, last=False)
 
     async def finish(self, samples: torch.Tensor) -> tuple[list[StreamResult], float]:
-        return await self.worker.stream(self._session(), samples, last=True)
+        return await self._send(samples, last=True)
+
+    async def _send(self, samples: torch.Tensor, last: bool) -> tuple[list[StreamResult], float]:
+        session = self._session()
+        if (audio := self.held.take(samples, last)) is None:
+            return [], 0.0
+        answer = await self.worker.stream(session, audio, last=last)
+        self.held.due = session.samples_until_due()
+        return answer
 
     def close(self) -> None:
         self.session = None

@@ -16,6 +16,8 @@ worker requests over a pipe; the child holds the streams' sessions. Messages are
                        ("cancel", key)   the caller is gone: its task is cancelled
                        ("stop",)
     worker -> server   ("done", key, value) | ("error", key, exception)
+                       value of "accept" | "finish": (results, model seconds, samples the
+                       stream needs before its next chunk does work: `HeldAudio`)
                        ("batch", kind, size, waits)   a batch it ran, for the metrics
 
 Arrays, not tensors, cross the pipe: torch pickles tensors through shared memory, which
@@ -52,7 +54,7 @@ from asr.cancel import Cancelled
 from asr.decoding.options import DecodeOptions, Transcript
 from asr.recognizer import Recognizer
 from asr.streaming import EndpointConfig, StreamingSession, StreamResult
-from server.engine import ModelWorker, Worker, WorkerLost, WorkerSettings
+from server.engine import HeldAudio, ModelWorker, Worker, WorkerLost, WorkerSettings
 
 log = logging.getLogger("asr.server")
 STOP_SECONDS = 10.0  # a child that has not exited this long after "stop" is killed
@@ -216,20 +218,28 @@ class ProcessWorker(ModelWorker):
 class _RemoteStream:
     def __init__(self, worker: ProcessWorker, sid: int) -> None:
         self.worker, self.sid = worker, sid
+        self.held = HeldAudio()  # chunks that complete no block never cross the pipe
+        self.closed = False
 
     async def accept(self, samples: torch.Tensor) -> tuple[list[StreamResult], float]:
-        result: tuple[list[StreamResult], float] = await self.worker._call(
-            "accept", self.sid, _array(samples)
-        )
-        return result
+        return await self._send("accept", samples)
 
     async def finish(self, samples: torch.Tensor) -> tuple[list[StreamResult], float]:
-        result: tuple[list[StreamResult], float] = await self.worker._call(
-            "finish", self.sid, _array(samples)
+        return await self._send("finish", samples)
+
+    async def _send(self, kind: str, samples: torch.Tensor) -> tuple[list[StreamResult], float]:
+        if self.closed:
+            raise RuntimeError("the stream is closed")
+        if (audio := self.held.take(samples, last=kind == "finish")) is None:
+            return [], 0.0
+        answer: tuple[list[StreamResult], float, int] = await self.worker._call(
+            kind, self.sid, _array(audio)
         )
-        return result
+        results, seconds, self.held.due = answer
+        return results, seconds
 
     def close(self) -> None:
+        self.closed = True
         with contextlib.suppress(WorkerLost):  # a lost child holds no session any more
             self.worker._send("close", self.sid)
 
@@ -339,7 +349,9 @@ class _Child:
             raise RuntimeError("the stream is closed")
         if isinstance(session, Exception):
             raise session
-        return await self.worker.stream(session, torch.from_numpy(samples), last=kind == "finish")
+        last = kind == "finish"
+        results, seconds = await self.worker.stream(session, torch.from_numpy(samples), last=last)
+        return results, seconds, session.samples_until_due()  # the server holds audio till then
 
     async def _answer(self, key: int, work: Any) -> None:
         try:

@@ -240,3 +240,29 @@ def test_streaming_needs_a_latency_controlled_ctc_model(word_model: Bundle) -> N
     session.finish()
     with pytest.raises(RuntimeError, match="finished"):
         session.accept(torch.zeros(10))
+
+
+def test_samples_until_due_is_the_least_audio_that_makes_accept_work(
+    word_model: Bundle, utterances: list[Utterance]
+) -> None:
+    # Fed one sample short of it, a session does nothing and asks for one more; fed that one,
+    # its encoder runs. So the server may hold that much audio and lose nothing.
+    audio = torch.cat([u.audio for u in utterances[:2]])
+    held = StreamingSession(Recognizer(word_model))
+    whole = StreamingSession(Recognizer(word_model))
+    results: list[StreamResult] = []
+    fed, runs = 0, 0
+    while (due := held.samples_until_due()) and fed + due <= audio.numel():
+        frames = held.frames
+        if due > 1:
+            assert held.accept(audio[fed : fed + due - 1]) == []
+            assert held.frames == frames and held.samples_until_due() == 1
+        results += held.accept(audio[fed + due - 1 : fed + due])
+        assert held.frames > frames  # a block came out
+        fed, runs = fed + due, runs + 1
+    assert runs >= audio.numel() / SAMPLE_RATE * 2  # a block (8 frames, 320 ms) at a time
+    results += held.accept(audio[fed:]) + held.finish()
+    assert held.samples_until_due() == 0  # finished: the next accept fails at once
+    assert [(r.is_final, r.transcript.text) for r in results] == [
+        (r.is_final, r.transcript.text) for r in stream(whole, audio)
+    ]
