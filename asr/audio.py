@@ -414,7 +414,9 @@ class PCMStream:
             return torch.zeros(0)
         self.frames += usable // self._frame
         frames = _pcm16_frames(data[:usable], self.channels)  # (n, C)
-        return self._resampler.accept(torch.from_numpy(frames.mean(axis=1, dtype=np.float32)))
+        # One channel is already mono (the mean of one is itself; this runs for every chunk).
+        mono = frames[:, 0] if self.channels == 1 else frames.mean(axis=1, dtype=np.float32)
+        return self._resampler.accept(torch.from_numpy(np.ascontiguousarray(mono)))
 
     def flush(self) -> torch.Tensor:
         """End of the stream -> the last samples (M,) resampling held back. A trailing partial

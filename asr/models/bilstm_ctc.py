@@ -266,11 +266,13 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
         so this is exact without packed sequences.
         """
         new_states = []
+        top = len(self._stack) - 1
         for i, layer in enumerate(self._stack):
             state = None if states is None else states[i]  # (S, B, H)
-            x, state = layer(x, valid, state, carry=chunk)  # (B, W, D_out), (S, B, H)
+            # (B, W, D_out), (S, B, H); the top layer's right-context outputs are never read
+            x, state = layer(x, valid, state, carry=chunk, context_outputs=i < top)
             new_states.append(state)
-            if i < len(self.layers) - 1:
+            if i < top:
                 x = self.dropout(x)
         return x[:, :chunk], torch.stack(new_states)
 

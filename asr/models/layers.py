@@ -123,6 +123,7 @@ class BiRNN(nn.Module):
         lengths: torch.Tensor,
         state: torch.Tensor | None = None,
         carry: int | None = None,
+        context_outputs: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, D), lengths: (B,) valid frames (0 allowed) -> (B, T, P or 2H) and the
         forward state (S, B, H) after the first `carry` frames (None: all T).
@@ -131,17 +132,21 @@ class BiRNN(nn.Module):
         1 for a GRU. Frames after `carry` are an LC block's right context: the forward
         direction continues over them from the state after `carry` but does not return it.
         A row's returned state is stale if it ended before `carry`; it has no valid frames
-        after that, so nothing valid reads it.
+        after that, so nothing valid reads it. Without `context_outputs` only the first
+        `carry` frames' outputs are returned, (B, min(T, carry), P or 2H), the same values:
+        the right context then still steers the backward direction, but the forward one
+        does not run over it (an LC stack's top layer, whose context outputs nobody reads).
         """
         frames = x.shape[1]
         split = frames if carry is None else carry
         ahead, state = _run_rnn(self.fwd, x[:, :split], state)  # (B, min(T, carry), H)
-        if frames > split:  # right context: continue from the carried state, do not carry it
+        if frames > split and context_outputs:  # continue from the carried state, not carried
             context, _ = _run_rnn(self.fwd, x[:, split:], state)
             ahead = torch.cat([ahead, context], dim=1)  # (B, T, H)
         reverse = reversal_index(lengths, frames, x.device)[:, :, None]  # (B, T, 1)
         behind, _ = _run_rnn(self.bwd, x.gather(1, reverse.expand(-1, -1, x.shape[2])), None)
         behind = behind.gather(1, reverse.expand(-1, -1, behind.shape[2]))  # forward time again
+        behind = behind[:, : ahead.shape[1]]
         return self.proj(torch.cat([ahead, behind], dim=2)), state  # (B, T, P or 2H)
 
 
