@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_se
 from asr.audio import load_audio
 from asr.cancel import Cancelled
 from asr.features import CMVN, FeatureConfig, log_mel
+from asr.models import model_config
 from asr.models.base import attach_cmvn
 from asr.models.bilstm_ctc import (
     PRESETS,
@@ -273,6 +274,44 @@ def test_lc_lookahead_is_right_context_whatever_the_depth() -> None:
     seen = feats.grad.abs().sum(-1)[0].nonzero().max().item()
     # Subsampled frame j reads feature frames [4j, 4j + 7): frame 5 reads up to feature 26.
     assert seen == 4 * 5 + 6
+
+
+@pytest.mark.parametrize(
+    "blocks", [((0, 2),), ((3, -1),), ((3,),)], ids=["no chunk", "negative context", "no pair"]
+)
+def test_config_rejects_bad_train_blocks(blocks: Any) -> None:
+    with pytest.raises(ValueError, match="train_blocks"):
+        replace(TINY, train_blocks=blocks)
+    with pytest.raises(ValueError, match="train_blocks"):  # an offline model has no blocks
+        replace(TINY, **OFFLINE, train_blocks=((3, 1),))
+
+
+def test_train_blocks_round_trip_through_json_and_preset_overrides() -> None:
+    config = replace(TINY, train_blocks=((5, 3), (2, 1)))
+    assert BiLSTMCTCConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    # `asr train --model-set train_blocks=[[6,4],[4,2]]` hands model_config JSON lists.
+    built = model_config("ctc", "cpu-small", train_blocks=[[6, 4], [4, 2]])
+    assert built.train_blocks == ((6, 4), (4, 2))
+
+
+def test_training_forward_draws_one_of_train_blocks() -> None:
+    # Dropout 0 so that a training forward equals an eval forward over the same blocks.
+    model = tiny(train_blocks=((2, 1), (7, 0)))
+    feats, lens = batch([150, 97])
+    with torch.no_grad():
+        configured = model.log_probs(feats, lens)[0]  # eval: the config's 5 + 3
+        each = [model.with_chunking(*b).log_probs(feats, lens)[0] for b in ((2, 1), (7, 0))]
+        model.train()
+        drawn = [model.log_probs(feats, lens)[0] for _ in range(12)]
+    assert not torch.equal(each[0], configured) and not torch.equal(each[1], configured)
+    matches = [[torch.equal(d, e) for e in each] for d in drawn]
+    assert all(sum(m) == 1 for m in matches)  # every training forward ran one of the blocks
+    assert {m.index(True) for m in matches} == {0, 1}  # and both get drawn (p = 1 - 2^-11)
+    # Drawn from torch's global generator, so a seeded (or resumed) run draws the same.
+    torch.manual_seed(3)
+    first = [model.log_probs(feats, lens)[0] for _ in range(4)]
+    torch.manual_seed(3)
+    assert all(torch.equal(a, model.log_probs(feats, lens)[0]) for a in first)
 
 
 def test_lc_gradients_reach_both_directions_and_cross_blocks() -> None:

@@ -7,7 +7,7 @@ turns that back into a model, so nothing needs training flags repeated to load i
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -44,13 +44,14 @@ def _spec(kind: str) -> ModelSpec:
 
 
 def model_config(kind: str, preset: str, **overrides: Any) -> Any:
-    """A preset's config with fields replaced (e.g. vocab_size from the tokenizer)."""
+    """A preset's config with fields replaced (e.g. vocab_size from the tokenizer); values
+    may be as JSON gives them (lists for tuples, dicts for nested configs)."""
     spec = _spec(kind)
     if preset not in spec.presets:
         raise ValueError(
             f"unknown {kind} preset {preset!r}; choose one of {', '.join(spec.presets)}"
         )
-    return replace(spec.presets[preset], **overrides)
+    return spec.config_cls.from_dict(spec.presets[preset].to_dict() | overrides)
 
 
 def build_model(kind: str, config: Mapping[str, Any]) -> nn.Module:

@@ -19,7 +19,8 @@ ways of running the stack; `chunk_size` in the config picks one:
 
 Training in LC mode makes streaming accuracy match what was trained; a model trained in one
 mode runs in the other by building it with `dataclasses.replace(config, chunk_size=...)` and
-loading the same state dict (the parameters do not depend on the mode).
+loading the same state dict (the parameters do not depend on the mode). `train_blocks` trains
+one model for several blocks (each training batch draws one), so it streams well at each.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ class BiLSTMCTCConfig(Config):
     dropout: float = 0.0  # between recurrent layers
     chunk_size: int = 0  # Nc; 0 = offline, full-sequence BiLSTM
     right_context: int = 0  # Nr; LC mode only
+    # Dynamic latency training (LC mode only): (Nc, Nr) blocks of which each training forward
+    # draws one, uniformly, in place of (chunk_size, right_context), so that one model streams
+    # well at all of them (as WeNet's dynamic chunk training does for its attention masks).
+    # Inference and validation keep (chunk_size, right_context). () trains at those alone.
+    train_blocks: tuple[tuple[int, int], ...] = ()
 
     def validate(self) -> None:
         minimums = {
@@ -79,13 +85,21 @@ class BiLSTMCTCConfig(Config):
             {name: (getattr(self, name) >= low, f">= {low}") for name, low in minimums.items()}
             | {"dropout": (0.0 <= self.dropout < 1.0, "in [0, 1)")}
         )
-        # A second rule for right_context, so it cannot replace the first in one dict.
+        # Second rules for fields the first dict names, so they cannot replace them there.
         self.check(
             {
                 "right_context": (
                     not offline_context,
                     "0 offline (chunk_size 0 already sees the whole utterance)",
-                )
+                ),
+                "train_blocks": (
+                    not self.train_blocks
+                    or (
+                        self.chunk_size > 0
+                        and all(nc >= 1 and nr >= 0 for nc, nr in self.train_blocks)
+                    ),
+                    "(chunk_size >= 1, right_context >= 0) pairs of an LC model (chunk_size > 0)",
+                ),
             }
         )
 
@@ -229,7 +243,7 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
             # Offline is the special case of one block spanning the utterance without context.
             enc, _ = self._run_block(x, lens, None, chunk=frames)
             return enc, lens
-        chunk, context = self.config.chunk_size, self.config.right_context
+        chunk, context = self._blocks()
         outputs = []
         states: torch.Tensor | None = None
         for start in range(0, frames, chunk):
@@ -237,9 +251,18 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
                 cancel.check()
             block = x[:, start : start + chunk + context]  # (B, W, D), W <= Nc + Nr
             valid = (lens - start).clamp(min=0, max=block.shape[1])  # (B,)
-            enc, states = self.lc_block(block, valid, states)  # (B, min(W, Nc), D_out)
+            enc, states = self._run_block(block, valid, states, chunk)  # (B, min(W, Nc), D)
             outputs.append(enc)
         return torch.cat(outputs, dim=1), lens
+
+    def _blocks(self) -> tuple[int, int]:
+        """(Nc, Nr) for this forward: the config's, or in training one of `train_blocks`,
+        drawn with torch's global generator (which the Trainer seeds and checkpoints, so a
+        resumed run draws the same blocks)."""
+        blocks = self.config.train_blocks
+        if not (self.training and blocks):
+            return self.config.chunk_size, self.config.right_context
+        return blocks[int(torch.randint(len(blocks), ()))]
 
     def lc_block(
         self, block: torch.Tensor, valid: torch.Tensor, states: torch.Tensor | None

@@ -289,7 +289,7 @@ class Trainer:
         if self.cmvn is not None:
             self.cmvn.save(self.exp_dir / "cmvn.json")
         path = self.exp_dir / "experiment.json"
-        data = self.exp.to_dict()
+        data = json.loads(json.dumps(self.exp.to_dict()))  # as read back (tuples as lists)
         if path.exists():
             old = json.loads(path.read_text())
             if old["model"] != data["model"] or old["data"] != data["data"]:
