@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,31 @@ def test_resume_after_sigkill_reproduces_losses(
     proc.wait()
     subprocess.run(cmd, check=True, env=_env(), capture_output=True)
     assert _losses(exp) == _losses(reference_run)
+
+
+def test_resume_accepts_an_experiment_written_before_a_config_field_existed(
+    corpus: dict[str, Path], reference_run: Path, tmp_path: Path
+) -> None:
+    exp = tmp_path / "exp"
+    shutil.copytree(reference_run, exp)
+    path = exp / "experiment.json"
+    written = json.loads(path.read_text())
+    del written["model"]["config"]["train_blocks"]  # as before train_blocks existed
+    path.write_text(json.dumps(written))
+    subprocess.run(  # resumes from its step-10 checkpoint rather than refusing
+        _train_cmd(corpus, exp, "--max-steps", "2"), check=True, env=_env(), capture_output=True
+    )
+    losses = _losses(exp)
+    assert {k: v for k, v in losses.items() if k <= 10} == _losses(reference_run)
+    assert max(losses) > 10
+    # A field that does differ is still another experiment.
+    refused = subprocess.run(
+        _train_cmd(corpus, exp, "--max-steps", "10", "--model-set", "dropout=0.2"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "different experiment" in refused.stderr
 
 
 def test_sigterm_writes_a_checkpoint_and_exits(corpus: dict[str, Path], tmp_path: Path) -> None:

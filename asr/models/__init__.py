@@ -54,10 +54,14 @@ def model_config(kind: str, preset: str, **overrides: Any) -> Any:
     return spec.config_cls.from_dict(spec.presets[preset].to_dict() | overrides)
 
 
+def config_class(kind: str) -> type[Config]:
+    """The config dataclass of a kind of model."""
+    return _spec(kind).config_cls
+
+
 def build_model(kind: str, config: Mapping[str, Any]) -> nn.Module:
     """Rebuild a model from its kind and `config.to_dict()` output."""
-    spec = _spec(kind)
-    return spec.build(spec.config_cls.from_dict(dict(config)))
+    return _spec(kind).build(config_class(kind).from_dict(dict(config)))
 
 
 def greedy_decode(model: nn.Module, feats: torch.Tensor, lens: torch.Tensor) -> list[list[int]]:

@@ -13,7 +13,7 @@ import gzip
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from asr.bundle import write_lm_bundle
+from asr.config import Config
 from asr.models.lm import LSTMLM, LSTMLMConfig
 from asr.text import normalize_text
 from asr.tokenizer import Tokenizer
@@ -249,6 +250,9 @@ class LMTrainer(Trainer):
 
     def _build_model(self) -> nn.Module:
         return LSTMLM(LSTMLMConfig.from_dict(self.exp.model_config))
+
+    def _model_config(self, config: Mapping[str, Any]) -> Config:
+        return LSTMLMConfig.from_dict(config)
 
     def _training_data(self) -> tuple[TrainingSet, Sequence[int]]:
         train = TextDataset(read_sentences(self.exp.train_manifest), self.tokenizer)

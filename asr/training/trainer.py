@@ -14,7 +14,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,12 +28,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from asr.config import Config
 from asr.data.dataset import SpeechDataset, collate
 from asr.data.manifest import read_manifest
 from asr.data.sampler import BucketingBatchSampler
 from asr.evaluation import evaluate
 from asr.features import CMVN, SPEED_FACTORS, FeatureConfig
-from asr.models import build_model, count_parameters
+from asr.models import build_model, config_class, count_parameters
 from asr.models.base import ModelOutput, attach_cmvn
 from asr.tokenizer import Tokenizer
 from asr.training import checkpoint as ckpt
@@ -250,6 +251,10 @@ class Trainer:
     def _build_model(self) -> nn.Module:
         return build_model(self.exp.model_type, self.exp.model_config)
 
+    def _model_config(self, config: Mapping[str, Any]) -> Config:
+        """The model's config rebuilt from `to_dict` (or JSON) output."""
+        return config_class(self.exp.model_type).from_dict(config)
+
     def _training_data(self) -> tuple[TrainingSet, Sequence[int]]:
         """The training set and each example's length for the sampler's batch budget."""
         self.train_utts = read_manifest(self.exp.train_manifest)
@@ -282,6 +287,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ files
 
+    def _same_experiment(self, old: dict[str, Any], new: dict[str, Any]) -> bool:
+        """Whether experiment.json `old` (as read back) describes the run `new`: the same
+        model and data. Model configs are compared as configs, not dicts, so an experiment
+        written before a config field existed resumes with that field at its default, and a
+        tuple read back as a list is the same tuple."""
+        if old["data"] != new["data"]:
+            return False
+        others = [{k: v for k, v in d["model"].items() if k != "config"} for d in (old, new)]
+        if others[0] != others[1]:  # type, preset, init
+            return False
+        try:
+            return self._model_config(old["model"]["config"]) == self._model_config(
+                new["model"]["config"]
+            )
+        except ValueError:  # a field this version does not have
+            return False
+
     def _write_experiment(self) -> None:
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         # Copies travel with the experiment, so export never depends on data/ still existing.
@@ -289,10 +311,10 @@ class Trainer:
         if self.cmvn is not None:
             self.cmvn.save(self.exp_dir / "cmvn.json")
         path = self.exp_dir / "experiment.json"
-        data = json.loads(json.dumps(self.exp.to_dict()))  # as read back (tuples as lists)
+        data = self.exp.to_dict()
         if path.exists():
             old = json.loads(path.read_text())
-            if old["model"] != data["model"] or old["data"] != data["data"]:
+            if not self._same_experiment(old, data):
                 raise ValueError(
                     f"{self.exp_dir} holds a different experiment (model or data differ); "
                     "use a new --exp-dir"
