@@ -33,7 +33,7 @@ from asr.evaluation import (
     transcribe_manifest,
     write_decode,
 )
-from asr.features import DEFAULT_CMN_PRIOR, FeatureConfig
+from asr.features import CMVN, DEFAULT_CMN_PRIOR, FeatureConfig
 from asr.files import atomic_write
 from asr.language_model import DEFAULT_LM_WEIGHT
 from asr.models import MODELS, model_config
@@ -126,18 +126,27 @@ def _add_cmvn(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_CMN_PRIOR,
         help="weight, in frames, of the global mean in the sliding window",
     )
+    p.add_argument(
+        "--features",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="feature setting (a FeatureConfig field, e.g. cepstra=20), recorded in the file: "
+        "a model trained with it computes these features",
+    )
     p.add_argument("--jobs", type=int, default=_default_jobs())
 
 
 def _run_cmvn(args: argparse.Namespace) -> int:
     if args.window < 0 or args.prior_frames < 0:
         raise ValueError("--window and --prior-frames must be >= 0")
+    features = FeatureConfig.from_dict(_parse_overrides(args.features, "feature"))
     utterances = read_manifest(args.manifest)
     workers = args.jobs if args.jobs > 1 else 0
-    cmvn = manifest_cmvn(
-        utterances, FeatureConfig(), max_utterances=args.max_utterances, workers=workers
+    cmvn = manifest_cmvn(utterances, features, max_utterances=args.max_utterances, workers=workers)
+    cmvn = dataclasses.replace(
+        cmvn, window=args.window, prior_frames=args.prior_frames, features=features
     )
-    cmvn = dataclasses.replace(cmvn, window=args.window, prior_frames=args.prior_frames)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     cmvn.save(args.out)
     print(f"{args.out}: CMVN over {cmvn.frames} frames ({cmvn.frames / 360000:.2f} h)")
@@ -204,6 +213,8 @@ def _run_train(args: argparse.Namespace) -> int:
         train=train_config,
         train_manifest=str(args.train.resolve()),
         dev_manifest=str(args.dev.resolve()),
+        # The features the CMVN statistics are of, so they normalise what they measured.
+        feature_config=CMVN.load(args.cmvn).features or FeatureConfig(),
         preset=args.preset,
         init="" if args.init is None else str(args.init.resolve()),
     )

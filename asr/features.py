@@ -1,4 +1,5 @@
-"""Acoustic features: log-mel filterbanks, global CMVN, SpecAugment, speed perturbation.
+"""Acoustic features: log-mel filterbanks (optionally cepstrally smoothed), global CMVN,
+SpecAugment, speed perturbation.
 
 Framing follows Kaldi's `snip_edges` convention: frame t covers samples [t * hop, t * hop + win).
 No padding at either edge means a frame depends only on its own samples, so features computed
@@ -16,6 +17,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
+import torchaudio.functional as AF
 import torchaudio.transforms as AT
 from torch.nn.utils.rnn import pad_sequence
 
@@ -36,6 +38,12 @@ class FeatureConfig(Config):
     f_max: float = 7600.0  # just under Nyquist: the top band of resampled audio is often empty
     dither: float = 1.0 / 32768  # one 16-bit quantisation step; applied in training only
     log_floor: float = 1e-10  # keeps log() finite on digital silence
+    # Keep only the first this many cepstral coefficients (the DCT of each log-mel frame) and
+    # transform back to log-mel bins: the spectral envelope (formants, tilt) without the
+    # harmonics of the voice's pitch and the fine structure that each synthesizer's (or
+    # speaker's) excitation leaves, as MFCCs do (13-20 of them in most recognizers). The
+    # output keeps num_mel_bins bins, so SpecAugment and VTLP work on it unchanged. None: off.
+    cepstra: int | None = None
 
     @property
     def win_length(self) -> int:
@@ -63,6 +71,10 @@ class FeatureConfig(Config):
                 ),
                 "dither": (self.dither >= 0, ">= 0"),
                 "log_floor": (self.log_floor > 0, "> 0"),
+                "cepstra": (
+                    self.cepstra is None or 1 <= self.cepstra <= self.num_mel_bins,
+                    "None or in [1, num_mel_bins]",
+                ),
             }
         )
 
@@ -82,6 +94,15 @@ def _mel_transform(config: FeatureConfig) -> AT.MelSpectrogram:
         norm="slaney",
         mel_scale="slaney",
     )
+
+
+@lru_cache(maxsize=8)
+def _smoothing(config: FeatureConfig) -> torch.Tensor:
+    """(F, F) projection of log-mel frames onto their first `cepstra` orthonormal DCT-II
+    coefficients and back (symmetric: frames @ it smooths them)."""
+    assert config.cepstra is not None
+    dct = AF.create_dct(config.cepstra, config.num_mel_bins, norm="ortho")  # (F, C)
+    return dct @ dct.T
 
 
 def mel_centres(config: FeatureConfig) -> torch.Tensor:
@@ -113,7 +134,11 @@ def log_mel(
     if transform.mel_scale.fb.device != wave.device:  # (moving it costs even when idle)
         transform = transform.to(wave.device)
     mel = transform(wave)  # (..., F, T)
-    return mel.clamp(min=config.log_floor).log().transpose(-1, -2)  # (..., T, F)
+    feats = mel.clamp(min=config.log_floor).log().transpose(-1, -2)  # (..., T, F)
+    if config.cepstra is not None:
+        smoothing = _smoothing(config)
+        feats = feats @ smoothing.to(feats.device, feats.dtype)
+    return feats
 
 
 class StreamingFeatures:
@@ -188,6 +213,10 @@ class CMVN:
     frames: int
     window: int = 0
     prior_frames: int = DEFAULT_CMN_PRIOR
+    # The features the statistics are of (`asr cmvn --features`): a run trained with them
+    # takes its FeatureConfig from here. None: a file written before it was recorded (the
+    # default features).
+    features: FeatureConfig | None = None
 
     def __post_init__(self) -> None:
         if self.window < 0 or self.prior_frames < 0:
@@ -249,6 +278,8 @@ class CMVN:
         data = {"dim": len(self.mean), "frames": self.frames, "mean": self.mean, "std": self.std}
         if self.window:
             data |= {"window": self.window, "prior_frames": self.prior_frames}
+        if self.features is not None:
+            data["features"] = self.features.to_dict()
         Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
     @classmethod
@@ -259,12 +290,22 @@ class CMVN:
             frames = int(data["frames"])
             window = int(data.get("window", 0))
             prior = int(data.get("prior_frames", DEFAULT_CMN_PRIOR))
+            features = None if "features" not in data else FeatureConfig.from_dict(data["features"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{path}: not a CMVN statistics file ({err})") from err
         if len(mean) != len(std) or min(std, default=0.0) <= 0:
             raise ValueError(f"{path}: mean/std have different sizes or a non-positive std")
+        if features is not None and features.num_mel_bins != len(mean):
+            raise ValueError(f"{path}: {len(mean)} dimensions for {features.num_mel_bins} bins")
         try:
-            return cls(mean=mean, std=std, frames=frames, window=window, prior_frames=prior)
+            return cls(
+                mean=mean,
+                std=std,
+                frames=frames,
+                window=window,
+                prior_frames=prior,
+                features=features,
+            )
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
 

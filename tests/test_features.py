@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from asr.features import (
     FeatureConfig,
     SpecAugmentConfig,
     StreamingFeatures,
+    _smoothing,
     accept_features,
     log_mel,
+    mel_centres,
     spec_augment,
     speed_perturb,
 )
@@ -108,6 +111,47 @@ def test_dither_only_in_training() -> None:
     assert trained.std() > 0.1  # dither lifts silence off the floor
     again = log_mel(silence, CONFIG, train=True, generator=torch.Generator().manual_seed(0))
     assert torch.equal(trained, again)
+
+
+def test_cepstral_smoothing_keeps_the_envelope_and_drops_the_harmonics() -> None:
+    """A 120 Hz pulse train (a voice's harmonics) through a two-formant resonator: with the
+    first 20 cepstra the harmonic ripple between mel bins goes, the formant peaks stay."""
+    t = torch.arange(SAMPLE_RATE) / SAMPLE_RATE
+    voice = torch.zeros_like(t)
+    for f in range(120, 4000, 120):
+        voice += torch.sin(2 * torch.pi * f * t) * (4 * math.exp(-(((f - 700) / 150) ** 2)) + 1)
+    smooth_cfg = FeatureConfig(cepstra=20)
+    plain, smooth = log_mel(voice, CONFIG).mean(0), log_mel(voice, smooth_cfg).mean(0)
+    assert smooth.shape == plain.shape == (80,)
+    # The ripple: second differences across bins, large where harmonics are resolved.
+    ripple = lambda x: (x[2:] - 2 * x[1:-1] + x[:-2]).abs()[:30].mean()  # noqa: E731
+    assert ripple(smooth) < 0.3 * ripple(plain)
+    # The formant (25x the power at 700 Hz: 3.2 nats) survives the smoothing.
+    centres = mel_centres(CONFIG)
+    peak = int((centres - 700).abs().argmin())
+    assert smooth[peak] > smooth[(centres > 2000).nonzero()[0, 0]] + 2
+    # It is a projection: smoothing twice changes nothing; all cepstra is the identity.
+    again = log_mel(voice, smooth_cfg) @ _smoothing(smooth_cfg)
+    torch.testing.assert_close(again, log_mel(voice, smooth_cfg), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        log_mel(voice, FeatureConfig(cepstra=80)), log_mel(voice, CONFIG), atol=1e-3, rtol=0
+    )
+    # Streaming stays exact (each frame is smoothed on its own).
+    stream = StreamingFeatures(smooth_cfg)
+    pieces = [stream.accept(c) for c in voice.split(2777)]
+    torch.testing.assert_close(torch.cat(pieces), log_mel(voice, smooth_cfg), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="cepstra"):
+        FeatureConfig(cepstra=81)
+
+
+def test_cmvn_records_its_features_and_checks_them(tmp_path: Path) -> None:
+    cmvn = CMVN(mean=(0.0,) * 80, std=(1.0,) * 80, frames=5, features=FeatureConfig(cepstra=13))
+    cmvn.save(tmp_path / "cmvn.json")
+    assert CMVN.load(tmp_path / "cmvn.json") == cmvn
+    wrong = CMVN(mean=(0.0,) * 3, std=(1.0,) * 3, frames=5, features=FeatureConfig(cepstra=13))
+    wrong.save(tmp_path / "wrong.json")
+    with pytest.raises(ValueError, match="3 dimensions for 80 bins"):
+        CMVN.load(tmp_path / "wrong.json")
 
 
 def test_cmvn_normalises_and_round_trips(speech: torch.Tensor, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import torch
 from asr.bundle import load_bundle
 from asr.data.manifest import read_manifest
 from asr.evaluation import evaluate
+from asr.features import CMVN, FeatureConfig
 from asr.models import build_model, model_config
 from asr.models.base import attach_cmvn
 from asr.tokenizer import Tokenizer
@@ -134,6 +135,40 @@ def test_resume_accepts_an_experiment_written_before_a_config_field_existed(
         text=True,
     )
     assert refused.returncode != 0 and "different experiment" in refused.stderr
+
+
+def test_features_come_from_the_cmvn_file_and_travel_to_the_bundle(
+    corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    """`asr cmvn --features cepstra=13` computes statistics of smoothed features; a run
+    trained on them computes those features, and so does its bundle."""
+    cmvn = tmp_path / "cmvn.json"
+    subprocess.run(
+        [sys.executable, "-m", "asr.cli", "cmvn", "--manifest", str(corpus["manifest"])]
+        + ["--out", str(cmvn), "--features", "cepstra=13", "--jobs", "1"],
+        check=True,
+        capture_output=True,
+    )
+    stats = CMVN.load(cmvn)
+    assert stats.features == FeatureConfig(cepstra=13)
+    assert stats.mean != CMVN.load(corpus["cmvn"]).mean  # of other features
+    exp = tmp_path / "exp"
+    run = {**corpus, "cmvn": cmvn}
+    subprocess.run(
+        _train_cmd(run, exp, "--max-steps", "2"), check=True, env=_env(), capture_output=True
+    )
+    assert json.loads((exp / "experiment.json").read_text())["features"]["cepstra"] == 13
+    bundle = load_bundle(export_experiment(exp, tmp_path / "bundle", average=1))
+    assert bundle.feature_config == FeatureConfig(cepstra=13)
+    assert bundle.cmvn == stats
+    # The same experiment directory with the default features is another experiment...
+    refused = subprocess.run(
+        _train_cmd(corpus, exp, "--max-steps", "2"), env=_env(), capture_output=True, text=True
+    )
+    assert refused.returncode != 0 and "different experiment" in refused.stderr
+    # ...and statistics of other features than the run computes are refused outright.
+    with pytest.raises(ValueError, match="statistics of features"):
+        Trainer(tmp_path / "other", _experiment(corpus), corpus["tokenizer"], cmvn, progress=False)
 
 
 def test_sigterm_writes_a_checkpoint_and_exits(corpus: dict[str, Path], tmp_path: Path) -> None:

@@ -191,6 +191,12 @@ class Trainer:
         self.tokenizer = Tokenizer.load(tokenizer_path)
         # A language model has no features to normalise, so no statistics.
         self.cmvn = None if cmvn_path is None else CMVN.load(cmvn_path)
+        stats_of = None if self.cmvn is None else self.cmvn.features
+        if stats_of is not None and stats_of != experiment.feature_config:
+            raise ValueError(
+                f"{cmvn_path}: statistics of features {stats_of.to_dict()}, but the run "
+                f"computes {experiment.feature_config.to_dict()}"
+            )
         if self.dist.main:
             self._write_experiment()
 
@@ -289,10 +295,15 @@ class Trainer:
 
     def _same_experiment(self, old: dict[str, Any], new: dict[str, Any]) -> bool:
         """Whether experiment.json `old` (as read back) describes the run `new`: the same
-        model and data. Model configs are compared as configs, not dicts, so an experiment
+        model, features and data. Configs are compared as configs, not dicts, so an experiment
         written before a config field existed resumes with that field at its default, and a
         tuple read back as a list is the same tuple."""
         if old["data"] != new["data"]:
+            return False
+        try:
+            if FeatureConfig.from_dict(old["features"]) != FeatureConfig.from_dict(new["features"]):
+                return False
+        except ValueError:
             return False
         others = [{k: v for k, v in d["model"].items() if k != "config"} for d in (old, new)]
         if others[0] != others[1]:  # type, preset, init
