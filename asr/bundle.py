@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from asr.calibration import KEY, LM_FINGERPRINT, LM_KEY, Calibration
+from asr.calibration import KEY, LM_FINGERPRINT, LM_FUSION, LM_KEY, Calibration
 from asr.features import CMVN, FeatureConfig
 from asr.models import build_model, count_parameters
 from asr.models.base import attach_cmvn
@@ -73,6 +73,17 @@ class Bundle:
         entry = self.config.get(LM_KEY)
         return entry.get(LM_FINGERPRINT) if isinstance(entry, dict) else None
 
+    @property
+    def lm_fusion(self) -> dict[str, float]:
+        """The `lm_weight` and `length_bonus` that LM was fused at (`asr export --lm-weight
+        --length-bonus`; chosen on dev): where a recognizer fuses the same LM without
+        options of its own, it decodes with these, which its calibration matches. Empty
+        for a bundle written before they were recorded."""
+        entry = self.config.get(LM_KEY)
+        if not isinstance(entry, dict):
+            return {}
+        return {name: float(entry[name]) for name in LM_FUSION if name in entry}
+
 
 def git_commit() -> str:
     """The source revision, recorded as provenance (\"unknown\" outside a git checkout)."""
@@ -104,6 +115,7 @@ def write_bundle(
     calibration: Calibration | None = None,
     lm_calibration: Calibration | None = None,
     lm_fingerprint: str | None = None,
+    lm_fusion: dict[str, float] | None = None,
 ) -> Path:
     """Write a bundle; the weights are checked to load into the rebuilt model first."""
     model = build_model(model_type, model_config)
@@ -128,7 +140,9 @@ def write_bundle(
         # Absent without one: such bundles report raw confidences, as before calibration.
         **({KEY: calibration.to_bundle()} if calibration is not None else {}),
         **(
-            {LM_KEY: lm_calibration.to_bundle(lm_fingerprint)} if lm_calibration is not None else {}
+            {LM_KEY: lm_calibration.to_bundle(lm_fingerprint, lm_fusion)}
+            if lm_calibration is not None
+            else {}
         ),
         "training": {
             **training,

@@ -53,6 +53,7 @@ from asr.text import normalize_text
 VERSION = 1  # of the "calibration" and "lm_calibration" entries of a bundle's config.json
 KEY, LM_KEY = "calibration", "lm_calibration"  # their names: without and with an LM
 LM_FINGERPRINT = "lm_sha256"  # in "lm_calibration": the LM it was fitted with
+LM_FUSION = ("lm_weight", "length_bonus")  # ... and the DecodeOptions it was fused with
 METHOD = "platt"
 # Raw confidences are rounded to 4 places: 1.0 means "at least 0.99995", kept finite.
 _EPS = 1e-4
@@ -93,11 +94,14 @@ class Calibration(Config):
             for w, r, p in zip(words, raw, self.confidences(raw), strict=True)
         )
 
-    def to_bundle(self, lm_fingerprint: str | None = None) -> dict[str, Any]:
+    def to_bundle(
+        self, lm_fingerprint: str | None = None, lm_fusion: Mapping[str, float] | None = None
+    ) -> dict[str, Any]:
         """Its entry in a bundle's config.json ("calibration", or "lm_calibration" with the
-        fingerprint of the LM it was fitted with)."""
+        fingerprint of the LM it was fitted with and the `lm_weight` and `length_bonus` it
+        was fused at: `Bundle.lm_fusion`)."""
         lm = {LM_FINGERPRINT: lm_fingerprint} if lm_fingerprint is not None else {}
-        return {"version": VERSION, "method": METHOD} | self.to_dict() | lm
+        return {"version": VERSION, "method": METHOD} | self.to_dict() | lm | dict(lm_fusion or {})
 
     @classmethod
     def from_bundle(cls, config: Mapping[str, Any], key: str = KEY) -> Calibration | None:
@@ -111,6 +115,8 @@ class Calibration(Config):
         entry = dict(stored)
         version, method = entry.pop("version", None), entry.pop("method", None)
         entry.pop(LM_FINGERPRINT, None)  # which LM (`Bundle.lm_fingerprint`): the recognizer checks
+        for name in LM_FUSION:  # how it was fused (`Bundle.lm_fusion`)
+            entry.pop(name, None)
         if version != VERSION or method != METHOD:
             raise ValueError(
                 f"{key}: unsupported calibration {method!r} version {version!r} "

@@ -268,7 +268,14 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lm-weight",
         type=float,
-        help=f"the LM weight to calibrate at (default {DEFAULT_LM_WEIGHT})",
+        help=f"the LM weight to calibrate at (default {DEFAULT_LM_WEIGHT}); recorded in the "
+        "bundle, so decoding with the same LM and no --lm-weight of its own uses it",
+    )
+    p.add_argument(
+        "--length-bonus",
+        type=float,
+        help="the length bonus per unit that goes with it (default: the LM's for that weight); "
+        "recorded the same way",
     )
 
 
@@ -282,6 +289,7 @@ def _run_export(args: argparse.Namespace) -> int:
         calibration_utterances=args.calibration_utterances,
         lm=args.lm,
         lm_weight=args.lm_weight,
+        length_bonus=args.length_bonus,
     )
     results = json.loads((out / "config.json").read_text())["results"]
     dev = results["dev"]

@@ -227,8 +227,9 @@ class Recognizer:
     `calibration` (the bundle's; None reports raw confidences) maps the raw word confidences
     of every transcript it makes, whole-utterance or a stream's final, to calibrated ones;
     `lm_calibration` those of transcripts decoded with the LM fused (`calibration_for`).
-    `lm`: a language model every search fuses at `options.lm_weight` (without options,
-    `DEFAULT_LM_WEIGHT` with the length bonus that goes with the LM).
+    `lm`: a language model every search fuses at `options.lm_weight` (without options, at
+    the weight and bonus the bundle's LM calibration was fitted with when it is this LM,
+    `Bundle.lm_fusion`; else `DEFAULT_LM_WEIGHT` with the length bonus that goes with the LM).
     """
 
     def __init__(
@@ -273,8 +274,11 @@ class Recognizer:
         if options is None and rescorer is not None:  # given the LAS, decode with both
             self.options = replace(self.options, method=best.method)
         if options is None and lm is not None and self.options.lm_weight == 0:
-            weight = DEFAULT_LM_WEIGHT
-            bonus = lm.length_bonus(weight)
+            # The weight and bonus this very LM was calibrated at (chosen on dev at export),
+            # else the default weight with the LM's bonus for it.
+            fused_at = bundle.lm_fusion if self.lm_calibration is not None else {}
+            weight = fused_at.get("lm_weight", DEFAULT_LM_WEIGHT)
+            bonus = fused_at.get("length_bonus", lm.length_bonus(weight))
             self.options = replace(self.options, lm_weight=weight, length_bonus=bonus)
         self.check(self.options)
 

@@ -532,3 +532,26 @@ def test_export_fits_calibration_on_dev_and_the_recognizer_applies_it(
     raw = [w.raw_confidence for w in heard.words if w.raw_confidence is not None]
     assert raw and len(raw) == len(heard.words)
     assert [w.confidence for w in heard.words] == lm_calibration.confidences(raw)
+
+    # The weight and bonus chosen at export travel with the bundle: fusing the same LM
+    # without options of one's own decodes at them (as its calibration was fitted); another
+    # LM, or options given, do not take them.
+    tuned_dir = export_experiment(
+        exp, tmp_path / "tuned", calibration_utterances=8, lm=arpa, lm_weight=0.8, length_bonus=2.0
+    )
+    tuned = load_bundle(tuned_dir)
+    assert tuned.lm_fusion == {"lm_weight": 0.8, "length_bonus": 2.0}
+    assert tuned.lm_calibration is not None  # the entry still reads as a calibration
+    same = Recognizer(tuned, lm=load_language_model(arpa, tuned.tokenizer))
+    assert (same.options.lm_weight, same.options.length_bonus) == (0.8, 2.0)
+    other_arpa = write_arpa([*texts, "APPLE RIVER"], tmp_path / "other.arpa")
+    other = Recognizer(tuned, lm=load_language_model(other_arpa, tuned.tokenizer))
+    assert other.options.lm_weight == DEFAULT_LM_WEIGHT
+    given = Recognizer(
+        tuned, DecodeOptions(lm_weight=0.1), lm=load_language_model(arpa, tuned.tokenizer)
+    )
+    assert given.options.lm_weight == 0.1
+    assert load_bundle(fused_dir).lm_fusion == {
+        "lm_weight": DEFAULT_LM_WEIGHT,
+        "length_bonus": fused.options.length_bonus,
+    }

@@ -59,6 +59,7 @@ def export_experiment(
     calibration_utterances: int = 300,
     lm: str | Path | None = None,
     lm_weight: float | None = None,
+    length_bonus: float | None = None,
 ) -> Path:
     """Write a bundle from the newest `average` checkpoints of `exp_dir`, with dev results of
     the averaged weights (so the bundle's numbers describe exactly what it contains).
@@ -70,8 +71,10 @@ def export_experiment(
 
     With `lm` (an LM bundle or ARPA file, `asr.language_model`), a second calibration is
     fitted on the same utterances decoded with it fused at `lm_weight` (default
-    DEFAULT_LM_WEIGHT, with its length bonus), for LM-fused transcripts; results
-    ["lm_calibration"] reports it. The LM itself stays outside the bundle (`asr serve --lm`)."""
+    DEFAULT_LM_WEIGHT) and `length_bonus` (default the LM's for that weight), for LM-fused
+    transcripts; results["lm_calibration"] reports it, and the bundle records the weight and
+    bonus, so that a recognizer fusing the same LM decodes as it was calibrated
+    (`Bundle.lm_fusion`). The LM itself stays outside the bundle (`asr serve --lm`)."""
     if calibration_utterances < 1:
         raise ValueError(f"calibration utterances must be >= 1, got {calibration_utterances}")
     if lm is not None and not calibrate:
@@ -98,6 +101,7 @@ def export_experiment(
     results: dict[str, Any] = {"dev": dev_eval.summary() | {"manifest": experiment.dev_manifest}}
     decoding = default_options(offers(model))
     calibration = lm_calibration = None
+    lm_fusion: dict[str, float] | None = None
     if calibrate:
         bundle = Bundle(
             exp_path, experiment.model_type, model, tokenizer, cmvn, experiment.feature_config, {}
@@ -117,7 +121,9 @@ def export_experiment(
         results["calibration"] = report | {"manifest": manifest, "method": decoding.method}
         if fused is not None:
             weight = DEFAULT_LM_WEIGHT if lm_weight is None else lm_weight
-            options = replace(decoding, lm_weight=weight, length_bonus=fused.length_bonus(weight))
+            bonus = fused.length_bonus(weight) if length_bonus is None else length_bonus
+            options = replace(decoding, lm_weight=weight, length_bonus=bonus)
+            lm_fusion = {"lm_weight": weight, "length_bonus": bonus}
             lm_calibration, report = fit_on(Recognizer(bundle, options, lm=fused))
             results["lm_calibration"] = report | {
                 "manifest": manifest,
@@ -142,4 +148,5 @@ def export_experiment(
         calibration=calibration,
         lm_calibration=lm_calibration,
         lm_fingerprint=fused.fingerprint if fused is not None else None,
+        lm_fusion=lm_fusion,
     )
