@@ -29,7 +29,7 @@
 #                where an attention decoder searches, also each W with each --ilm-weights
 #                IW (--ilm-weight IW subtracts its internal LM; rows METHOD+lstm-ilm, ...);
 #                asr export --lm LM/bundle --lm-weight W --out EXP/bundle-lm (confidences
-#                calibrated for serving with the LSTM LM)
+#                calibrated for serving with the LSTM LM, which it then fuses at W)
 # Export comes before decode so the numbers are those of the bundle users get.
 set -euo pipefail
 
@@ -266,7 +266,8 @@ if in_stage 7; then
   run asr results "$exp_dir/results.json"
   # A bundle to serve with the LSTM LM: the same weights, word confidences calibrated on dev
   # decoded with the LM at the weight chosen for the first method (an LM changes what a raw
-  # confidence means; asr.calibration). Serve: asr serve --model M=EXP/bundle-lm --lm M=LM/bundle
+  # confidence means; asr.calibration). The bundle records that weight and its length bonus,
+  # so serving it with the same LM fuses at them: asr serve --model M=EXP/bundle-lm --lm M=LM/bundle
   w=$(sed -n 's/.*LM weight \([^,]*\),.*/\1/p' "$exp_dir/decode/${method_list[0]}+lstm/weight.txt")
   run asr export --exp-dir "$exp_dir" --average "$average" --out "$exp_dir/bundle-lm" \
     --lm "$lm_dir/bundle" --lm-weight "$w"
