@@ -68,10 +68,15 @@ class Bundle:
         return Calibration.from_bundle(self.config, LM_KEY)
 
     @property
+    def _lm_entry(self) -> dict[str, Any]:
+        """config.json's "lm_calibration" entry ({} without one)."""
+        entry = self.config.get(LM_KEY)
+        return entry if isinstance(entry, dict) else {}
+
+    @property
     def lm_fingerprint(self) -> str | None:
         """The sha256 of the LM `lm_calibration` was fitted with (`LanguageModel.fingerprint`)."""
-        entry = self.config.get(LM_KEY)
-        return entry.get(LM_FINGERPRINT) if isinstance(entry, dict) else None
+        return self._lm_entry.get(LM_FINGERPRINT)
 
     @property
     def lm_fusion(self) -> dict[str, float]:
@@ -79,9 +84,7 @@ class Bundle:
         --length-bonus`; chosen on dev): where a recognizer fuses the same LM without
         options of its own, it decodes with these, which its calibration matches. Empty
         for a bundle written before they were recorded."""
-        entry = self.config.get(LM_KEY)
-        if not isinstance(entry, dict):
-            return {}
+        entry = self._lm_entry
         return {name: float(entry[name]) for name in LM_FUSION if name in entry}
 
 

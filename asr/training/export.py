@@ -125,13 +125,11 @@ def export_experiment(
             options = replace(decoding, lm_weight=weight, length_bonus=bonus)
             lm_fusion = {"lm_weight": weight, "length_bonus": bonus}
             lm_calibration, report = fit_on(Recognizer(bundle, options, lm=fused))
-            results["lm_calibration"] = report | {
-                "manifest": manifest,
-                "method": decoding.method,
-                "lm": str(lm),
-                "lm_weight": weight,
-                "length_bonus": options.length_bonus,
-            }
+            results["lm_calibration"] = (
+                report
+                | {"manifest": manifest, "method": decoding.method, "lm": str(lm)}
+                | lm_fusion
+            )
     train_utts = read_manifest(experiment.train_manifest)
     training["train_hours"] = round(sum(u.duration for u in train_utts) / 3600, 3)
     return write_bundle(

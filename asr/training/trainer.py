@@ -298,19 +298,14 @@ class Trainer:
         model, features and data. Configs are compared as configs, not dicts, so an experiment
         written before a config field existed resumes with that field at its default, and a
         tuple read back as a list is the same tuple."""
-        if old["data"] != new["data"]:
-            return False
-        try:
-            if FeatureConfig.from_dict(old["features"]) != FeatureConfig.from_dict(new["features"]):
-                return False
-        except ValueError:
-            return False
         others = [{k: v for k, v in d["model"].items() if k != "config"} for d in (old, new)]
-        if others[0] != others[1]:  # type, preset, init
+        if old["data"] != new["data"] or others[0] != others[1]:  # type, preset, init
             return False
         try:
-            return self._model_config(old["model"]["config"]) == self._model_config(
-                new["model"]["config"]
+            features = [FeatureConfig.from_dict(d["features"]) for d in (old, new)]
+            return features[0] == features[1] and (
+                self._model_config(old["model"]["config"])
+                == self._model_config(new["model"]["config"])
             )
         except ValueError:  # a field this version does not have
             return False
@@ -327,8 +322,8 @@ class Trainer:
             old = json.loads(path.read_text())
             if not self._same_experiment(old, data):
                 raise ValueError(
-                    f"{self.exp_dir} holds a different experiment (model or data differ); "
-                    "use a new --exp-dir"
+                    f"{self.exp_dir} holds a different experiment (model, features or data "
+                    "differ); use a new --exp-dir"
                 )
         path.write_text(json.dumps(data, indent=2) + "\n")
 
