@@ -22,7 +22,7 @@ subtracts a scorer (an internal LM estimate, `asr.models.las.InternalLM`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
@@ -112,9 +112,72 @@ def _extended(tokens: torch.Tensor) -> torch.Tensor:
     return (tokens >= 0).nonzero()[:, 0]
 
 
+class _Pool:
+    """LM states computed so far, in tensors with room to append: entries are appended and
+    never overwritten, so every search state that points into the pool stays valid (a search
+    may advance one state twice); when it is full, `compacted` copies the live entries into
+    a new pool."""
+
+    def __init__(self, state: LMState, capacity: int) -> None:
+        n = state.log_probs.shape[0]
+        capacity = max(capacity, n)
+        h, c, lp = state.h, state.c, state.log_probs
+        self.h = h.new_empty(h.shape[0], capacity, h.shape[2])  # (L, P, H)
+        self.c = c.new_empty(self.h.shape)
+        self.log_probs = lp.new_empty(capacity, lp.shape[1])  # (P, V)
+        self.filled = 0
+        self.append(state)
+
+    @property
+    def capacity(self) -> int:
+        return self.log_probs.shape[0]
+
+    def append(self, state: LMState) -> torch.Tensor:
+        """Store the M states of `state` (there must be room): their slots (M,)."""
+        start, end = self.filled, self.filled + state.log_probs.shape[0]
+        self.h[:, start:end], self.c[:, start:end] = state.h, state.c
+        self.log_probs[start:end] = state.log_probs
+        self.filled = end
+        return torch.arange(start, end, device=self.log_probs.device)
+
+    def take(self, slot: torch.Tensor) -> LMState:
+        return LMState(self.h[:, slot], self.c[:, slot], self.log_probs[slot])
+
+    @staticmethod
+    def compacted(
+        parts: Sequence[tuple[_Pool, torch.Tensor]], spare: Callable[[int], int]
+    ) -> PooledLMState:
+        """The entries of pools `parts` (pool, slots (N_i,)) that the slots point at, in one
+        new pool with room for `spare(live entries)` more: rows one part after another."""
+        taken, slots, offset = [], [], 0
+        for pool, slot in parts:
+            live, inverse = torch.unique(slot, return_inverse=True)
+            taken.append(pool.take(live))
+            slots.append(inverse + offset)
+            offset += live.shape[0]
+        joined = LMState(
+            torch.cat([t.h for t in taken], dim=1),
+            torch.cat([t.c for t in taken], dim=1),
+            torch.cat([t.log_probs for t in taken]),
+        )
+        return PooledLMState(torch.cat(slots), _Pool(joined, offset + spare(offset)))
+
+
+@dataclass
+class PooledLMState:
+    """N prefixes' LM states as slots (N,) into a pool of computed states. A search reorders
+    and repeats its rows every step: moving an index instead of every row's (L, H) LSTM
+    state made a fused CTC search with the 2 x 256 cpu-small LM 8 % faster (2-core machine,
+    2026-12-07). States derived from one another share their pool: advance them from one
+    thread at a time (a server worker runs one model call at a time)."""
+
+    slot: torch.Tensor  # (N,) int64
+    pool: _Pool
+
+
 class LSTMLMScorer:
     """An LSTM language model over the units: scores are its next-unit log-probabilities
-    (cached in the state, so `scores` costs nothing; `advance` runs one LSTM step for the
+    (cached in the state, so `scores` is a gather; `advance` runs one LSTM step for the
     extended rows only: a CTC search extends a few of its prefixes per frame). It steps a
     snapshot of an LSTM LM's weights (`LSTMLM.stepper`), or any other `LMStep` (an attention
     decoder's internal LM)."""
@@ -122,26 +185,35 @@ class LSTMLMScorer:
     def __init__(self, model: LSTMLM | LMStep) -> None:
         self.step: LMStep = model.stepper() if isinstance(model, LSTMLM) else model
 
-    def init(self, n: int, device: torch.device | str) -> LMState:
-        return self.step.init_state(n, device)
+    def init(self, n: int, device: torch.device | str) -> PooledLMState:
+        # Every empty prefix has the same state: one entry.
+        pool = _Pool(self.step.init_state(1, device), 4 + 2 * n)
+        return PooledLMState(torch.zeros(n, dtype=torch.long, device=pool.h.device), pool)
 
-    def scores(self, state: LMState) -> torch.Tensor:
-        return state.log_probs
+    def scores(self, state: PooledLMState) -> torch.Tensor:
+        return state.pool.log_probs[state.slot]
 
-    def advance(self, state: LMState, rows: torch.Tensor, tokens: torch.Tensor) -> LMState:
-        new = state.select(rows)  # indexing copies, so the rows may be overwritten
+    def advance(
+        self, state: PooledLMState, rows: torch.Tensor, tokens: torch.Tensor
+    ) -> PooledLMState:
+        slot, pool = state.slot[rows], state.pool
         ext = _extended(tokens)
-        if ext.numel():
-            step = self.step(LMState(new.h[:, ext], new.c[:, ext], new.log_probs[ext]), tokens[ext])
-            new.h[:, ext], new.c[:, ext], new.log_probs[ext] = step.h, step.c, step.log_probs
-        return new
+        if not ext.numel():
+            return PooledLMState(slot, pool)
+        stepped = self.step(pool.take(slot[ext]), tokens[ext])
+        m = ext.numel()
+        if pool.filled + m > pool.capacity:
+            # Room for 3x the live entries and twice the M new ones: compaction is rare.
+            compact = _Pool.compacted([(pool, slot)], lambda live: 3 * live + 2 * m)
+            slot, pool = compact.slot, compact.pool
+        slot[ext] = pool.append(stepped)
+        return PooledLMState(slot, pool)
 
-    def join(self, states: Sequence[LMState]) -> LMState:
-        return LMState(
-            torch.cat([s.h for s in states], dim=1),
-            torch.cat([s.c for s in states], dim=1),
-            torch.cat([s.log_probs for s in states]),
-        )
+    def join(self, states: Sequence[PooledLMState]) -> PooledLMState:
+        # A server joins its streams' states for every batched step: room for a block of
+        # frames' extensions (a fraction of the rows each), not more, since the streams'
+        # states keep the joined pool until the next join.
+        return _Pool.compacted([(s.pool, s.slot) for s in states], lambda live: live)
 
 
 class LengthBonus:
