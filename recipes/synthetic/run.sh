@@ -59,7 +59,7 @@ epochs=                     # empty: 7 for ctc, 5 for las (+1 fine-tuning)
 cmvn_window=300             # frames of sliding-window mean normalisation (0: global CMVN only)
 augment=(--augment)         # signal augmentation of the training audio (asr.data.augment)
 lm_text=                    # more LM training text, comma-separated (never test sentences)
-lm_weights=0.2,0.4,0.6      # LSTM LM weights tried on dev (0.4 won at the edge of 0.2,0.4)
+lm_weights=0.2,0.4,0.6,0.8  # LSTM LM weights tried on dev (0.2 best for the LAS, 0.8 for the BiLSTM-CTC)
 # 3-gram weights tried on dev, W:B with length bonus B per unit. On the demo's 161 words
 # 1.2:2.0 won for six models; on this corpus (8,263 words, many held-out words unseen) larger
 # weights delete words: dev WER 39.4 % at 0.3, 39.9 % at 0.5:2.0, 41.9 % at 0.5, 45.4 % at
