@@ -479,6 +479,57 @@ def test_subtracting_a_scorer_does_not_reward_what_it_rules_out(
         DecodeOptions(ilm_weight=-0.1)
 
 
+def test_pooled_lm_states_equal_stepping_each_prefix_alone(tokenizer: Tokenizer) -> None:
+    """The scorer keeps prefixes' states as slots into a pool that it compacts when full:
+    through many reorders, repeats, extensions, a state advanced twice (the pool is shared)
+    and joins, every row's scores stay those of its own unit history stepped from scratch."""
+    torch.manual_seed(5)
+    vocab = tokenizer.vocab_size
+    lm = LSTMLM(LSTMLMConfig(vocab, embed_dim=8, hidden_size=8, num_layers=2)).eval()
+    scorer, step = LSTMLMScorer(lm), lm.stepper()
+
+    def expected(history: list[int]) -> torch.Tensor:
+        state = step.init_state(1)
+        for unit in history:
+            state = step(state, torch.tensor([unit]))
+        return state.log_probs[0]
+
+    def check(state: object, histories: list[list[int]]) -> None:
+        scores = scorer.scores(state)
+        assert scores.shape == (len(histories), vocab)
+        for row, history in zip(scores, histories, strict=True):
+            torch.testing.assert_close(row, expected(history), atol=1e-5, rtol=1e-5)
+
+    gen = torch.Generator().manual_seed(0)
+    n = 6
+    state, histories = scorer.init(n, "cpu"), [[] for _ in range(n)]
+    branches = []
+    for t in range(40):  # capacity starts at 4 + 2n: it compacts several times
+        rows = torch.randint(0, n, (n,), generator=gen)
+        tokens = torch.randint(3, vocab, (n,), generator=gen)
+        tokens[torch.rand(n, generator=gen) < 0.3] = -1
+        if t == 10:  # a second advance of the same state, kept to the end
+            other = torch.randint(3, vocab, (n,), generator=gen)
+            branches.append(
+                (
+                    scorer.advance(state, torch.arange(n), other),
+                    [h + [int(u)] for h, u in zip(histories, other, strict=True)],
+                )
+            )
+        state = scorer.advance(state, rows, tokens)
+        histories = [
+            histories[int(r)] + ([int(u)] if u >= 0 else [])
+            for r, u in zip(rows, tokens, strict=True)
+        ]
+    check(state, histories)
+    for branch, branch_histories in branches:
+        check(branch, branch_histories)
+    joined = scorer.join([state, branches[0][0], scorer.init(2, "cpu")])
+    check(joined, histories + branches[0][1] + [[], []])
+    extended = scorer.advance(joined, torch.tensor([0, n]), torch.tensor([5, 6]))
+    check(extended, [histories[0] + [5], branches[0][1][0] + [6]])
+
+
 # --------------------------------------------------------------------------------------------
 # Through a Recognizer
 
