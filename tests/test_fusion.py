@@ -23,6 +23,7 @@ from asr.decoding.scorers import (
     LengthBonus,
     LSTMLMScorer,
     NGramScorer,
+    PooledLMState,
     compile_hotwords,
 )
 from asr.language_model import LanguageModel, load_language_model
@@ -494,7 +495,7 @@ def test_pooled_lm_states_equal_stepping_each_prefix_alone(tokenizer: Tokenizer)
             state = step(state, torch.tensor([unit]))
         return state.log_probs[0]
 
-    def check(state: object, histories: list[list[int]]) -> None:
+    def check(state: PooledLMState, histories: list[list[int]]) -> None:
         scores = scorer.scores(state)
         assert scores.shape == (len(histories), vocab)
         for row, history in zip(scores, histories, strict=True):
@@ -502,8 +503,9 @@ def test_pooled_lm_states_equal_stepping_each_prefix_alone(tokenizer: Tokenizer)
 
     gen = torch.Generator().manual_seed(0)
     n = 6
-    state, histories = scorer.init(n, "cpu"), [[] for _ in range(n)]
-    branches = []
+    state = scorer.init(n, "cpu")
+    histories: list[list[int]] = [[] for _ in range(n)]
+    branches: list[tuple[PooledLMState, list[list[int]]]] = []
     for t in range(40):  # capacity starts at 4 + 2n: it compacts several times
         rows = torch.randint(0, n, (n,), generator=gen)
         tokens = torch.randint(3, vocab, (n,), generator=gen)
