@@ -33,6 +33,7 @@ from asr.models.lm import LSTMLM, LSTMLMConfig
 from asr.models.ngram import LN10, ARPAError, NGramLM, write_arpa
 from asr.quantize import quantize_model
 from asr.recognizer import Recognizer
+from asr.streaming import tensor_bytes
 from asr.tokenizer import BLANK_ID, SOS_EOS_ID, Tokenizer
 from tests.test_decoding_attention import _Frames
 from tests.test_decoding_ctc import assert_same, exhaustive, peaky
@@ -506,7 +507,8 @@ def test_pooled_lm_states_equal_stepping_each_prefix_alone(tokenizer: Tokenizer)
     state = scorer.init(n, "cpu")
     histories: list[list[int]] = [[] for _ in range(n)]
     branches: list[tuple[PooledLMState, list[list[int]]]] = []
-    for t in range(40):  # capacity starts at 4 + 2n: it compacts several times
+    sizes = set()
+    for t in range(40):  # a pool of 2n + 4 entries: it compacts many times
         rows = torch.randint(0, n, (n,), generator=gen)
         tokens = torch.randint(3, vocab, (n,), generator=gen)
         tokens[torch.rand(n, generator=gen) < 0.3] = -1
@@ -519,11 +521,14 @@ def test_pooled_lm_states_equal_stepping_each_prefix_alone(tokenizer: Tokenizer)
                 )
             )
         state = scorer.advance(state, rows, tokens)
+        sizes.add(tensor_bytes(state))
         histories = [
             histories[int(r)] + ([int(u)] if u >= 0 else [])
             for r, u in zip(rows, tokens, strict=True)
         ]
     check(state, histories)
+    # A stream's state keeps one size (the server extrapolates its growth from two points).
+    assert len(sizes) == 1
     for branch, branch_histories in branches:
         check(branch, branch_histories)
     joined = scorer.join([state, branches[0][0], scorer.init(2, "cpu")])

@@ -145,10 +145,10 @@ class _Pool:
 
     @staticmethod
     def compacted(
-        parts: Sequence[tuple[_Pool, torch.Tensor]], spare: Callable[[int], int]
+        parts: Sequence[tuple[_Pool, torch.Tensor]], capacity: Callable[[int], int]
     ) -> PooledLMState:
         """The entries of pools `parts` (pool, slots (N_i,)) that the slots point at, in one
-        new pool with room for `spare(live entries)` more: rows one part after another."""
+        new pool of `capacity(live entries)` entries: rows one part after another."""
         taken, slots, offset = [], [], 0
         for pool, slot in parts:
             live, inverse = torch.unique(slot, return_inverse=True)
@@ -160,19 +160,28 @@ class _Pool:
             torch.cat([t.c for t in taken], dim=1),
             torch.cat([t.log_probs for t in taken]),
         )
-        return PooledLMState(torch.cat(slots), _Pool(joined, offset + spare(offset)))
+        return PooledLMState(torch.cat(slots), _Pool(joined, capacity(offset)))
 
 
 @dataclass
 class PooledLMState:
     """N prefixes' LM states as slots (N,) into a pool of computed states. A search reorders
     and repeats its rows every step: moving an index instead of every row's (L, H) LSTM
-    state made a fused CTC search with the 2 x 256 cpu-small LM 8 % faster (2-core machine,
-    2026-12-07). States derived from one another share their pool: advance them from one
+    state made a fused CTC search with the 2 x 256 cpu-small LM 4-5 % faster with pools of
+    2N entries, 7-9 % with 4N (2-core machine, 2026-12-07; more for LMs of more layers). A
+    stream's state costs those 2N entries instead of N (110 against 46 KB for beam 10 and
+    cpu-small). States derived from one another share their pool: advance them from one
     thread at a time (a server worker runs one model call at a time)."""
 
     slot: torch.Tensor  # (N,) int64
     pool: _Pool
+
+
+def _capacity(rows: int) -> int:
+    """Pool entries for a state of N rows: 2N, so that compaction (which keeps at most N
+    live entries) comes every few frames of a CTC search (which extends about N / 4 rows a
+    frame), not every frame, at twice the memory of the live entries."""
+    return 2 * rows + 4
 
 
 class LSTMLMScorer:
@@ -187,7 +196,7 @@ class LSTMLMScorer:
 
     def init(self, n: int, device: torch.device | str) -> PooledLMState:
         # Every empty prefix has the same state: one entry.
-        pool = _Pool(self.step.init_state(1, device), 4 + 2 * n)
+        pool = _Pool(self.step.init_state(1, device), _capacity(n))
         return PooledLMState(torch.zeros(n, dtype=torch.long, device=pool.h.device), pool)
 
     def scores(self, state: PooledLMState) -> torch.Tensor:
@@ -203,17 +212,19 @@ class LSTMLMScorer:
         stepped = self.step(pool.take(slot[ext]), tokens[ext])
         m = ext.numel()
         if pool.filled + m > pool.capacity:
-            # Room for 3x the live entries and twice the M new ones: compaction is rare.
-            compact = _Pool.compacted([(pool, slot)], lambda live: 3 * live + 2 * m)
+            # live + M <= 2N: the same capacity again, so a stream's state keeps one size
+            # (`server.capacity` extrapolates `StreamingSession.state_bytes`' growth).
+            size = _capacity(slot.numel())
+            compact = _Pool.compacted([(pool, slot)], lambda live: max(size, live + m))
             slot, pool = compact.slot, compact.pool
         slot[ext] = pool.append(stepped)
         return PooledLMState(slot, pool)
 
     def join(self, states: Sequence[PooledLMState]) -> PooledLMState:
-        # A server joins its streams' states for every batched step: room for a block of
-        # frames' extensions (a fraction of the rows each), not more, since the streams'
-        # states keep the joined pool until the next join.
-        return _Pool.compacted([(s.pool, s.slot) for s in states], lambda live: live)
+        # The capacity of one state of all the rows, so that a stream's state keeps one
+        # size through joins too (a server joins its streams' states every batched step).
+        size = _capacity(sum(s.slot.numel() for s in states))
+        return _Pool.compacted([(s.pool, s.slot) for s in states], lambda live: size)
 
 
 class LengthBonus:
