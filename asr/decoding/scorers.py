@@ -22,7 +22,7 @@ subtracts a scorer (an internal LM estimate, `asr.models.las.InternalLM`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
@@ -144,11 +144,9 @@ class _Pool:
         return LMState(self.h[:, slot], self.c[:, slot], self.log_probs[slot])
 
     @staticmethod
-    def compacted(
-        parts: Sequence[tuple[_Pool, torch.Tensor]], capacity: Callable[[int], int]
-    ) -> PooledLMState:
+    def compacted(parts: Sequence[tuple[_Pool, torch.Tensor]], capacity: int) -> PooledLMState:
         """The entries of pools `parts` (pool, slots (N_i,)) that the slots point at, in one
-        new pool of `capacity(live entries)` entries: rows one part after another."""
+        new pool of `capacity` entries (at least the live ones): rows one part after another."""
         taken, slots, offset = [], [], 0
         for pool, slot in parts:
             live, inverse = torch.unique(slot, return_inverse=True)
@@ -160,7 +158,7 @@ class _Pool:
             torch.cat([t.c for t in taken], dim=1),
             torch.cat([t.log_probs for t in taken]),
         )
-        return PooledLMState(torch.cat(slots), _Pool(joined, capacity(offset)))
+        return PooledLMState(torch.cat(slots), _Pool(joined, capacity))
 
 
 @dataclass
@@ -210,12 +208,11 @@ class LSTMLMScorer:
         if not ext.numel():
             return PooledLMState(slot, pool)
         stepped = self.step(pool.take(slot[ext]), tokens[ext])
-        m = ext.numel()
-        if pool.filled + m > pool.capacity:
-            # live + M <= 2N: the same capacity again, so a stream's state keeps one size
-            # (`server.capacity` extrapolates `StreamingSession.state_bytes`' growth).
-            size = _capacity(slot.numel())
-            compact = _Pool.compacted([(pool, slot)], lambda live: max(size, live + m))
+        if pool.filled + ext.numel() > pool.capacity:
+            # Live entries and new ones are at most N each: the same capacity again holds
+            # them, so a stream's state keeps one size (`server.capacity` extrapolates
+            # `StreamingSession.state_bytes`' growth).
+            compact = _Pool.compacted([(pool, slot)], _capacity(slot.numel()))
             slot, pool = compact.slot, compact.pool
         slot[ext] = pool.append(stepped)
         return PooledLMState(slot, pool)
@@ -224,7 +221,7 @@ class LSTMLMScorer:
         # The capacity of one state of all the rows, so that a stream's state keeps one
         # size through joins too (a server joins its streams' states every batched step).
         size = _capacity(sum(s.slot.numel() for s in states))
-        return _Pool.compacted([(s.pool, s.slot) for s in states], lambda live: size)
+        return _Pool.compacted([(s.pool, s.slot) for s in states], size)
 
 
 class LengthBonus:

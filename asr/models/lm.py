@@ -74,9 +74,6 @@ class LMState:
     c: torch.Tensor  # (L, N, H)
     log_probs: torch.Tensor  # (N, V) log P(next unit | prefix)
 
-    def select(self, rows: torch.Tensor) -> LMState:
-        return LMState(self.h[:, rows], self.c[:, rows], self.log_probs[rows])
-
 
 class LMStep(Protocol):
     """A unit LM stepped one unit at a time for a search: `LSTMLM.stepper()`, or an attention
