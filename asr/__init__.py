@@ -43,9 +43,10 @@ def load_model(
     LAS's attention beam search scored with the CTC posteriors; the default then) or "rescore"
     (the CTC n-best rescored by attention).
     lm: a language model every beam search fuses: an LM bundle directory (`asr lm export`,
-    same tokenizer as the model) or a word n-gram ARPA file; at `lm_weight` (default: the
-    weight and bonus the bundle was exported with for this LM, `asr export --lm --lm-weight`,
-    else `asr.language_model.DEFAULT_LM_WEIGHT` with the length bonus that goes with the LM).
+    same tokenizer as the model), a word n-gram ARPA file, or an LM mix file of several (`asr
+    lm mix`); at `lm_weight` (default: the weight and bonus the bundle was exported with for
+    this LM, `asr export --lm --lm-weight`, else `asr.language_model.DEFAULT_LM_WEIGHT`, 1 for
+    a mix, with the length bonus that goes with the LM).
     chunking: (chunk_size, right_context) LC blocks in encoder frames for a BiLSTM-CTC model,
     in place of those it was trained with ((0, 0) runs it offline); other models have no
     blocks and ignore it, so one server setting can cover a mixed set of models.

@@ -262,14 +262,16 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lm",
         type=Path,
-        help="also calibrate for decoding with this language model fused (an LM bundle or "
-        "ARPA file; serve with the same --lm): LM-fused words get their own calibration",
+        help="also calibrate for decoding with this language model fused (an LM bundle, "
+        "ARPA file or LM mix; serve with the same --lm): LM-fused words get their own "
+        "calibration",
     )
     p.add_argument(
         "--lm-weight",
         type=float,
-        help=f"the LM weight to calibrate at (default {DEFAULT_LM_WEIGHT}); recorded in the "
-        "bundle, so decoding with the same LM and no --lm-weight of its own uses it",
+        help=f"the LM weight to calibrate at (default {DEFAULT_LM_WEIGHT}, an LM mix's 1); "
+        "recorded in the bundle, so decoding with the same LM and no --lm-weight of its own "
+        "uses it",
     )
     p.add_argument(
         "--length-bonus",
@@ -329,10 +331,12 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lm",
         type=Path,
-        help="language model fused into the beam search: an LM bundle (asr lm export) or a "
-        "word n-gram ARPA file (.arpa, .arpa.gz)",
+        help="language model fused into the beam search: an LM bundle (asr lm export), a "
+        "word n-gram ARPA file (.arpa, .arpa.gz) or an LM mix of several (asr lm mix)",
     )
-    p.add_argument("--lm-weight", type=float, help=f"LM weight (default {DEFAULT_LM_WEIGHT})")
+    p.add_argument(
+        "--lm-weight", type=float, help=f"LM weight (default {DEFAULT_LM_WEIGHT}; an LM mix's 1)"
+    )
     p.add_argument(
         "--ilm-weight",
         type=float,
@@ -564,7 +568,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=LM",
         help="model NAME's beam searches (streaming partials and finals too) fuse this "
-        "language model: an LM bundle directory or ARPA file (repeatable)",
+        "language model: an LM bundle directory, ARPA file or LM mix (asr lm mix; repeatable)",
     )
     p.add_argument(
         "--chunk-size",
@@ -755,6 +759,22 @@ def _add_lm(p: argparse.ArgumentParser) -> None:
     ngram.add_argument("--text", required=True, type=Path, help="text or JSONL manifest")
     ngram.add_argument("--order", type=int, default=3)
     ngram.add_argument("--out", required=True, type=Path, help="ARPA file to write")
+    mix = sub.add_parser(
+        "mix", help="write an LM mix file: several LMs fused together, each at its own weight"
+    )
+    mix.add_argument(
+        "--part",
+        nargs=2,
+        action="append",
+        required=True,
+        metavar=("LM", "WEIGHT"),
+        help="an LM bundle directory or ARPA file and the weight it fuses at (once per LM); "
+        "--lm-weight then scales them all (default 1)",
+    )
+    mix.add_argument("--out", required=True, type=Path, help="LM mix file to write (.json)")
+    mix.add_argument(
+        "--tokenizer", type=Path, help="load every part for this tokenizer.model, to check it"
+    )
     text = sub.add_parser(
         "text", help="the normalised sentences of text files and manifests, as LM training text"
     )
@@ -790,6 +810,29 @@ def _add_lm(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _write_mix(parts: list[list[str]], out: Path, tokenizer: Path | None) -> int:
+    from asr.language_model import MIX_SUFFIX, load_language_model, write_mix
+
+    if out.suffix != MIX_SUFFIX:
+        raise ValueError(f"{out}: an LM mix file's name ends in {MIX_SUFFIX}")
+    weighted = []
+    for path, weight in parts:
+        try:
+            weighted.append((float(weight), Path(path)))
+        except ValueError:
+            raise ValueError(f"lm mix: the weight {weight!r} of {path} is not a number") from None
+        if not Path(path).exists():
+            raise ValueError(f"{path}: no such LM (an LM bundle directory or ARPA file)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out) as tmp:
+        write_mix(tmp, weighted)  # paths relative to tmp's folder: out's
+    if tokenizer is not None:
+        print(f"{out}: {load_language_model(out, Tokenizer.load(tokenizer)).describe()}")
+    else:
+        print(f"{out}: an LM mix of {', '.join(f'{w:g} x {p}' for w, p in weighted)}")
+    return 0
+
+
 def _run_lm(args: argparse.Namespace) -> int:
     from asr.bundle import load_lm_bundle
     from asr.models.lm import PRESETS as LM_PRESETS
@@ -811,6 +854,8 @@ def _run_lm(args: argparse.Namespace) -> int:
             counts = [line.split("=")[1].strip() for line in arpa if line.startswith("ngram ")]
         print(f"{args.out}: {args.order}-gram of {args.text} ({' / '.join(counts)} n-grams)")
         return 0
+    if args.lm_command == "mix":
+        return _write_mix(args.part, args.out, args.tokenizer)
     if args.lm_command == "text":
         if not args.inputs and not args.gcide:
             raise ValueError("lm text: no input (give text files or --gcide)")

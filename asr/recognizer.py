@@ -44,7 +44,7 @@ from asr.decoding.scorers import (
     compile_hotwords,
 )
 from asr.features import log_mel
-from asr.language_model import DEFAULT_LM_WEIGHT, LanguageModel
+from asr.language_model import LanguageModel
 from asr.masks import lengths_to_mask
 from asr.models.base import ATTENTION, CTC, model_device, offers
 from asr.models.bilstm_ctc import BiLSTMCTC
@@ -229,7 +229,7 @@ class Recognizer:
     `lm_calibration` those of transcripts decoded with the LM fused (`calibration_for`).
     `lm`: a language model every search fuses at `options.lm_weight` (without options, at
     the weight and bonus the bundle's LM calibration was fitted with when it is this LM,
-    `Bundle.lm_fusion`; else `DEFAULT_LM_WEIGHT` with the length bonus that goes with the LM).
+    `Bundle.lm_fusion`; else the LM's `default_weight` with the length bonus that goes with it).
     """
 
     def __init__(
@@ -277,7 +277,7 @@ class Recognizer:
             # The weight and bonus this very LM was calibrated at (chosen on dev at export),
             # else the default weight with the LM's bonus for it.
             fused_at = bundle.lm_fusion if self.lm_calibration is not None else {}
-            weight = fused_at.get("lm_weight", DEFAULT_LM_WEIGHT)
+            weight = fused_at.get("lm_weight", lm.default_weight)
             bonus = fused_at.get("length_bonus", lm.length_bonus(weight))
             self.options = replace(self.options, lm_weight=weight, length_bonus=bonus)
         self.check(self.options)

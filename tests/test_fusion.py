@@ -3,7 +3,10 @@ attention beam searches, through the scorer interface and through a Recognizer."
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,7 +15,7 @@ import pytest
 import torch
 
 from asr.audio import AudioInput
-from asr.bundle import Bundle, BundleError
+from asr.bundle import Bundle, BundleError, write_lm_bundle
 from asr.cli import main, read_hotwords
 from asr.decoding.attention import attention_beam_search
 from asr.decoding.ctc import CTCPrefixBeamSearch
@@ -635,3 +638,98 @@ def test_lm_text_and_hotword_files_from_the_command_line(tmp_path: Path) -> None
     with pytest.raises(ValueError, match=r"hot\.txt:2"):
         read_hotwords(hotwords)
     assert main(["lm", "text", str(tmp_path / "missing.txt"), "--out", str(out)]) != 0
+
+
+# --------------------------------------------------------------------------------------------
+# LM mixes: several LMs fused together (`asr lm mix`)
+
+
+def test_an_lm_mix_scores_its_parts_at_their_weights(
+    tokenizer: Tokenizer, sentence_lm: LSTMLM, tmp_path: Path
+) -> None:
+    made = tmp_path / "made"
+    lm_dir = write_lm_bundle(
+        made / "lm",
+        model_config=sentence_lm.config.to_dict(),
+        weights=sentence_lm.state_dict(),
+        tokenizer=tokenizer,
+        training={},
+        results={"dev": {"perplexity": 2.0}},
+    )
+    arpa = write_arpa(TEXTS, made / "3gram.arpa", order=3)
+    tokenizer.save(made / "tokenizer.model")
+    mix_file = made / "exp" / "mix.json"
+    command = ["lm", "mix", "--part", str(lm_dir), "0.5", "--part", str(arpa), "0.25"]
+    assert (
+        main([*command, "--out", str(mix_file), "--tokenizer", str(made / "tokenizer.model")]) == 0
+    )
+    before = load_language_model(mix_file, tokenizer).fingerprint
+    # Paths are relative to the mix file: the experiment moves as a whole.
+    moved = made.rename(tmp_path / "moved")
+    mix = load_language_model(moved / "exp" / "mix.json", tokenizer)
+    lstm = load_language_model(moved / "lm", tokenizer)
+    ngram = load_language_model(moved / "3gram.arpa", tokenizer)
+    assert mix.kind == "mix" and mix.default_weight == 1.0 and lstm.default_weight < 1.0
+    assert [(w, lm.kind) for w, lm in mix.parts] == [(0.5, "lstm"), (0.25, "ngram")]
+    assert "lstm LM lm" in mix.describe() and "ngram LM 3gram.arpa" in mix.describe()
+    # Each part's bonus at its share of the weight: 2 x 0.5 x ln 2 for the LSTM LM, the
+    # n-gram's own 1.0.
+    assert mix.length_bonus(2.0) == pytest.approx(math.log(2.0) + 1.0)
+    # The same LMs at the same weights, wherever they lie; other weights, another LM.
+    assert mix.fingerprint == before != lstm.fingerprint
+    other = [{"path": "lm", "weight": 0.5}, {"path": "3gram.arpa", "weight": 0.3}]
+    (moved / "other.json").write_text(json.dumps({"language_models": other}))
+    assert load_language_model(moved / "other.json", tokenizer).fingerprint != before
+
+    units = tokenizer.encode(SENTENCE)
+    scorers = (mix.scorer, lstm.scorer, ngram.scorer)
+    states = [s.init(2, "cpu") for s in scorers]
+    rows = torch.arange(2)
+    for step in range(len(units)):
+        # Row 0 reads the sentence, row 1 repeats its first unit: both LMs in and out of
+        # what they know, across word boundaries (the n-gram scores words as they end).
+        tokens = torch.tensor([units[step], units[0]])
+        mixed, alone_lstm, alone_ngram = (
+            s.scores(st) for s, st in zip(scorers, states, strict=True)
+        )
+        expected = 0.5 * alone_lstm + 0.25 * alone_ngram
+        assert torch.equal(mixed == -math.inf, expected == -math.inf)
+        finite = expected > -math.inf
+        assert torch.allclose(mixed[finite], expected[finite], atol=1e-5)
+        states = [s.advance(st, rows, tokens) for s, st in zip(scorers, states, strict=True)]
+
+
+def test_a_bad_lm_mix_is_a_clear_error(
+    word_model: Bundle, arpa: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokenizer = word_model.tokenizer
+    two = tmp_path / "two.json"
+    arpa_copy = str(shutil.copy(arpa, tmp_path / "copy.arpa"))
+    command = ["lm", "mix", "--part", str(arpa), "1", "--part", arpa_copy, "0.5"]
+    assert main([*command, "--out", str(two)]) == 0
+    # Without decoding options a recognizer fuses a mix at weight 1, with the sum of its
+    # parts' bonuses (each n-gram's 1.0).
+    fused = Recognizer(word_model, lm=load_language_model(two, tokenizer))
+    assert (fused.options.lm_weight, fused.options.length_bonus) == (1.0, 2.0)
+    bad = {
+        "garbage.json": ("not json", "not an LM mix"),
+        "empty.json": ('{"language_models": []}', "at least one LM"),
+        "shape.json": ('{"language_models": 3}', "not an LM mix"),
+        "negative.json": ('{"language_models": [{"path": "tiny.arpa", "weight": -1}]}', "positive"),
+        "nan.json": ('{"language_models": [{"path": "tiny.arpa", "weight": NaN}]}', "positive"),
+        "self.json": ('{"language_models": [{"path": "self.json", "weight": 1}]}', "is an LM mix"),
+        "missing.json": ('{"language_models": [{"path": "gone.arpa", "weight": 1}]}', "no such"),
+    }
+    for name, (text, message) in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(BundleError, match=message) as err:
+            load_language_model(tmp_path / name, tokenizer)
+        assert name in str(err.value) or "gone.arpa" in str(err.value)
+    for args, message in [
+        (["--part", str(arpa), "heavy", "--out", str(tmp_path / "m.json")], "is not a number"),
+        (["--part", str(tmp_path / "gone"), "1", "--out", str(tmp_path / "m.json")], "no such LM"),
+        (["--part", str(arpa), "1", "--out", str(tmp_path / "m.txt")], r"ends in \.json"),
+    ]:
+        assert main(["lm", "mix", *args]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "m.txt").exists()

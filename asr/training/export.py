@@ -15,7 +15,7 @@ from asr.calibration import Calibration
 from asr.data.manifest import read_manifest
 from asr.evaluation import evaluate, fit_calibration
 from asr.features import CMVN
-from asr.language_model import DEFAULT_LM_WEIGHT, load_language_model
+from asr.language_model import load_language_model
 from asr.models import build_model
 from asr.models.base import attach_cmvn, offers
 from asr.recognizer import Recognizer, default_options
@@ -69,9 +69,9 @@ def export_experiment(
     bundle's default decoding; config.json's results["calibration"] says on what, and the
     words' ECE before and after (or why there is none: a model that gives no words).
 
-    With `lm` (an LM bundle or ARPA file, `asr.language_model`), a second calibration is
-    fitted on the same utterances decoded with it fused at `lm_weight` (default
-    DEFAULT_LM_WEIGHT) and `length_bonus` (default the LM's for that weight), for LM-fused
+    With `lm` (an LM bundle, ARPA file or LM mix, `asr.language_model`), a second calibration
+    is fitted on the same utterances decoded with it fused at `lm_weight` (default the LM's
+    `default_weight`) and `length_bonus` (default the LM's for that weight), for LM-fused
     transcripts; results["lm_calibration"] reports it, and the bundle records the weight and
     bonus, so that a recognizer fusing the same LM decodes as it was calibrated
     (`Bundle.lm_fusion`). The LM itself stays outside the bundle (`asr serve --lm`)."""
@@ -120,7 +120,7 @@ def export_experiment(
         calibration, report = fit_on(Recognizer(bundle, decoding))
         results["calibration"] = report | {"manifest": manifest, "method": decoding.method}
         if fused is not None:
-            weight = DEFAULT_LM_WEIGHT if lm_weight is None else lm_weight
+            weight = fused.default_weight if lm_weight is None else lm_weight
             bonus = fused.length_bonus(weight) if length_bonus is None else length_bonus
             options = replace(decoding, lm_weight=weight, length_bonus=bonus)
             lm_fusion = {"lm_weight": weight, "length_bonus": bonus}
