@@ -27,10 +27,14 @@
 #                on DEV for each W of --lm-weights (and --lm LM/3gram.arpa --length-bonus
 #                NGRAM_BONUS for --ngram-weights; an entry W:B sets the bonus B itself),
 #                then on every test set with the best W (rows METHOD+lstm, METHOD+ngram);
+#                asr lm mix --part LM/bundle W1/2 --part LM/3gram.arpa W2/2 --out EXP/decode/METHOD+mix/mix.json
+#                (both LMs at half their best weights), decoded the same way at each
+#                weight of --mix-weights, which scale it (row METHOD+mix);
 #                where an attention decoder searches, also each W with each --ilm-weights
 #                IW (--ilm-weight IW subtracts its internal LM; rows METHOD+lstm-ilm, ...);
-#                asr export --lm LM/bundle --lm-weight W --length-bonus B --out EXP/bundle-lm
-#                (confidences calibrated for serving with the LSTM LM, which it then fuses at W, B)
+#                asr export --lm BEST --lm-weight W --length-bonus B --out EXP/bundle-lm
+#                (confidences calibrated for serving with the LM, LSTM, 3-gram or mix, that did
+#                best on dev, which it then fuses at W, B; EXP/bundle-lm.txt names it)
 # Export comes before decode so the numbers are those of the bundle users get.
 set -euo pipefail
 
@@ -65,6 +69,7 @@ lm_epochs=                  # empty: the LM preset's
 lm_weights=0.1,0.2,0.3,0.5  # stage 7 tries these LSTM LM weights on DEV and keeps the best
 ngram_weights=0.3,0.6,0.8:2.0,1.2:2.0  # ... and these 3-gram weights (W:B: with length bonus B)
 ngram_bonus=1.0             # length bonus per unit with a 3-gram weight that names none
+mix_weights=0.8,1.0,1.25    # ... and these weights of both LMs together, each at half its best
 ilm_weights=0.1,0.2,0.3     # ... and these internal-LM weights with each LM weight, where an
                             # attention decoder searches (empty: no METHOD+KIND-ilm rows)
 lm_methods=                 # stage 7 methods; empty: beam (ctc; joint too with --rescore-model), joint (las)
@@ -103,6 +108,7 @@ while [[ $# -gt 0 ]]; do
     --lm-weights) lm_weights=$2; shift 2 ;;
     --ngram-weights) ngram_weights=$2; shift 2 ;;
     --ngram-bonus) ngram_bonus=$2; shift 2 ;;
+    --mix-weights) mix_weights=$2; shift 2 ;;
     --ilm-weights) ilm_weights=$2; shift 2 ;;
     --lm-methods) lm_methods=$2; shift 2 ;;
     --) shift; train_args=("$@"); break ;;
@@ -222,10 +228,28 @@ if in_stage 7; then
   bonus() {
     if [[ $2 == *:* ]]; then echo "${2#*:}"
     elif [[ $1 == lstm ]]; then awk -v w="$2" -v p="$ppl" 'BEGIN { printf "%.4f", w * log(p) }'
+    elif [[ $1 == mix ]]; then awk -v w="$2" -v b="$mix_bonus" 'BEGIN { printf "%.4f", w * b }'
     else echo "$ngram_bonus"; fi
   }
   declare -A lm_path=([lstm]=$lm_dir/bundle [ngram]=$lm_dir/3gram.arpa)
-  declare -A lm_grid=([lstm]=$lm_weights [ngram]=$ngram_weights)
+  declare -A lm_grid=([lstm]=$lm_weights [ngram]=$ngram_weights [mix]=$mix_weights)
+  # chosen KIND FIELD -> the LM weight or length bonus tune chose for KIND with method m
+  chosen() {
+    sed -n "s/.*$2 \([^,]*\),.*/\1/p" "$exp_dir/decode/$m+$1/weight.txt"
+  }
+  # Both LMs fused together (as ESPnet's --lm_weight beside --ngram_weight): each at half
+  # the weight it was best at alone, with half of each one's bonus; --mix-weights scale the
+  # pair on dev. On the synthetic recipe both together beat either alone on every test set.
+  mix_lms() {
+    local dir=$exp_dir/decode/$m+mix
+    mkdir -p "$dir"
+    run asr lm mix --part "$lm_dir/bundle" "$(awk -v w="$(chosen lstm 'LM weight')" 'BEGIN { print w / 2 }')" \
+      --part "$lm_dir/3gram.arpa" "$(awk -v w="$(chosen ngram 'LM weight')" 'BEGIN { print w / 2 }')" \
+      --out "$dir/mix.json"
+    mix_bonus=$(awk -v a="$(chosen lstm 'length bonus')" -v b="$(chosen ngram 'length bonus')" \
+      'BEGIN { printf "%.4f", (a + b) / 2 }')
+    lm_path[mix]=$dir/mix.json
+  }
   # tune ILM_WEIGHTS: tries every entry W[:B] of the kind's grid with each internal-LM weight
   # of ILM_WEIGHTS (comma-separated) on DEV, then decodes the test sets at the best pair.
   tune() {
@@ -256,7 +280,8 @@ if in_stage 7; then
     done
   }
   for m in "${method_list[@]}"; do
-    for kind in lstm ngram; do
+    for kind in lstm ngram mix; do
+      [[ $kind == mix ]] && mix_lms
       extra=(--method "$m" --beam "$beam" --lm "${lm_path[$kind]}")
       [[ $m =~ ^(rescore|joint)$ && $model == ctc ]] && extra+=(--rescore-model "$rescore_model")
       [[ $m =~ ^(rescore|joint)$ && -n $ctc_weight ]] && extra+=(--ctc-weight "$ctc_weight")
@@ -270,13 +295,22 @@ if in_stage 7; then
     done
   done
   run asr results "$exp_dir/results.json"
-  # A bundle to serve with the LSTM LM: the same weights, word confidences calibrated on dev
-  # decoded with the LM at the weight chosen for the first method (an LM changes what a raw
-  # confidence means; asr.calibration). The bundle records that weight and its length bonus,
-  # so serving it with the same LM fuses at them: asr serve --model M=EXP/bundle-lm --lm M=LM/bundle
-  chosen=$exp_dir/decode/${method_list[0]}+lstm/weight.txt
-  w=$(sed -n 's/.*LM weight \([^,]*\),.*/\1/p' "$chosen")
-  b=$(sed -n 's/.*length bonus \([^,]*\),.*/\1/p' "$chosen")
+  # A bundle to serve with the LM (the LSTM LM, the 3-gram or both) that did best on dev for
+  # the first method: the same weights, word confidences calibrated on dev decoded with it
+  # at the weight chosen (an LM changes what a raw confidence means; asr.calibration). The
+  # bundle records that weight and its length bonus, so serving it with the same LM fuses at
+  # them (EXP/bundle-lm.txt gives the command): asr serve --model M=EXP/bundle-lm --lm M=LM
+  m=${method_list[0]} best_kind=
+  for kind in lstm ngram mix; do
+    wer=$(sed -n 's/.*(dev WER \([^ ]*\) %)/\1/p' "$exp_dir/decode/$m+$kind/weight.txt")
+    if [[ -z $best_kind ]] || awk -v a="$wer" -v b="$best_wer" 'BEGIN { exit !(a < b) }'; then
+      best_kind=$kind best_wer=$wer
+    fi
+  done
   run asr export --exp-dir "$exp_dir" --average "$average" --out "$exp_dir/bundle-lm" \
-    --lm "$lm_dir/bundle" --lm-weight "$w" --length-bonus "$b"
+    --lm "${lm_path[$best_kind]}" --lm-weight "$(chosen "$best_kind" 'LM weight')" \
+    --length-bonus "$(chosen "$best_kind" 'length bonus')"
+  echo "serve it with the LM that did best on dev ($best_kind, dev WER $best_wer %):" \
+    "asr serve --model M=$exp_dir/bundle-lm --lm M=${lm_path[$best_kind]}" \
+    | tee "$exp_dir/bundle-lm.txt"
 fi

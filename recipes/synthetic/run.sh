@@ -29,8 +29,9 @@
 #             half the cores (logs in EXP/ctc.log and EXP/las.log)
 #   9 lm      an LSTM LM (cpu-small) and a word 3-gram on the training sentences (+ --lm-text),
 #             never the test sentences (recipes/librispeech/run.sh stage 6), in WORK/exp/lm
-#   10 lm-decode  each LM fused into the BiLSTM-CTC's beam search and the LAS's joint decoding,
-#             its weight chosen on dev (stage 7 there): rows beam+lstm, beam+ngram, joint+...,
+#   10 lm-decode  each LM, and both as a mix, fused into the BiLSTM-CTC's beam search and the
+#             LAS's joint decoding, weights chosen on dev (stage 7 there): rows beam+lstm,
+#             beam+ngram, beam+mix, joint+...,
 #             and for the LAS also with its internal LM subtracted (joint+lstm-ilm, ...)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -65,6 +66,7 @@ lm_weights=0.2,0.4,0.6,0.8  # LSTM LM weights tried on dev (0.2 best for the LAS
 # weights delete words: dev WER 39.4 % at 0.3, 39.9 % at 0.5:2.0, 41.9 % at 0.5, 45.4 % at
 # 0.8:2.0, 47.6 % at 0.8:4.0, 60.3 % at 1.2:2.0 (2026-12-07, the default BiLSTM-CTC)
 ngram_weights=0.3,0.5:2.0
+mix_weights=0.8,1.0,1.25    # both LMs together, each at half its best weight, scaled by these
 ilm_weights=0.1,0.2         # internal-LM weights tried with each, for the LAS (empty: none)
 
 while [[ $# -gt 0 ]]; do
@@ -90,6 +92,7 @@ while [[ $# -gt 0 ]]; do
     --lm-text) lm_text=$2; shift 2 ;;
     --lm-weights) lm_weights=$2; shift 2 ;;
     --ngram-weights) ngram_weights=$2; shift 2 ;;
+    --mix-weights) mix_weights=$2; shift 2 ;;
     --ilm-weights) ilm_weights=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -255,7 +258,7 @@ fi
 if [[ $stop_stage -ge 9 && $stage -le 10 ]]; then
   lm_args=(--data-dir "$work/data" --dev-set dev-synth --test-sets "$test_sets"
     --lm-dir "$work/exp/lm" --lm-preset cpu-small --lm-text "$lm_text" --lm-weights "$lm_weights"
-    --ngram-weights "$ngram_weights" --ilm-weights "$ilm_weights")
+    --ngram-weights "$ngram_weights" --mix-weights "$mix_weights" --ilm-weights "$ilm_weights")
   if in_stage 9; then
     run "$repo/recipes/librispeech/run.sh" --stage 6 --stop-stage 6 "${lm_args[@]}"
   fi
