@@ -10,9 +10,11 @@ searches decode batches of 16 utterances at beam B with at most 16 tokens per fr
 speed is utterances per second, the best of two runs after a warm-up. Last line (machine-readable):
     lm_fusion wer_no_lm=<a> wer_lstm=<b> wer_ngram=<c> speed_vs_no_lm=<r>x \\
         wer_lstm_int8=<b8> int8_speed_vs_no_lm=<r8>x ngram_speed_vs_no_lm=<r2>x \\
+        wer_mix=<m> mix_speed_vs_no_lm=<r4>x \\
         flashlight_ngram_wer=<f> speed_vs_flashlight_ngram=<r3>x
 (r: utterances/s with the LSTM LM over without; b8, r8: the same with the LM stepped on int8
-weights, as `--quantize int8` runs it; r3: ours with the 3-gram over flashlight's).
+weights, as `--quantize int8` runs it; m, r4: both LMs at once, each at half its weight,
+as the recipes' LM mix; r3: ours with the 3-gram over flashlight's).
 """
 
 from __future__ import annotations
@@ -153,6 +155,17 @@ def main() -> None:
                 (args.length_bonus, LengthBonus(vocab)),
             ],
         ),
+        # Both LMs at once, as the recipes' METHOD+mix row: each at half its weight, with
+        # half of each one's bonus (`asr lm mix`).
+        "mix": ours(
+            tokenizer,
+            args.beam,
+            [
+                (args.lm_weight / 2, LSTMLMScorer(lstm)),
+                (args.ngram_weight / 2, ngram_scorer),
+                ((lm_bonus + args.length_bonus) / 2, LengthBonus(vocab)),
+            ],
+        ),
         "flashlight_ngram": flashlight(
             tokenizer, args.beam, arpa, words, args.ngram_weight, args.word_score
         ),
@@ -183,6 +196,7 @@ def main() -> None:
         f"wer_lstm_int8={wer['lstm_int8']:.2f} "
         f"int8_speed_vs_no_lm={speed['lstm_int8'] / speed['no_lm']:.2f}x "
         f"ngram_speed_vs_no_lm={speed['ngram'] / speed['no_lm']:.2f}x "
+        f"wer_mix={wer['mix']:.2f} mix_speed_vs_no_lm={speed['mix'] / speed['no_lm']:.2f}x "
         f"flashlight_ngram_wer={wer['flashlight_ngram']:.2f} "
         f"speed_vs_flashlight_ngram={speed['ngram'] / speed['flashlight_ngram']:.2f}x"
     )
