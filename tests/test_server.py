@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import threading
 import time
 import urllib.request
@@ -28,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from asr.audio import SAMPLE_RATE
 from asr.bundle import Bundle
 from asr.client import AsrClient
+from asr.language_model import write_mix
 from asr.models.bilstm_ctc import BiLSTMCTC
 from asr.recognizer import Recognizer
 from asr.streaming import StreamingSession
@@ -733,26 +735,44 @@ def test_a_language_model_fuses_into_recognize_and_streaming(
 
     words = save_bundle(word_model, tmp_path / "words")
     arpa = unigram_arpa(tmp_path / "words.arpa", [w.upper() for w in WORDS])
+    # An LM mix (asr lm mix) serves the same way: here the unigram twice, at two weights.
+    mix = tmp_path / "mix.json"
+    write_mix(mix, [(0.2, arpa), (0.1, Path(shutil.copy(arpa, tmp_path / "copy.arpa")))])
     config = ServerConfig(
-        models=(("words", str(words)), ("plain", str(words))), lms=(("words", str(arpa)),), port=0
+        models=(("words", str(words)), ("plain", str(words)), ("mixed", str(words))),
+        lms=(("words", str(arpa)), ("mixed", str(mix))),
+        port=0,
     )
     models = load_models(config)
-    fused = models[0].recognizer
+    fused, mixed = models[0].recognizer, models[2].recognizer
     assert fused.lm is not None and fused.lm.kind == "ngram" and models[1].recognizer.lm is None
+    assert mixed.lm is not None and mixed.lm.kind == "mix"
     srv = Server(config, models)
     try:
         with AsrClient(srv.target) as client:
             listed = {m.name: m.language_model for m in client.list_models()}
-            assert listed == {"words": "ngram LM words.arpa", "plain": ""}
+            assert listed == {
+                "words": "ngram LM words.arpa",
+                "plain": "",
+                "mixed": "mix mix.json (0.2 x ngram LM words.arpa + 0.1 x ngram LM copy.arpa)",
+            }
             audio = utterances[2].audio
-            responses = list(client.stream(audio))
+            responses = {
+                name: list(client.stream(audio, model=name)) for name in ("words", "mixed")
+            }
             unary = client.recognize(flac(audio)).results[0].alternatives[0].transcript
-        session = StreamingSession(fused)
-        expected = [r.transcript.text for r in session.accept(audio) if r.is_final]
-        expected += [r.transcript.text for r in session.finish() if r.is_final]
-        finals = [r.alternatives[0].transcript for x in responses for r in x.results if r.is_final]
-        assert any(not r.is_final for x in responses for r in x.results)
-        assert finals == expected  # as the in-process session with the LM
+        for name, recognizer in (("words", fused), ("mixed", mixed)):
+            session = StreamingSession(recognizer)
+            expected = [r.transcript.text for r in session.accept(audio) if r.is_final]
+            expected += [r.transcript.text for r in session.finish() if r.is_final]
+            finals = [
+                r.alternatives[0].transcript
+                for x in responses[name]
+                for r in x.results
+                if r.is_final
+            ]
+            assert any(not r.is_final for x in responses[name] for r in x.results)
+            assert finals == expected  # as the in-process session with the LM
         assert unary == fused.transcribe(audio).text
     finally:
         srv.stop()
