@@ -301,6 +301,7 @@ if in_stage 7; then
   # bundle records that weight and its length bonus, so serving it with the same LM fuses at
   # them (EXP/bundle-lm.txt gives the command): asr serve --model M=EXP/bundle-lm --lm M=LM
   m=${method_list[0]} best_kind=
+  lm_path[mix]=$exp_dir/decode/$m+mix/mix.json  # that method's mix (the loop left the last's)
   for kind in lstm ngram mix; do
     wer=$(sed -n 's/.*(dev WER \([^ ]*\) %)/\1/p' "$exp_dir/decode/$m+$kind/weight.txt")
     if [[ -z $best_kind ]] || awk -v a="$wer" -v b="$best_wer" 'BEGIN { exit !(a < b) }'; then
