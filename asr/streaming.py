@@ -9,6 +9,14 @@ beam search's n-best, or with the recognizer's LAS bundle a second pass over the
 (`rescore`: the n-best rescored; `joint`: attention beam search scored with the streamed CTC
 posteriors), with word timings counted from the start of the stream. Memory is bounded by one
 segment.
+
+Interim results read ahead: the encoder emits a block's frames only once it has their right
+context, but it has already run over that right context, so a partial is the search's best
+prefix followed by the best path through the right-context frames' provisional log-probs
+(`BiLSTMCTC.lc_block`'s look-ahead). A word then shows about one block sooner (a CTC peak in
+the right context, which it is Nr / Nc of the time, no longer waits for the next block); the
+look-ahead tokens are counted in `StreamResult.provisional` and lower the stability, and
+finals never use them.
 """
 
 from __future__ import annotations
@@ -60,9 +68,14 @@ class StreamResult:
 
     transcript: Transcript
     is_final: bool
-    stability: float  # interim: probability share of the best prefix in the beam; final: 1
+    # interim: probability share of the best prefix in the beam (times the look-ahead's path
+    # probability when it adds tokens); final: 1
+    stability: float
     start: float  # segment start, seconds from the start of the stream
-    end: float  # end of the audio this result covers
+    end: float  # end of the audio this result covers (the look-ahead's frames not counted)
+    # interim: how many of the transcript's last tokens are the look-ahead's (read from
+    # frames the encoder has seen with part of their right context, so they may change)
+    provisional: int = 0
 
 
 class StreamingSession:
@@ -75,6 +88,7 @@ class StreamingSession:
         endpoint: EndpointConfig | None = None,
         *,
         interim_results: bool = True,
+        lookahead: bool = True,
     ) -> None:
         if not recognizer.can_stream:
             raise ValueError(
@@ -88,6 +102,7 @@ class StreamingSession:
         recognizer.check(self.options)
         self.endpoint = endpoint or EndpointConfig()
         self.interim_results = interim_results
+        self.lookahead = interim_results and lookahead
         self.model = model
         # Beam search for every method: greedy is its first-best, rescore rescores its n-best.
         beam = 1 if self.options.method == "greedy" else self.options.beam
@@ -179,9 +194,12 @@ class StreamingSession:
         at `frames` (the search is synced)."""
         # The encoder emits whole blocks, so most chunks add no frame and cannot change the
         # partial; the backtrack behind it is skipped for them.
-        if not (self.interim_results and self.has_speech and self.frames != frames):
+        if not (self.interim_results and self.frames != frames):
             return []
-        partial = self._partial()
+        ahead = self._lookahead()
+        if not (self.has_speech or ahead[0]):
+            return []
+        partial = self._partial(ahead)
         if partial.transcript.text == self.last_partial:  # only news goes to the client
             return []
         self.last_partial = partial.transcript.text
@@ -248,14 +266,35 @@ class StreamingSession:
             self.unsearched = []
             self.search.advance(self.state, frames[None], torch.tensor([frames.shape[0]]))
 
-    def _partial(self) -> StreamResult:
+    def _lookahead(self) -> tuple[tuple[int, ...], float]:
+        """The best path through the encoder's provisional right-context frames (`run_streams`'
+        look-ahead): its tokens after the segment's frames (a token that goes on from the last
+        of them is not repeated) and its probability."""
+        ahead = self.encoder.lookahead
+        if not self.lookahead or ahead is None or not ahead.shape[1]:
+            return (), 1.0
+        best_lp, best = ahead[0].max(dim=-1)  # (Nr,)
+        previous = int(self.log_probs[-1][-1].argmax()) if self.log_probs else BLANK_ID
+        tokens = []
+        for token in best.tolist():
+            if token not in (previous, BLANK_ID):
+                tokens.append(token)
+            previous = token
+        return tuple(tokens), float(best_lp.sum().exp())
+
+    def _partial(self, ahead: tuple[tuple[int, ...], float] = ((), 1.0)) -> StreamResult:
+        """The best prefix so far, followed by the look-ahead's tokens `ahead` (tokens, their
+        probability): a word shows one block sooner than the search can commit to it; the
+        stability counts both (the look-ahead's path probability times the prefix's share)."""
         self._sync()
         scores = self.search.ranking(self.state)[0]  # (K,)
         share = float((scores.max() - scores.logsumexp(dim=0)).exp())
-        tokens = tuple(self.search.best(self.state)[0])
+        extra, p_extra = ahead
+        tokens = tuple(self.search.best(self.state)[0]) + extra
         text = self.recognizer.bundle.tokenizer.decode(tokens)
         transcript = Transcript(text=text, tokens=tokens, score=float(scores.max()))
-        return StreamResult(transcript, False, round(share, 4), *self._span())
+        stability = share * p_extra if extra else share
+        return StreamResult(transcript, False, round(stability, 4), *self._span(), len(extra))
 
     def _span(self) -> tuple[float, float]:
         end = self.segment_start + sum(lp.shape[0] for lp in self.log_probs)
@@ -331,7 +370,11 @@ def accept_streams(
     before = [s.frames for s in sessions]
     for members in groups.values():
         group = [sessions[i] for i in members]
-        outputs = run_streams([s.encoder for s in group], [ending[i] for i in members])
+        outputs = run_streams(
+            [s.encoder for s in group],
+            [ending[i] for i in members],
+            [s.lookahead and not ending[i] for i, s in zip(members, group, strict=True)],
+        )
         for i, session, log_probs in zip(members, group, outputs, strict=True):
             results[i] = session._consume(log_probs[0])  # endpoints: finals (synced alone)
         behind = [s for s in group if s.unsearched]

@@ -397,7 +397,11 @@ def test_streams_run_batched_equal_each_alone(rnn_type: str, subsampling: str) -
         )
         for i, step in zip(active, steps, strict=True):
             fed[i] = min(fed[i] + step, feats[i].shape[1])
-        for i, out in zip(active, run_streams([streams[i] for i in active]), strict=True):
+        # Half of them read a look-ahead too (the partials of a server's streams, some of
+        # which ask for none): their outputs are the same.
+        lookahead = [i % 2 == 0 for i in active]
+        outputs = run_streams([streams[i] for i in active], lookahead=lookahead)
+        for i, out in zip(active, outputs, strict=True):
             pieces[i].append(out)
     for i, stream in enumerate(streams):
         streamed = torch.cat([*pieces[i], stream.flush()], dim=1)
@@ -406,6 +410,45 @@ def test_streams_run_batched_equal_each_alone(rnn_type: str, subsampling: str) -
         run_streams([BiLSTMCTCStream(model), BiLSTMCTCStream(tiny())])
     with pytest.raises(ValueError, match="same module"):
         push_streams([BiLSTMCTCStream(model), BiLSTMCTCStream(tiny())], [feats[0]] * 2)
+
+
+def test_a_lookahead_reads_the_right_context_as_if_the_audio_ended_there() -> None:
+    # After each block, a stream's look-ahead holds the log-probs that the whole-utterance LC
+    # forward gives its right-context frames on the audio cut at the block's end (forward
+    # state from the chunk, backward from the cut): the provisional reading a partial result
+    # shows before the next block has the context to confirm it. What the stream returns is
+    # the same with and without it (up to float rounding: the top layer's projection and the
+    # head then multiply more rows).
+    model = tiny()
+    context = model.config.right_context
+    field, stride = model.subsampling.receptive_field, model.subsampling.stride
+    feats = torch.randn(1, 260, 20)
+    plain, ahead = BiLSTMCTCStream(model), BiLSTMCTCStream(model)
+    rng = random.Random(5)
+    fed, checked = 0, 0
+    while fed < feats.shape[1]:
+        piece = feats[:, fed : fed + rng.choice([5, 19, 40])]
+        fed += piece.shape[1]
+        plain.push(piece)
+        ahead.push(piece)
+        [out] = run_streams([plain])
+        [out_ahead] = run_streams([ahead], lookahead=[True])
+        torch.testing.assert_close(out_ahead, out, atol=1e-6, rtol=0)
+        if not out.shape[1]:
+            continue
+        assert ahead.lookahead is not None and ahead.lookahead.shape[1] == context
+        seen = ahead.frames_emitted + context  # subsampled frames up to the block's end
+        cut = field + (seen - 1) * stride  # the fewest feature frames that give them
+        with torch.no_grad():
+            whole, _ = model.log_probs(feats[:, :cut], torch.tensor([cut]))
+        assert whole.shape[1] == seen
+        torch.testing.assert_close(ahead.lookahead, whole[:, -context:], atol=1e-5, rtol=0)
+        checked += 1
+    assert checked >= 3 and plain.lookahead is None
+    ahead.flush()
+    assert ahead.lookahead is None  # reset
+    with pytest.raises(ValueError, match="look-ahead flags"):
+        run_streams([plain], lookahead=[True, False])
 
 
 def test_streams_that_end_flush_batched_with_those_that_go_on() -> None:

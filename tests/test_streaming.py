@@ -50,8 +50,11 @@ def test_final_equals_whole_utterance_decoding(
         assert finals[0].transcript.tokens == offline.tokens
         partials = [r for r in results if not r.is_final]
         assert partials and all(0.0 <= p.stability <= 1.0 for p in partials)
-        # The last partial lacks only what the look-ahead holds back until the end.
-        assert offline.text.startswith(partials[-1].transcript.text)
+        # The last partial lacks only what the right context holds back until the end (its
+        # provisional tokens, read from that right context, aside).
+        last = partials[-1]
+        committed = last.transcript.tokens[: len(last.transcript.tokens) - last.provisional]
+        assert offline.tokens[: len(committed)] == committed
         ends = [r.end for r in results]
         assert ends == sorted(ends)
 
@@ -158,6 +161,43 @@ def test_streams_accepted_together_get_their_results_alone(
     with pytest.raises(ValueError, match="once"):
         twice = session(0)
         accept_streams([twice, twice], [torch.zeros(CHUNK), torch.zeros(CHUNK)])
+
+
+def test_partials_read_the_right_context_ahead_of_the_search(
+    word_model: Bundle, utterances: list[Utterance]
+) -> None:
+    # With the look-ahead (the default), a partial is the search's best prefix followed by
+    # the best path through the encoder's provisional right-context frames: the prefix is
+    # the partial a session without it gives at that point, the finals are the same, and a
+    # word shows no later (here sooner, summed over the utterances: the model's CTC peaks
+    # land in the right context two thirds of the time).
+    recognizer = Recognizer(word_model, DecodeOptions(method="beam", beam=4))
+    assert isinstance(word_model.model, BiLSTMCTC)
+    context = word_model.model.config.right_context
+    endpoint = EndpointConfig(trailing_silence=4.0)
+    sooner = 0
+    for utt in utterances:
+        runs = []
+        for lookahead in (False, True):
+            # one segment: an endpoint longer than any pause in these utterances
+            session = StreamingSession(recognizer, endpoint=endpoint, lookahead=lookahead)
+            log = []  # (chunk index, result)
+            for i, start in enumerate(range(0, utt.audio.numel(), CHUNK)):
+                log += [(i, r) for r in session.accept(utt.audio[start : start + CHUNK])]
+            runs.append((log, session.finish()))
+        (plain, plain_finals), (ahead, ahead_finals) = runs
+        assert [f.transcript for f in ahead_finals] == [f.transcript for f in plain_finals]
+        assert all(r.provisional == 0 for _, r in plain)
+        for i, result in ahead:
+            tokens, extra = result.transcript.tokens, result.provisional
+            assert 0 <= extra <= context and 0.0 <= result.stability <= 1.0
+            # (before the best path has speech, the session without it shows nothing)
+            if before := [r.transcript.tokens for j, r in plain if j <= i]:
+                assert tokens[: len(tokens) - extra] == before[-1]
+        first = [next(i for i, r in log if r.transcript.text) for log in (plain, ahead)]
+        assert first[1] <= first[0]
+        sooner += first[0] - first[1]
+    assert sooner > 0
 
 
 def test_streams_ending_in_a_batch_get_their_finals_alone(

@@ -265,7 +265,12 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
         return blocks[int(torch.randint(len(blocks), ()))]
 
     def lc_block(
-        self, block: torch.Tensor, valid: torch.Tensor, states: torch.Tensor | None
+        self,
+        block: torch.Tensor,
+        valid: torch.Tensor,
+        states: torch.Tensor | None,
+        *,
+        lookahead: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the whole recurrent stack over one LC block (whole-utterance LC and streaming).
 
@@ -275,15 +280,27 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
         forward-direction states carried from the previous block, None at the start.
         Returns the top layer's outputs for the chunk frames (B, min(W, Nc), D_out) and the
         forward states after the chunk frames (L, S, B, H).
+
+        lookahead: return the outputs of the right-context frames too, (B, W, D_out): the
+        chunk's are the same; the right context's are provisional (their backward direction
+        saw only the frames up to the block's end, which the next block will see past), as
+        if the block were one chunk of W frames. A streaming partial result reads them to
+        show a word one block sooner (`StreamingSession`).
         """
         if not self.config.chunk_size:
             raise ValueError("lc_block needs an LC model: build it with chunk_size > 0")
-        return self._run_block(block, valid, states, self.config.chunk_size)
+        return self._run_block(block, valid, states, self.config.chunk_size, lookahead)
 
     def _run_block(
-        self, x: torch.Tensor, valid: torch.Tensor, states: torch.Tensor | None, chunk: int
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor,
+        states: torch.Tensor | None,
+        chunk: int,
+        lookahead: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`lc_block` with an explicit chunk size: x (B, W, D) -> (B, min(W, chunk), D_out).
+        """`lc_block` with an explicit chunk size: x (B, W, D) -> (B, min(W, chunk), D_out),
+        or (B, W, D_out) with `lookahead`.
 
         Positions beyond `valid` hold garbage but never leak into valid ones (see `BiRNN`),
         so this is exact without packed sequences.
@@ -292,12 +309,13 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
         top = len(self._stack) - 1
         for i, layer in enumerate(self._stack):
             state = None if states is None else states[i]  # (S, B, H)
-            # (B, W, D_out), (S, B, H); the top layer's right-context outputs are never read
-            x, state = layer(x, valid, state, carry=chunk, context_outputs=i < top)
+            # (B, W, D_out), (S, B, H); the top layer's right-context outputs are read only
+            # for a look-ahead
+            x, state = layer(x, valid, state, carry=chunk, context_outputs=lookahead or i < top)
             new_states.append(state)
             if i < top:
                 x = self.dropout(x)
-        return x[:, :chunk], torch.stack(new_states)
+        return (x if lookahead else x[:, :chunk]), torch.stack(new_states)
 
 
 def bilstm_ctc(config: BiLSTMCTCConfig) -> BiLSTMCTC:
@@ -330,6 +348,9 @@ class BiLSTMCTCStream:
         self._normalize = self.model.stream_normalizer()
         self._pending: torch.Tensor | None = None  # (1, n, D) subsampled, not yet emitted
         self._states: torch.Tensor | None = None  # (L, S, 1, H)
+        # (1, n, V): provisional log-probs of the buffered right-context frames, from the
+        # last block run with a look-ahead (`run_streams`); None when none is known
+        self.lookahead: torch.Tensor | None = None
 
     @torch.no_grad()
     def accept(self, feats: torch.Tensor) -> torch.Tensor:
@@ -401,7 +422,9 @@ def push_streams(streams: Sequence[BiLSTMCTCStream], feats: Sequence[torch.Tenso
 
 @torch.no_grad()
 def run_streams(
-    streams: Sequence[BiLSTMCTCStream], flush: Sequence[bool] | None = None
+    streams: Sequence[BiLSTMCTCStream],
+    flush: Sequence[bool] | None = None,
+    lookahead: Sequence[bool] | None = None,
 ) -> list[torch.Tensor]:
     """Run every whole block buffered in `streams` (all of one model), one block of each
     ready stream per batched `lc_block` call: each stream's forward state is a row of the
@@ -414,6 +437,10 @@ def run_streams(
     to the batch's width, their valid length passed on, so padding never reaches them) and
     returns what `flush` would, then is reset. So streams that end are batched with those
     that go on, not run alone at batch 1.
+
+    lookahead[i]: stream i also keeps, in `lookahead`, the provisional log-probs of the
+    right-context frames of its last block run (`BiLSTMCTC.lc_block`'s look-ahead; empty
+    after its last block); its returned log-probs are the same.
     """
     if not streams:
         return []
@@ -423,6 +450,9 @@ def run_streams(
     flushing = [False] * len(streams) if flush is None else list(flush)
     if len(flushing) != len(streams):
         raise ValueError(f"run_streams: {len(streams)} streams, {len(flushing)} flush flags")
+    peek = [False] * len(streams) if lookahead is None else list(lookahead)
+    if len(peek) != len(streams):
+        raise ValueError(f"run_streams: {len(streams)} streams, {len(peek)} look-ahead flags")
     chunk = model.config.chunk_size
     outputs: list[list[torch.Tensor]] = [[s._empty()] for s in streams]
     while ready := [i for i, s in enumerate(streams) if s._runnable(flushing[i])]:
@@ -433,12 +463,15 @@ def run_streams(
             [torch.nn.functional.pad(b, (0, 0, 0, width - b.shape[1])) for b, _ in taken]
         )
         states = torch.cat([st for _, st in taken], dim=2)  # (L, S, B, H)
-        enc, states = model.lc_block(block, torch.tensor(widths), states)
-        log_probs = model.output(enc)  # (B, min(W, Nc), V)
+        ahead = any(peek[i] for i in ready)
+        enc, states = model.lc_block(block, torch.tensor(widths), states, lookahead=ahead)
+        log_probs = model.output(enc)  # (B, min(W, Nc), V), or (B, W, V) with a look-ahead
         for row, i in enumerate(ready):
             # clone: a view would keep the whole batch's state alive
             streams[i]._states = states[:, :, row : row + 1].clone()
             outputs[i].append(log_probs[row : row + 1, : min(widths[row], chunk)])
+            if peek[i]:
+                streams[i].lookahead = log_probs[row : row + 1, chunk : widths[row]].clone()
     results = []
     for s, out, ends in zip(streams, outputs, flushing, strict=True):
         joined = torch.cat(out, dim=1)
