@@ -168,14 +168,22 @@ def test_partials_read_the_right_context_ahead_of_the_search(
 ) -> None:
     # With the look-ahead (the default), a partial is the search's best prefix followed by
     # the best path through the encoder's provisional right-context frames: the prefix is
-    # the partial a session without it gives at that point, the finals are the same, and a
-    # word shows no later (here sooner, summed over the utterances: the model's CTC peaks
-    # land in the right context two thirds of the time).
+    # the partial a session without it gives at that point, the finals are the same, and no
+    # word of the final shows complete (another word after it) later, some sooner.
     recognizer = Recognizer(word_model, DecodeOptions(method="beam", beam=4))
     assert isinstance(word_model.model, BiLSTMCTC)
     context = word_model.model.config.right_context
     endpoint = EndpointConfig(trailing_silence=4.0)
     sooner = 0
+
+    def shown(log: list[tuple[int, StreamResult]], words: list[str]) -> list[int | None]:
+        """The chunk at which each word of the final (but the last) first shows complete."""
+        said = [(i, r.transcript.text.split()) for i, r in log]
+        return [
+            next((i for i, w in said if w[: k + 1] == words[: k + 1] and len(w) > k + 1), None)
+            for k in range(len(words) - 1)
+        ]
+
     for utt in utterances:
         runs = []
         for lookahead in (False, True):
@@ -194,9 +202,11 @@ def test_partials_read_the_right_context_ahead_of_the_search(
             # (before the best path has speech, the session without it shows nothing)
             if before := [r.transcript.tokens for j, r in plain if j <= i]:
                 assert tokens[: len(tokens) - extra] == before[-1]
-        first = [next(i for i, r in log if r.transcript.text) for log in (plain, ahead)]
-        assert first[1] <= first[0]
-        sooner += first[0] - first[1]
+        words = " ".join(f.transcript.text for f in plain_finals).split()
+        for without, with_ in zip(shown(plain, words), shown(ahead, words), strict=True):
+            if without is not None:
+                assert with_ is not None and with_ <= without
+                sooner += with_ < without
     assert sooner > 0
 
 
