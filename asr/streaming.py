@@ -10,15 +10,17 @@ beam search's n-best, or with the recognizer's LAS bundle a second pass over the
 posteriors), with word timings counted from the start of the stream. Memory is bounded by one
 segment.
 
-Interim results read ahead: the encoder emits a block's frames only once it has their right
-context, but it has already run over that right context, so a partial is the search's best
-prefix followed by the best path through the right-context frames' provisional log-probs
-(`BiLSTMCTC.lc_block`'s look-ahead), once the segment has speech. A word whose CTC peak lies
-in the right context no longer waits for the next block: on the demo model at 6 + 4 blocks,
-213 of 352 words of its held-out sentences showed complete sooner, none later, 146 ms sooner
-on average. The look-ahead's tokens are counted in `StreamResult.provisional` and lower the
-stability; they are often a word's first units guessed wrong, so a partial changes more
-often, and finals never use them.
+Interim results may read ahead (`lookahead=True`): the encoder emits a block's frames only
+once it has their right context, but it has already run over that right context, so a partial
+can be the search's best prefix followed by the best path through the right-context frames'
+provisional log-probs (`BiLSTMCTC.lc_block`'s look-ahead), once the segment has speech. A word
+whose CTC peak lies in the right context then no longer waits for the next block: on the demo
+model at 6 + 4 blocks, 213 of 352 words of its held-out sentences showed complete sooner, none
+later, 146 ms sooner on average. The look-ahead's tokens are counted in
+`StreamResult.provisional` and lower the stability, and finals never use them. It is off by
+default: those tokens are often a word's first units guessed wrong, without the LM the search
+fuses ("THE GARDEN THISSLEEPI" where the search alone shows "THE GARDEN THIS"), and the first
+partial comes no sooner (it waits for the search to find speech either way).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class StreamingSession:
         endpoint: EndpointConfig | None = None,
         *,
         interim_results: bool = True,
-        lookahead: bool = True,
+        lookahead: bool = False,
     ) -> None:
         if not recognizer.can_stream:
             raise ValueError(

@@ -27,11 +27,9 @@ Definitions (times on this process's monotonic clock):
   first partial latency: arrival of the call's first result with text (interim, or the final
     if none came before it) minus the moment the first chunk holding speech was sent (speech:
     the first 10 ms frame within 30 dB of the utterance's loudest frame).
-    Interim results read ahead into the encoder's right context (`asr.streaming`), so the
-    first partial is often a guess at the first word's start;
   first word latency: the same for the first result whose first word is the call's final
     first word, complete (another word follows it, or the result is final): when a reader
-    can first trust the first word.
+    can first trust the first word (a first partial is often a word's first units).
   first partial wait: the part of that spent waiting for audio: from the speech chunk to the
     chunk completing the audio the first partial needs (the first word must be said, and the
     model emits blocks only after a right context); the rest is the server's.

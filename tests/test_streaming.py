@@ -50,8 +50,7 @@ def test_final_equals_whole_utterance_decoding(
         assert finals[0].transcript.tokens == offline.tokens
         partials = [r for r in results if not r.is_final]
         assert partials and all(0.0 <= p.stability <= 1.0 for p in partials)
-        # The last partial lacks only what the right context holds back until the end (its
-        # provisional tokens, read from that right context, aside).
+        # The last partial lacks only what the right context holds back until the end.
         last = partials[-1]
         committed = last.transcript.tokens[: len(last.transcript.tokens) - last.provisional]
         assert offline.tokens[: len(committed)] == committed
@@ -166,7 +165,7 @@ def test_streams_accepted_together_get_their_results_alone(
 def test_partials_read_the_right_context_ahead_of_the_search(
     word_model: Bundle, utterances: list[Utterance]
 ) -> None:
-    # With the look-ahead (the default), a partial is the search's best prefix followed by
+    # With the look-ahead, a partial is the search's best prefix followed by
     # the best path through the encoder's provisional right-context frames: the prefix is
     # the partial a session without it gives at that point, the finals are the same, and no
     # word of the final shows complete (another word after it) later, some sooner.
