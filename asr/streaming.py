@@ -270,7 +270,7 @@ class StreamingSession:
     def _lookahead(self) -> tuple[tuple[int, ...], float]:
         """The best path through the encoder's provisional right-context frames (`run_streams`'
         look-ahead): its tokens after the segment's frames (a token that goes on from the last
-        of them is not repeated) and its probability. None before the segment has speech:
+        of them is not repeated) and its probability. Nothing before the segment has speech:
         right-context frames at the end of silence, with nothing after them, can read as a
         stray unit (the demo model showed a 'D' before the speech of 18 of its 66 held-out
         sentences)."""

@@ -284,8 +284,8 @@ class BiLSTMCTC(NormalizesInput, nn.Module):
         lookahead: return the outputs of the right-context frames too, (B, W, D_out): the
         chunk's are the same; the right context's are provisional (their backward direction
         saw only the frames up to the block's end, which the next block will see past), as
-        if the block were one chunk of W frames. A streaming partial result reads them to
-        show a word one block sooner (`StreamingSession`).
+        if the block were one chunk of W frames. A streaming partial result can read them to
+        show a word one block sooner (`StreamingSession(lookahead=True)`).
         """
         if not self.config.chunk_size:
             raise ValueError("lc_block needs an LC model: build it with chunk_size > 0")
