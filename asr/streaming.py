@@ -270,12 +270,12 @@ class StreamingSession:
     def _lookahead(self) -> tuple[tuple[int, ...], float]:
         """The best path through the encoder's provisional right-context frames (`run_streams`'
         look-ahead): its tokens after the segment's frames (a token that goes on from the last
-        of them is not repeated) and its probability. Nothing before the segment has speech:
-        right-context frames at the end of silence, with nothing after them, can read as a
-        stray unit (the demo model showed a 'D' before the speech of 18 of its 66 held-out
-        sentences)."""
+        of them is not repeated) and its probability. `_news` asks only once the segment has
+        speech: right-context frames at the end of silence, with nothing after them, can read
+        as a stray unit (the demo model showed a 'D' before the speech of 18 of its 66
+        held-out sentences)."""
         ahead = self.encoder.lookahead
-        if not (self.lookahead and self.has_speech) or ahead is None or not ahead.shape[1]:
+        if not self.lookahead or ahead is None or not ahead.shape[1]:
             return (), 1.0
         best_lp, best = ahead[0].max(dim=-1)  # (Nr,)
         previous = int(self.log_probs[-1][-1].argmax()) if self.log_probs else BLANK_ID
@@ -286,7 +286,7 @@ class StreamingSession:
             previous = token
         return tuple(tokens), float(best_lp.sum().exp())
 
-    def _partial(self, ahead: tuple[tuple[int, ...], float] = ((), 1.0)) -> StreamResult:
+    def _partial(self, ahead: tuple[tuple[int, ...], float]) -> StreamResult:
         """The best prefix so far, followed by the look-ahead's tokens `ahead` (tokens, their
         probability): a word shows one block sooner than the search can commit to it; the
         stability counts both (the look-ahead's path probability times the prefix's share)."""

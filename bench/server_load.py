@@ -175,7 +175,7 @@ class Call:
 
     def first_word(self) -> float | None:
         words = self.text().split()
-        if not words or self.speech_chunk >= len(self.sent):
+        if not words or self._first() is None:  # no final text, or speech never sent
             return None
         arrival = next(
             r[0]
